@@ -1,0 +1,113 @@
+"""MiniGPT configuration: the book's GPT_CONFIG dict as a typed Hugging Face config.
+
+The field names follow "Build a Large Language Model (From Scratch)" (`emb_dim`, `n_heads`,
+...); `attribute_map` exposes them under the standard names too, because `generate()` sizes its
+KV cache from `num_hidden_layers` and other HF tooling reads `hidden_size`.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# Presets are plain data. GPT-2's four sizes use its real settings (50257-token vocabulary,
+# 1024 positions, qkv bias, tied head); "tiny" is for tests and CPU runs.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0),
+    "gpt2-small": dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12),  # 124M
+    "gpt2-medium": dict(vocab_size=50257, context_length=1024, emb_dim=1024, n_heads=16, n_layers=24),  # 355M
+    "gpt2-large": dict(vocab_size=50257, context_length=1024, emb_dim=1280, n_heads=20, n_layers=36),  # 774M
+    "gpt2-xl": dict(vocab_size=50257, context_length=1024, emb_dim=1600, n_heads=25, n_layers=48),  # 1558M
+}
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_minigpt.MiniGPTConfig",
+    "AutoModel": "modeling_minigpt.MiniGPTModel",
+    "AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_minigpt.MiniGPTForSequenceClassification",
+}
+
+
+class MiniGPTConfig(PretrainedConfig):
+    model_type = "minigpt"
+    attribute_map = {
+        "hidden_size": "emb_dim",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "max_position_embeddings": "context_length",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        context_length: int = 1024,
+        emb_dim: int = 768,
+        n_heads: int = 12,
+        n_layers: int = 12,
+        # GPT-2 trained with 0.1; for short single-epoch runs 0.0 is usually better (nanoGPT).
+        drop_rate: float = 0.1,
+        # GPT-2 has biases on the query/key/value projections; the book's own models drop them.
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        # v5 no longer keeps this on the base config, so it is an explicit field here.
+        tie_word_embeddings: bool = True,
+        # "sdpa" (torch's fused kernel, the default) or "eager" (the hand-written path,
+        # which can return attention weights). Read through `config._attn_implementation`.
+        attn_implementation: str | None = None,
+        # Keep keys/values of past tokens during generation (the KV cache).
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.emb_dim = emb_dim
+        self.n_heads = n_heads
+        self.n_layers = n_layers
+        self.drop_rate = drop_rate
+        self.qkv_bias = qkv_bias
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.tie_word_embeddings = tie_word_embeddings
+        self.use_cache = use_cache
+        # `register_for_auto_class` records only the class being saved; listing every head
+        # here lets AutoModel / ...ForCausalLM / ...ForSequenceClassification all load one folder.
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(
+            attn_implementation=attn_implementation,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        self.validate_fields()
+
+    def validate_fields(self) -> None:
+        """Reject impossible shapes here, with the field's name, instead of deep inside torch."""
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(
+                f"MiniGPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not (0.0 <= float(self.drop_rate) < 1.0):
+            raise ValueError(f"MiniGPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if not float(self.layer_norm_eps) > 0:
+            raise ValueError(f"MiniGPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if not float(self.initializer_range) > 0:
+            raise ValueError(f"MiniGPTConfig.initializer_range must be > 0, got {self.initializer_range!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MiniGPTConfig":
+        """A preset by name (see `PRESETS`), with any field overridden: `from_preset("tiny", n_layers=4)`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
