@@ -101,10 +101,6 @@ class MiniGPTConfig(PretrainedConfig):
         if not float(self.initializer_range) > 0:
             raise ValueError(f"MiniGPTConfig.initializer_range must be > 0, got {self.initializer_range!r}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
-
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MiniGPTConfig":
         """A preset by name (see `PRESETS`), with any field overridden: `from_preset("tiny", n_layers=4)`."""
