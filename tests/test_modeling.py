@@ -345,3 +345,22 @@ def test_base_model_outputs_hidden_states():
     out = model(torch.randint(0, VOCAB, (1, 4)), output_hidden_states=True)
     assert len(out.hidden_states) == model.config.n_layers + 1
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def test_attention_and_position_figures(tmp_path, tiny_tokenizer):
+    from modeling_minigpt.visualize import attention_weights, plot_attention, plot_position_similarity
+
+    model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer))).train()
+    tokens, weights = attention_weights(model, tiny_tokenizer, "def f(x): return x")
+    assert model.training  # restored after the eval-mode pass
+    assert weights.shape == (2, 4, len(tokens), len(tokens))
+    assert "".join(tokens) == "def f(x): return x"
+    with pytest.raises(ValueError, match="2 layers x 4 heads"):
+        plot_attention(model, tiny_tokenizer, "x", tmp_path / "bad.png", layer=2)
+    for path in (plot_attention(model, tiny_tokenizer, "def f(x): return x", tmp_path / "att.png", layer=1, head=3),
+                 plot_position_similarity(model, tmp_path / "pos.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))
