@@ -1,0 +1,1 @@
+"""Data pipelines, training loops and evaluation for MiniGPT."""
