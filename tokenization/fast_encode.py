@@ -105,6 +105,9 @@ def encode_batch_fast(
 # Below this much text per thread, handing work to threads costs more than it saves.
 MIN_CHARS_PER_THREAD = 1 << 15
 _pools: dict[int, ThreadPoolExecutor] = {}
+# A forked child (datasets' num_proc workers, DataLoader workers) inherits the pool object but
+# not its threads: waiting on it would deadlock, so the child starts with no pools.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:

@@ -1,0 +1,391 @@
+"""Pretraining data pipeline: windows, tokenization, caching, splits, streaming, bad input."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import pickle
+import signal
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from training import data
+from training.data import (
+    DataError,
+    build_lm_datasets,
+    collate_windows,
+    count_windows,
+    is_validation_document,
+    load_corpus,
+    sliding_windows,
+    tokenize_documents,
+)
+from training.inspect_data import batch_composition, plot_batch_composition, plot_token_frequencies, token_frequencies
+
+datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def documents(pydoc_text: str) -> list[str]:
+    """30 real documents of very different lengths (pydoc topics), plus two blank ones."""
+    docs = pydoc_text.split("\n\n\n")
+    docs = [d for d in docs if d.strip()][:30]
+    return docs[:3] + ["", "  \n\t "] + docs[3:]
+
+
+@pytest.fixture()
+def small_blocks(monkeypatch):
+    """Blocks of ~1000 window tokens, so even a small corpus crosses many block boundaries."""
+    monkeypatch.setattr(data, "BLOCK_WINDOW_TOKENS", 1000)
+
+
+def encode_reference(tokenizer, docs: list[str]) -> list[np.ndarray]:
+    """Each non-blank document encoded alone by the Rust backend, with <|endoftext|> appended."""
+    return [
+        np.array(tokenizer.backend_tokenizer.encode(d, add_special_tokens=False).ids + [tokenizer.eos_token_id])
+        for d in docs
+        if d.strip()
+    ]
+
+
+def book_windows(ids, context_length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """The book's GPTDatasetV1 loop."""
+    inputs, targets = [], []
+    for i in range(0, len(ids) - context_length, stride):
+        inputs.append(ids[i : i + context_length])
+        targets.append(ids[i + 1 : i + context_length + 1])
+    return np.array(inputs).reshape(-1, context_length), np.array(targets).reshape(-1, context_length)
+
+
+def rows(windows) -> list[tuple]:
+    return [(tuple(w["input_ids"]), w["doc_id"], w["offset"]) for w in windows]
+
+
+# ----------------------------------------------------------------------------- pure windows
+
+
+@pytest.mark.parametrize("context_length,stride", [(8, 8), (8, 3), (8, 1), (16, 5), (5, 5)])
+def test_sliding_windows_equal_the_books_loop(context_length, stride):
+    ids = np.random.default_rng(0).integers(0, 500, size=203)
+    windows = sliding_windows(ids, context_length, stride)
+    inputs, targets = book_windows(ids, context_length, stride)
+    assert windows.shape == (count_windows(len(ids), context_length, stride), context_length + 1)
+    np.testing.assert_array_equal(windows[:, :-1], inputs)
+    np.testing.assert_array_equal(windows[:, 1:], targets)
+
+
+def test_sliding_windows_of_a_short_stream_is_empty():
+    assert sliding_windows(np.arange(8), 8, 4).shape == (0, 9)
+    assert sliding_windows(np.arange(9), 8, 4).shape == (1, 9)
+    assert count_windows(8, 8, 4) == 0
+
+
+def test_collate_gives_every_position_its_next_token_as_shift_label():
+    from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+
+    windows = [{"input_ids": list(range(i, i + 9))} for i in (10, 50)]
+    batch = collate_windows(windows)
+    assert batch["input_ids"].dtype == batch["shift_labels"].dtype == torch.long
+    assert batch["input_ids"].tolist() == [list(range(10, 18)), list(range(50, 58))]
+    assert batch["shift_labels"].tolist() == [list(range(11, 19)), list(range(51, 59))]
+
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=64, context_length=8)).eval()
+    out = model(**batch)
+    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 64), batch["shift_labels"].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)  # all 8 positions scored, none wasted
+
+
+# ----------------------------------------------------------------------------- pipeline output
+
+
+def test_windows_cover_the_eos_joined_stream_across_block_boundaries(documents, tiny_tokenizer, tmp_path, small_blocks):
+    L, stride = 16, 5
+    splits = build_lm_datasets(documents, tiny_tokenizer, context_length=L, stride=stride, validation_fraction=0, cache_dir=tmp_path)
+    reference = encode_reference(tiny_tokenizer, documents)
+    stream = np.concatenate(reference)
+    expected = sliding_windows(stream, L, stride)
+    windows = splits["train"].with_format("numpy")[:]
+    np.testing.assert_array_equal(windows["input_ids"], expected)
+
+    # doc_id / offset locate each window: blank documents 3 and 4 are skipped but keep their ids
+    doc_ids = [i for i, d in enumerate(documents) if d.strip()]
+    doc_start = dict(zip(doc_ids, np.concatenate([[0], np.cumsum([len(r) for r in reference])[:-1]])))
+    positions = [doc_start[d] + o for d, o in zip(windows["doc_id"], windows["offset"])]
+    assert positions == list(range(0, stride * len(expected), stride))
+    assert 3 not in windows["doc_id"] and 4 not in windows["doc_id"]
+
+
+def test_a_file_read_in_pieces_tokenizes_like_the_whole_file(pydoc_text, tiny_tokenizer, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(pydoc_text[:60_000], encoding="utf-8")
+    docs = load_corpus([path], cache_dir=tmp_path / "cache", chunk_chars=2_000)
+    assert len(docs) > 20 and docs["doc_end"] == [False] * (len(docs) - 1) + [True]
+    assert "".join(docs["text"]) == path.read_text(encoding="utf-8")
+    tokens = tokenize_documents(docs, tiny_tokenizer)
+    stream = np.concatenate(tokens.with_format("numpy")["input_ids"])
+    np.testing.assert_array_equal(stream, encode_reference(tiny_tokenizer, [path.read_text(encoding="utf-8")])[0])
+
+
+def test_files_split_on_a_doc_separator_and_continue_doc_ids(tmp_path, tiny_tokenizer):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("alpha text<SEP>beta text<SEP>  \n<SEP>gamma", encoding="utf-8")
+    second.write_text("delta<SEP>epsilon\n", encoding="utf-8")
+    docs = load_corpus([first, second], doc_separator="<SEP>", cache_dir=tmp_path / "cache")
+    assert docs["text"] == ["alpha text", "beta text", "gamma", "delta", "epsilon\n"]
+    assert docs["doc_id"] == [0, 1, 3, 4, 5]  # the blank document 2 is skipped, its id kept
+
+
+def test_dataset_sources_give_the_same_windows_as_texts(documents, tiny_tokenizer, tmp_path):
+    kwargs = dict(context_length=16, stride=16, validation_fraction=0, cache_dir=tmp_path / "cache")
+    expected = rows(build_lm_datasets(documents, tiny_tokenizer, **kwargs)["train"])
+    table = datasets.Dataset.from_dict({"content": documents, "n": list(range(len(documents)))})
+    table.save_to_disk(str(tmp_path / "saved"))
+    table.to_json(str(tmp_path / "docs.jsonl"))
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    for source in (table, tmp_path / "saved", str(tmp_path / "docs.jsonl")):
+        got = build_lm_datasets(source, tmp_path / "tokenizer", text_column="content", **kwargs)["train"]
+        assert rows(got) == expected, source
+
+
+def test_gpt2_windows_of_the_verdict_equal_the_books(shared_data, tmp_path):
+    from tokenization import gpt2_tiktoken_encoding, load_gpt2_tokenizer
+
+    gpt2 = shared_data / "gpt2"
+    tokenizer = load_gpt2_tokenizer(gpt2 / "encoder.json", gpt2 / "vocab.bpe")
+    verdict = shared_data / "the-verdict.txt"
+    ids = gpt2_tiktoken_encoding(gpt2 / "encoder.json", gpt2 / "vocab.bpe").encode(verdict.read_text(encoding="utf-8"))
+    assert len(ids) == 5145
+    splits = build_lm_datasets(verdict, tokenizer, context_length=256, stride=128, validation_fraction=0, cache_dir=tmp_path)
+    batch = collate_windows(list(splits["train"]))
+    inputs, targets = book_windows(ids + [tokenizer.eos_token_id], 256, 128)  # ours ends the document with eos
+    np.testing.assert_array_equal(batch["input_ids"].numpy(), inputs)
+    np.testing.assert_array_equal(batch["shift_labels"].numpy(), targets)
+
+
+def test_tokenizing_in_several_processes_gives_the_same_windows(pydoc_text, tiny_tokenizer, tmp_path):
+    """num_proc=2 forks workers; a thread pool the parent already started must not hang them."""
+    documents = [pydoc_text[start : start + 40_000] for start in range(0, 320_000, 40_000)]  # batches big enough
+    kwargs = dict(context_length=64, stride=64, validation_fraction=0)  # for the encoder to use its threads
+    expected = rows(build_lm_datasets(documents, tiny_tokenizer, **kwargs, cache_dir=tmp_path / "one")["train"])
+    result = tmp_path / "windows.pkl"
+
+    def run() -> None:
+        os.setpgrp()  # its own process group, so a hung run can be killed with its workers
+        splits = build_lm_datasets(documents, tiny_tokenizer, **kwargs, num_proc=2, cache_dir=tmp_path / "two")
+        result.write_bytes(pickle.dumps(rows(splits["train"])))
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        os.killpg(child.pid, signal.SIGKILL)
+        child.join()
+        pytest.fail("build_lm_datasets(num_proc=2) hung: a forked worker waited on a thread pool inherited from its parent")
+    assert child.exitcode == 0
+    assert pickle.loads(result.read_bytes()) == expected
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def test_a_second_run_reads_the_cache_instead_of_tokenizing(documents, tiny_tokenizer, tmp_path, monkeypatch):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(documents), encoding="utf-8")
+    kwargs = dict(context_length=16, stride=8, cache_dir=tmp_path / "cache")
+    first = build_lm_datasets([path], tiny_tokenizer, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("re-tokenized")
+
+    monkeypatch.setattr(data, "encode_batch_fast", refuse)
+    second = build_lm_datasets([path], tiny_tokenizer, **kwargs)
+    for split in ("train", "validation"):
+        assert second[split].cache_files == first[split].cache_files
+        assert second[split]["input_ids"] == first[split]["input_ids"]
+    # The cache is keyed on the file's content: an edited file is tokenized again.
+    path.write_text("\n\n".join(documents) + "\nOne more line.", encoding="utf-8")
+    with pytest.raises(AssertionError, match="re-tokenized"):
+        build_lm_datasets([path], tiny_tokenizer, **kwargs)
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def stream_identities(tokenizer, documents: list[str], doc_order: list[int]):
+    """The token stream of documents `doc_order`: (ids, doc_id of each token, offset in its doc)."""
+    reference = dict(zip([i for i, d in enumerate(documents) if d.strip()], encode_reference(tokenizer, documents)))
+    ids = np.concatenate([reference[d] for d in doc_order])
+    doc = np.concatenate([np.full(len(reference[d]), d) for d in doc_order])
+    offset = np.concatenate([np.arange(len(reference[d])) for d in doc_order])
+    return ids, doc, offset
+
+
+def covered_tokens(windows, tokenizer, documents, doc_order, L) -> set[tuple[int, int]]:
+    """(doc_id, offset) of every token of every window, checking the windows' ids on the way."""
+    ids, doc, offset = stream_identities(tokenizer, documents, doc_order)
+    start_of = {int(d): int(np.flatnonzero(doc == d)[0]) for d in doc_order}
+    w = windows.with_format("numpy")[:]
+    span = np.array([start_of[d] for d in w["doc_id"]])[:, None] + w["offset"][:, None] + np.arange(L + 1)  # (W, L+1)
+    np.testing.assert_array_equal(w["input_ids"], ids[span])
+    positions = np.unique(span)
+    return set(zip(doc[positions].tolist(), offset[positions].tolist()))
+
+
+@pytest.mark.parametrize("split_by", ["tokens", "documents"])
+def test_no_validation_token_is_inside_a_training_window(split_by, documents, tiny_tokenizer, tmp_path, small_blocks):
+    L = 16
+    splits = build_lm_datasets(
+        documents, tiny_tokenizer, context_length=L, stride=4, validation_fraction=0.2, split_by=split_by, cache_dir=tmp_path
+    )
+    doc_ids = [i for i, d in enumerate(documents) if d.strip()]
+    if split_by == "tokens":
+        train_order = validation_order = doc_ids
+    else:
+        held_out = is_validation_document(np.array(doc_ids), 0.2)
+        train_order = [d for d, v in zip(doc_ids, held_out) if not v]
+        validation_order = [d for d, v in zip(doc_ids, held_out) if v]
+        assert validation_order == [9, 14, 19, 24, 29]  # every 5th (4 is blank), spread out, not the tail
+    train = covered_tokens(splits["train"], tiny_tokenizer, documents, train_order, L)
+    validation = covered_tokens(splits["validation"], tiny_tokenizer, documents, validation_order, L)
+    assert train and validation
+    assert not train & validation
+    if split_by == "tokens":  # exactly the last 20 % of the stream is held out
+        _, doc, offset = stream_identities(tiny_tokenizer, documents, doc_ids)
+        cut = len(doc) - round(0.2 * len(doc))
+        assert train <= set(zip(doc[:cut].tolist(), offset[:cut].tolist()))
+        assert validation <= set(zip(doc[cut:].tolist(), offset[cut:].tolist()))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("source_kind", ["texts", "files"])
+def test_streaming_gives_the_same_windows(source_kind, documents, tiny_tokenizer, tmp_path, small_blocks):
+    if source_kind == "files":
+        source = []
+        for i, doc in enumerate(documents):
+            source.append(tmp_path / f"doc{i:02d}.txt")
+            source[-1].write_text(doc, encoding="utf-8")
+    else:
+        source = documents
+    kwargs = dict(context_length=16, stride=6, validation_fraction=0.25, split_by="documents")
+    in_memory = build_lm_datasets(source, tiny_tokenizer, **kwargs, cache_dir=tmp_path / "cache")
+    streamed = build_lm_datasets(source, tiny_tokenizer, **kwargs, streaming=True)
+    assert isinstance(streamed["train"], datasets.IterableDataset)
+    for split in ("train", "validation"):
+        assert rows(streamed[split]) == rows(in_memory[split])
+    loader = torch.utils.data.DataLoader(streamed["train"], batch_size=4, collate_fn=collate_windows)
+    assert next(iter(loader))["input_ids"].shape == (4, 16)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def assert_nothing_half_written(cache_dir: Path) -> None:
+    """No partial dataset (datasets builds in `*.incomplete` folders, maps into `tmp*` files);
+    empty `.lock` files are left by every run, finished or not."""
+    leftovers = [p for p in cache_dir.rglob("*") if p.suffix != ".lock" and ("incomplete" in p.name or p.name.startswith("tmp"))]
+    assert not leftovers, leftovers
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "empty or whitespace-only"),
+        (b"  \n\n\t \n", "empty or whitespace-only"),
+        (b"Hello there.\nSome more text; a short file.\n", r"corpus .*bad\.txt has 29 tokens, fewer than one window of .* = 65"),
+        (b"caf\xc3\xa9 ok\nthen \xff\xfe bad\n", r"bad\.txt: not valid UTF-8 at byte offset 14 \(line 2\)"),
+    ],
+    ids=["empty", "whitespace", "shorter-than-a-window", "not-utf8"],
+)
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streaming"])
+def test_bad_corpus_files_stop_with_a_clear_message(content, message, streaming, tiny_tokenizer, tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=message):
+        build_lm_datasets(path, tiny_tokenizer, context_length=64, streaming=streaming, validation_fraction=0, cache_dir=cache)
+    if cache.exists():
+        assert_nothing_half_written(cache)
+        if "29 tokens" not in message:  # reading failed: no dataset at all was written
+            assert not list(cache.rglob("*.arrow"))
+
+
+@pytest.mark.parametrize(
+    "source,kwargs,message",
+    [
+        ([], {}, "empty or whitespace-only"),
+        (["", " \n"], {}, "empty or whitespace-only"),
+        (["fine text", 42], {}, "document 1 of the texts is a int, not a str"),
+        (["some text " * 200], {"validation_fraction": 0.01}, r"validation range \(last 12 tokens\) has 12 tokens, fewer than"),
+        (["some text " * 200], {"stride": 65}, r"stride must be in \[1, context_length=64\]"),
+        (["some text " * 200], {"split_by": "tokens", "streaming": True}, "needs the corpus length"),
+        (["some text " * 200], {"vocab_size": 50257}, "the tokenizer has 512 tokens but the model's vocab_size is 50257"),
+    ],
+    ids=["no-documents", "blank-documents", "not-a-string", "validation-too-short", "stride", "streaming-token-split", "vocab"],
+)
+def test_bad_texts_and_settings_stop_with_a_clear_message(source, kwargs, message, tiny_tokenizer, tmp_path):
+    with pytest.raises(DataError, match=message):
+        build_lm_datasets(source, tiny_tokenizer, **{"context_length": 64, "cache_dir": tmp_path, **kwargs})
+    assert_nothing_half_written(tmp_path)
+
+
+def test_a_missing_corpus_file_is_named(tiny_tokenizer, tmp_path):
+    (tmp_path / "there.txt").write_text("Some text. " * 100, encoding="utf-8")
+    for source in (tmp_path / "missing.txt", str(tmp_path / "missing.txt"), [tmp_path / "there.txt", tmp_path / "missing.txt"]):
+        with pytest.raises(DataError, match=r"corpus file .*missing\.txt does not exist"):
+            build_lm_datasets(source, tiny_tokenizer, context_length=8, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_missing_text_column_lists_the_columns(tiny_tokenizer, tmp_path):
+    table = datasets.Dataset.from_dict({"body": ["text"], "id": [1]})
+    with pytest.raises(DataError, match=r"text_column='text' is not a column of the dataset; its columns are \['body', 'id'\]"):
+        build_lm_datasets(table, tiny_tokenizer, context_length=8, cache_dir=tmp_path)
+
+
+def test_missing_or_unsuitable_tokenizers_are_refused_before_reading(tiny_tokenizer, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("Some text. " * 100, encoding="utf-8")
+    cache = tmp_path / "cache"
+    other_eos = copy.deepcopy(tiny_tokenizer)
+    other_eos.eos_token = "<|pad|>"
+    for tokenizer, message in [
+        (None, "no tokenizer given"),
+        (tmp_path / "no_such_tokenizer", r"no tokenizer at .*no_such_tokenizer"),
+        (other_eos, r"eos token is '<\|pad\|>', but documents are joined with '<\|endoftext\|>'"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            build_lm_datasets(path, tokenizer, context_length=8, cache_dir=cache)
+    assert not cache.exists()  # refused before anything was read or written
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def test_batch_composition_and_figures(documents, tiny_tokenizer, tmp_path):
+    splits = build_lm_datasets(documents, tiny_tokenizer, context_length=32, stride=16, validation_fraction=0, cache_dir=tmp_path)
+    windows = splits["train"]
+    indices = [0, 1, 2, len(windows) - 1]
+    table = batch_composition(windows, indices, tiny_tokenizer)
+    assert table["window"].tolist() == indices
+    assert table["doc_id"].tolist()[:3] == [0, 0, 0] and table["offset"].tolist()[:3] == [0, 16, 32]
+    eos = tiny_tokenizer.eos_token_id
+    assert table["boundaries"].tolist() == [int((np.array(windows[i]["input_ids"][:-1]) == eos).sum()) for i in indices]
+    batch_png = plot_batch_composition(table, 32, tmp_path / "figures" / "batch.png")
+
+    tokens = tokenize_documents(load_corpus(documents, cache_dir=tmp_path), tiny_tokenizer)
+    counts = token_frequencies(tokens, len(tiny_tokenizer))
+    stream = np.concatenate(encode_reference(tiny_tokenizer, documents))
+    np.testing.assert_array_equal(counts, np.bincount(stream, minlength=len(tiny_tokenizer)))
+    assert counts[eos] == 30  # one <|endoftext|> per non-blank document
+    freq_png = plot_token_frequencies(counts, tmp_path / "figures" / "freq.png", tiny_tokenizer)
+    for png in (batch_png, freq_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["batch.png", "freq.png"]  # no temp files left
