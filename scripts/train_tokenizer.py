@@ -24,7 +24,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from tokenization import SPECIAL_TOKENS, format_merge_table, merge_table, token_boundaries_html, train_bpe  # noqa: E402
+from tokenization import (  # noqa: E402
+    EMBEDDED_CORPUS,
+    SPECIAL_TOKENS,
+    format_merge_table,
+    merge_table,
+    merge_trace,
+    plot_merge_trace,
+    token_boundaries_html,
+    train_bpe,
+)
 from tokenization.corpus import iter_texts  # noqa: E402
 from training.checkpoint import atomic_write_text  # noqa: E402
 
@@ -32,7 +41,11 @@ from training.checkpoint import atomic_write_text  # noqa: E402
 @dataclass
 class TokenizerArguments:
     output_dir: str = field(metadata={"help": "Folder to save the tokenizer in (created; other files in it are kept)."})
-    files: list[str] = field(default_factory=list, metadata={"help": "UTF-8 text files to train on."})
+    files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "UTF-8 text files to train on. With neither --files nor --dataset: the embedded corpus "
+                  "(CPython's own documentation, pydoc_data.topics, ~465k characters)."},
+    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "Instead of --files: a folder written by Dataset.save_to_disk, or a .json/.jsonl/.csv/"
@@ -46,6 +59,9 @@ class TokenizerArguments:
         metadata={"help": "All special tokens; must include <|endoftext|> (eos/bos) and <|pad|>."},
     )
     model_max_length: int | None = field(default=1024, metadata={"help": "Context length recorded in the tokenizer."})
+    trace_word: str = field(
+        default=" tokenization", metadata={"help": "Word whose BPE merge trace is drawn to merge_trace.png."}
+    )
     merges_table: int = field(default=50, metadata={"help": "Rows of merges_table.md (0: skip; replays the corpus in Python)."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the trainer's progress bars."})
 
@@ -58,13 +74,15 @@ def parse_args(argv: list[str] | None = None) -> TokenizerArguments:
         parser.set_defaults(**values)
         argv = argv[1:]
     (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if bool(args.files) == bool(args.dataset):
-        raise ValueError("give exactly one of --files or --dataset")
+    if args.files and args.dataset:
+        raise ValueError("give --files or --dataset, not both")
     return args
 
 
 def load_source(args: TokenizerArguments):
-    """Paths for --files; a `datasets.Dataset` for --dataset."""
+    """Paths for --files; a `datasets.Dataset` for --dataset; else the embedded corpus."""
+    if not args.files and not args.dataset:
+        return EMBEDDED_CORPUS
     if args.files:
         return [Path(f) for f in args.files]
     import datasets
@@ -106,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_views(tokenizer, source, args: TokenizerArguments) -> None:
-    """merges_table.md and token_boundaries.html beside the tokenizer, for a person to read."""
+    """merges_table.md, token_boundaries.html and merge_trace.png beside the tokenizer."""
     output_dir = Path(args.output_dir)
+    if args.trace_word:
+        plot_merge_trace(merge_trace(tokenizer, args.trace_word), output_dir / "merge_trace.png")
     texts, _ = iter_texts(source, args.text_column)
     head = next(texts, "")[:3000]
     atomic_write_text(output_dir / "token_boundaries.html", token_boundaries_html(tokenizer, head))

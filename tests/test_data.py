@@ -389,3 +389,14 @@ def test_batch_composition_and_figures(documents, tiny_tokenizer, tmp_path):
     for png in (batch_png, freq_png):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["batch.png", "freq.png"]  # no temp files left
+
+
+def test_embedded_corpus_is_cpython_documentation(tiny_tokenizer, tmp_path):
+    from tokenization import EMBEDDED_CORPUS, embedded_documents
+    from training.data import load_corpus
+
+    docs = embedded_documents()
+    assert len(docs) > 50 and sum(map(len, docs)) > 400_000
+    corpus = load_corpus(EMBEDDED_CORPUS, cache_dir=tmp_path)
+    assert corpus[0]["text"] == docs[0]
+    assert len(set(corpus["doc_id"])) == len(docs)

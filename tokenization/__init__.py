@@ -9,6 +9,7 @@
 """
 
 from .alpaca import ALPACA_CHAT_TEMPLATE, ALPACA_TEMPLATE, alpaca_messages, format_example, format_prompt
+from .corpus import EMBEDDED_CORPUS, embedded_documents
 from .fast_encode import encode_batch_fast
 from .gpt2 import gpt2_tiktoken_encoding, load_gpt2_tokenizer, tiktoken_encoding
 from .pretokenize import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
@@ -28,10 +29,12 @@ from .visualize import (
 __all__ = [
     "ALPACA_CHAT_TEMPLATE",
     "ALPACA_TEMPLATE",
+    "EMBEDDED_CORPUS",
     "EOS_TOKEN",
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "alpaca_messages",
+    "embedded_documents",
     "encode_batch_fast",
     "format_example",
     "format_merge_table",

@@ -22,6 +22,19 @@ Source = Union[PathLike, Iterable[Union[str, os.PathLike]], "datasets.Dataset", 
 # Files are fed to the trainer in pieces of about this many characters (1 MiB of ASCII), so a
 # 20 MB file never sits in memory as one string and the trainer can count pieces in parallel.
 FILE_CHUNK_CHARS = 1 << 20
+# The default corpus when a user names none: CPython's own reference documentation, shipped as
+# data with every Python (`pydoc_data.topics`, ~465k characters of human-written English). It is
+# on every machine that has the package, so nothing is downloaded or copied into this repo.
+EMBEDDED_CORPUS = "embedded:pydoc"
+
+
+def embedded_documents() -> list[str]:
+    """The embedded corpus as documents: one per pydoc topic, in a fixed (sorted) order."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
 # A single str longer than this, or with a newline, is surely text, not a file name.
 _MAX_PATH_CHARS = 4096
 
@@ -29,6 +42,7 @@ _MAX_PATH_CHARS = 4096
 def iter_texts(source: Source, text_column: str = "text") -> tuple[Iterator[str], int | None]:
     """(texts, number of texts if known) for any accepted source.
 
+    - `EMBEDDED_CORPUS` ("embedded:pydoc"): the documentation that ships with CPython;
     - a `str` or `os.PathLike`: one UTF-8 text file;
     - an iterable of `os.PathLike` (e.g. `Path`): those files, in order;
     - an iterable of `str`: the texts themselves (documents, lines, ...);
@@ -37,6 +51,9 @@ def iter_texts(source: Source, text_column: str = "text") -> tuple[Iterator[str]
     """
     if _is_dataset(source):
         return _iter_dataset_column(source, text_column), _dataset_length(source)
+    if source == EMBEDDED_CORPUS:
+        documents = embedded_documents()
+        return iter(documents), len(documents)
     if isinstance(source, str):
         if "\n" in source or len(source) > _MAX_PATH_CHARS:
             raise ValueError(
@@ -123,7 +140,7 @@ def read_utf8_chunks(path: Path, chunk_chars: int = FILE_CHUNK_CHARS) -> Iterato
             except UnicodeDecodeError as error:
                 raise ValueError(
                     f"{path}: not valid UTF-8 at byte offset {offset + error.start} (line {line_number}): "
-                    f"{error.reason} ({raw[error.start:error.end]!r}). Training files must be UTF-8; "
+                    f"{error.reason} ({raw[error.start:error.end]!r}). Text files must be UTF-8; "
                     "re-encode it, e.g. `iconv -f latin1 -t utf-8`."
                 ) from None
             offset += len(raw)

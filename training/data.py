@@ -55,7 +55,7 @@ from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from tokenization import EOS_TOKEN, encode_batch_fast
-from tokenization.corpus import read_utf8_chunks
+from tokenization.corpus import EMBEDDED_CORPUS, embedded_documents, read_utf8_chunks
 
 PathLike = Union[str, os.PathLike]
 CorpusSource = Union[PathLike, Sequence[PathLike], Iterable[str], Dataset, IterableDataset]
@@ -193,6 +193,7 @@ def load_corpus(
     """Documents of `source` as rows `text`, `doc_id`, `doc_end` (last piece of its document).
 
     `source` is one of:
+      - `EMBEDDED_CORPUS` ("embedded:pydoc"): CPython's documentation, one document per topic;
       - a text file, a folder of `*.txt` files (sorted), or a list of text files: each file is
         one document, or several if `doc_separator` is given (then each document is held in
         memory whole); files must be UTF-8;
@@ -204,6 +205,8 @@ def load_corpus(
     With `streaming=True` nothing is read until iterated (an `IterableDataset`); otherwise the
     documents are written once to Arrow files under `cache_dir` (default: datasets' cache).
     """
+    if source == EMBEDDED_CORPUS:
+        source = embedded_documents()
     if isinstance(source, (str, os.PathLike)):
         source = _open_path_source(Path(source), split, streaming, cache_dir)
     if isinstance(source, (DatasetDict, IterableDatasetDict)):
