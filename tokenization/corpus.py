@@ -35,6 +35,24 @@ def embedded_documents() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
+def write_embedded_corpus(out_dir: PathLike, validation_every: int = 10) -> tuple[Path, Path]:
+    """Write the embedded corpus as train.txt / validation.txt (every n-th topic held out).
+
+    Whole documents go to one side or the other, so no validation text is ever trained on.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    documents = embedded_documents()
+    held_out = [d for i, d in enumerate(documents) if i % validation_every == validation_every - 1]
+    kept = [d for i, d in enumerate(documents) if i % validation_every != validation_every - 1]
+    paths = out_dir / "train.txt", out_dir / "validation.txt"
+    for path, docs in zip(paths, (kept, held_out)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n\n".join(docs), encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
+
+
 # A single str longer than this, or with a newline, is surely text, not a file name.
 _MAX_PATH_CHARS = 4096
 

@@ -142,6 +142,8 @@ def resolve_tokenizer(tokenizer: PreTrainedTokenizerBase | PathLike | None) -> P
         raise DataError(f"no tokenizer at {path}: expected a folder with tokenizer.json (from save_pretrained)")
     from transformers import AutoTokenizer
 
+    import modeling_minigpt  # noqa: F401  registers "minigpt": a model folder's config then needs no remote code
+
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # any loading failure becomes one clear message

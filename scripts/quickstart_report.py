@@ -1,0 +1,131 @@
+"""Last step of scripts/quickstart.sh: reload the final folder as a user would, and summarise.
+
+    python scripts/quickstart_report.py runs/quickstart
+
+This process has not imported MiniGPT before: the fine-tuned folder is loaded with
+`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, i.e. from the code files
+saved inside it, and generates from held-out instructions through the tokenizer's chat template.
+It also measures the untrained model (same config and seed as pretraining) on the same
+validation text, for the "before pretraining" numbers, and draws the attention heatmap and the
+SFT loss-mask figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="The quickstart's output folder (default runs/quickstart).")
+    parser.add_argument("--elapsed-seconds", type=float, default=None, help="Wall time so far, for the summary.")
+    parser.add_argument("--generations", type=int, default=3, help="Held-out instructions to generate for.")
+    return parser.parse_args(argv)
+
+
+def untrained_metrics(model_dir: Path, validation: str, seed: int) -> dict:
+    """Validation metrics of the model as pretraining started: same config, same seed."""
+    from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+    from training.evaluate import evaluate_texts
+
+    torch.manual_seed(seed)
+    model = MiniGPTForCausalLM(MiniGPTConfig.from_pretrained(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    return evaluate_texts(model, tokenizer, [validation], n_bootstrap=1000).to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out
+    final_dir = out / "sft" / "model"
+    figures = out / "figures"
+
+    # --- reload the Hub-ready folder from its own code, and generate ---------------------------
+    model = AutoModelForCausalLM.from_pretrained(final_dir, trust_remote_code=True).eval()
+    # The folder's config names remote code; without the flag AutoTokenizer would stop and ask.
+    tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=True)
+    loaded_from = type(model).__module__
+    if not loaded_from.startswith("transformers_modules."):
+        raise RuntimeError(f"expected the folder's own code, got {loaded_from}")
+    heldout = json.loads((out / "sft" / "heldout_generations.json").read_text())[: args.generations]
+    generations = []
+    for row in heldout:
+        messages = [{"role": "user", "content": row["instruction"]}]
+        if row.get("input"):
+            messages.append({"role": "input", "content": row["input"]})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            new = model.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
+        generations.append((row, tokenizer.decode(new, skip_special_tokens=True)))
+    pretrained = AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", trust_remote_code=True).eval()
+    prompt = tokenizer("The for statement", return_tensors="pt")
+    with torch.no_grad():
+        free = pretrained.generate(**prompt, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    free_text = tokenizer.decode(free[0], skip_special_tokens=True)
+
+    # --- figures this step draws ----------------------------------------------------------
+    from modeling_minigpt.visualize import plot_attention
+    from training.instruct_data import plot_loss_mask, render_example
+
+    plot_attention(pretrained, tokenizer, "The for statement is used to iterate", figures / "attention_layer0_head0.png")
+    record = {k: heldout[0][k] for k in ("instruction", "input")} | {"output": heldout[0]["expected"]}
+    plot_loss_mask(tokenizer, render_example(tokenizer, record), figures / "sft_loss_mask.png")
+
+    # --- numbers ----------------------------------------------------------------------------
+    run_config = json.loads((out / "pretrain" / "run_config.json").read_text())
+    seed = run_config.get("config", run_config).get("loop", {}).get("seed", 1337)
+    validation = (out / "data" / "validation.txt").read_text(encoding="utf-8")
+    before = untrained_metrics(out / "pretrain" / "model", validation, seed)
+    after = json.loads((out / "eval_pretrained.json").read_text())
+    sft = json.loads((out / "sft" / "final_metrics.json").read_text())
+
+    def metrics_line(m: dict) -> str:
+        ci = m.get("bits_per_byte_ci")
+        band = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        return f"loss {m['loss']:.3f} nats/token   perplexity {m['perplexity']:8.1f}   bits/byte {m['bits_per_byte']:.3f}{band}"
+
+    em_before = (sft.get("before") or {}).get("val_exact_match")
+    em_after = sft["after"]["val_exact_match"]
+    lines = [
+        "",
+        "=" * 78,
+        "MiniGPT quickstart: summary",
+        "=" * 78,
+        f"validation text: {len(validation):,} characters of CPython's documentation (held-out topics)",
+        f"  before pretraining  {metrics_line(before)}",
+        f"  after pretraining   {metrics_line(after)}",
+        f"held-out exact match on {sft['heldout_records']} generated instructions (greedy):",
+        f"  before fine-tuning  {em_before:.1%}" if em_before is not None else "  before fine-tuning  not measured",
+        f"  after fine-tuning   {em_after:.1%}   ({sft['steps']} steps, loss on responses only: {sft['mask_prompt']})",
+        f"reloaded {final_dir} with AutoModelForCausalLM(trust_remote_code=True) -> {loaded_from}",
+        "generations of the reloaded model:",
+    ]
+    for row, text in generations:
+        shown_input = f" | input: {row['input']!r}" if row.get("input") else ""
+        mark = "ok " if text.strip() == row["expected"].strip() else "   "
+        lines.append(f"  {mark}{row['instruction']!r}{shown_input}\n      -> {text!r}  (expected {row['expected']!r})")
+    lines.append(f"  pretrained model, free text: {free_text!r}")
+    lines.append("figures:")
+    for path in [out / "tokenizer" / "merge_trace.png", out / "pretrain" / "loss_curve.png", out / "sft" / "loss_curve.png",
+                 figures / "attention_layer0_head0.png", figures / "sft_loss_mask.png"]:
+        lines.append(f"  {path}{'' if path.is_file() else '  (missing)'}")
+    lines.append(f"Hub-ready folder (weights, code, tokenizer + chat template, model card): {final_dir}")
+    if args.elapsed_seconds is not None:
+        lines.append(f"wall time before this report: {args.elapsed_seconds:.0f} s")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
