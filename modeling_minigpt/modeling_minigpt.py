@@ -141,7 +141,8 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         """input_ids: (B, T). attention_mask: (B, past + T), 1 = token, 0 = padding.
         `past_key_values` is the pre-5.24 name of `cache`; both are accepted."""
         cache = cache if cache is not None else past_key_values
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        # The cache only serves generation; in training it would copy every layer's keys/values.
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states

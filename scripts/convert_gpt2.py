@@ -1,0 +1,92 @@
+"""Convert a Hugging Face GPT-2 folder to MiniGPT, or export MiniGPT as a stock GPT-2.
+
+    python scripts/convert_gpt2.py --from-gpt2 path/to/gpt2 --out minigpt-124m
+    python scripts/convert_gpt2.py --to-gpt2 minigpt-124m --out gpt2-export
+
+The MiniGPT folder loads with `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`
+(it carries its code); the exported GPT-2 folder loads with stock
+`GPT2LMHeadModel.from_pretrained(out)`, no remote code. Tokenizer files in the source folder
+are copied unchanged. The output is written to a temporary folder and renamed into place, so
+an interrupted run leaves no half-written model behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from modeling_minigpt.convert import gpt2_to_minigpt, minigpt_to_gpt2  # noqa: E402
+from training.checkpoint import replace_dir  # noqa: E402
+
+# Copied byte for byte: rebuilding a tokenizer from GPT-2's vocab.json/merges.txt through
+# transformers can silently produce an empty one (see HF_V5_NOTES.md).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class ConvertArguments:
+    out: str = field(metadata={"help": "Output folder. Must not exist (or be empty) unless --overwrite."})
+    from_gpt2: str | None = field(
+        default=None, metadata={"help": "A GPT2LMHeadModel folder (config.json + weights) to convert to MiniGPT."}
+    )
+    to_gpt2: str | None = field(
+        default=None, metadata={"help": "A MiniGPT folder to export as a stock GPT2LMHeadModel folder."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+
+    def __post_init__(self) -> None:
+        if (self.from_gpt2 is None) == (self.to_gpt2 is None):
+            raise ValueError("give exactly one of --from-gpt2 FOLDER or --to-gpt2 FOLDER")
+        source = Path(self.from_gpt2 or self.to_gpt2)
+        if not (source / "config.json").is_file():
+            raise ValueError(f"{source} is not a model folder (no config.json)")
+        out = Path(self.out)
+        if out.exists() and any(out.iterdir()) and not self.overwrite:
+            raise ValueError(f"output folder {out} is not empty; pass --overwrite to replace it")
+
+
+def convert(args: ConvertArguments) -> Path:
+    """Convert `args.from_gpt2` or `args.to_gpt2` into `args.out`; return the output folder."""
+    if args.from_gpt2 is not None:
+        source = Path(args.from_gpt2)
+        model = gpt2_to_minigpt(source)
+    else:
+        source = Path(args.to_gpt2)
+        model = minigpt_to_gpt2(source)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted run
+    model.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    return replace_dir(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+    print(f"converting with {args}")
+    out = convert(args)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
