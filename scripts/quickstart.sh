@@ -33,7 +33,7 @@ step "3/6 evaluate on the held-out documentation"
 "${LAUNCH[@]}" scripts/evaluate.py --model "$OUT/pretrain/model" --text-file "$OUT/data/validation.txt" \
     --output-json "$OUT/eval_pretrained.json"
 
-step "4/6 instruction fine-tune on the embedded tasks (75 s budget)"
+step "4/6 instruction fine-tune on the embedded tasks (105 s budget)"
 "${LAUNCH[@]}" scripts/sft.py scripts/configs/quickstart_sft.yaml \
     --model_path "$OUT/pretrain/model" --output_dir "$OUT/sft"
 

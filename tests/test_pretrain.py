@@ -1,0 +1,290 @@
+"""Pretraining end to end (tiny model, in-process) and every bad input stopping before training.
+
+Helpers at the top (`tiny_args`, `script_flags`) are shared with test_resume.py and test_ddp.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import RunFolderError, list_checkpoints
+from training.data import DataError
+from training.loop import LoopArguments
+from training.pretrain import DataArguments, ModelArguments, run_pretraining
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "pretrain.py"
+# One thread per process: bit-exact comparisons need the same reduction order in every run,
+# and on a busy 2-core machine two OpenMP threads per process are ~20x slower, not faster.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+TINY_MODEL = dict(preset="tiny", context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
+TINY_LOOP = dict(
+    max_steps=20, per_device_batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=4,
+    log_every=1, eval_every=10, save_every=5, keep_last=2, report_to="tensorboard",
+)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(pydoc_text: str, tmp_path_factory) -> Path:
+    """12k characters of English: 150 training windows of 33 tokens with the tiny tokenizer (18 batches of 8)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(pydoc_text[:12_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_args(output_dir: Path, corpus: Path, tokenizer: Path | None, cache: Path, **overrides):
+    """(ModelArguments, DataArguments, LoopArguments) of a tiny run; each override goes to the group with that field."""
+    groups = {
+        ModelArguments: dict(TINY_MODEL),
+        DataArguments: dict(
+            train_file=str(corpus), tokenizer_path=str(tokenizer) if tokenizer else None, split_by="characters",
+            tokenizer_vocab_size=400, eval_batches=2, eval_batch_size=8, sample_tokens=8, cache_dir=str(cache),
+        ),
+        LoopArguments: dict(TINY_LOOP, output_dir=str(output_dir)),
+    }
+    for key, value in overrides.items():
+        groups[next(cls for cls in groups if key in cls.__dataclass_fields__)][key] = value
+    return tuple(cls(**values) for cls, values in groups.items())
+
+
+def script_flags(output_dir: Path, corpus: Path, tokenizer: Path, cache: Path, **overrides) -> list[str]:
+    """The same tiny run as command-line flags for scripts/pretrain.py."""
+    model, data, loop = tiny_args(output_dir, corpus, tokenizer, cache, **overrides)
+    flags = []
+    for group in (model, data, loop):
+        for name, value in vars(group).items():
+            if value is not None and value is not False:
+                flags += [f"--{name}", str(value)]
+    return flags
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def listing(folder: Path) -> dict[str, int]:
+    """Every file under `folder` with its size: a snapshot to prove nothing was written."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus_file, tmp_path_factory):
+    """One tiny run that trains its own tokenizer; several tests inspect what it left."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = tiny_args(out, corpus_file, None, tmp_path_factory.mktemp("cache"), max_steps=20)
+    return run_pretraining(*args), out
+
+
+def test_run_learns_and_logs_every_step(finished_run):
+    result, out = finished_run
+    records = read_metrics(out)
+    train = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert [r["tokens"] for r in train] == [8 * 32 * s for s in range(1, 21)]  # batch x context per step
+    assert train[0]["train_loss"] == pytest.approx(math.log(400), abs=0.3)  # starts near uniform over the vocabulary
+    assert train[-1]["train_loss"] < train[0]["train_loss"] - 0.5
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert all(isinstance(r["sample"], str) and r["sample"] for r in evals)
+    # the learning rate follows warmup then cosine decay
+    lrs = [r["lr"] for r in train]
+    assert lrs[:4] == pytest.approx([3e-3 * k / 4 for k in (1, 2, 3, 4)])
+    assert lrs[4] == pytest.approx(3e-3) and lrs[-1] < 5e-4
+    assert result.steps == 20 and result.tokens_seen == 20 * 8 * 32
+    assert 1.5 < result.chars_per_second / result.tokens_per_second < 3.0  # characters per token of a 400-token BPE
+
+
+def test_run_outputs(finished_run):
+    result, out = finished_run
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [15, 20]  # keep_last=2
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["fingerprint"]["model"]["n_layers"] == 2
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["validation"]["bits_per_char"] == pytest.approx(result.report.bits_per_char)
+    # The whole held-out text is scored: its characters are exactly the last 10% of the corpus.
+    assert final["validation"]["n_chars"] == round(0.1 * 12_000)
+    card = (out / "model" / "README.md").read_text()
+    assert "loss_curve.png" in card and (out / "model" / "loss_curve.png").is_file()
+
+
+def test_final_model_loads_with_auto_classes_in_a_fresh_process(finished_run, tmp_path):
+    _, out = finished_run
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(out / 'model')!r}, trust_remote_code=True).eval()\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(out / 'model')!r}, trust_remote_code=True)\n"
+        "ids = tokenizer('The return statement', return_tensors='pt').input_ids\n"
+        "torch.save({'logits': model(ids).logits, 'vocab': len(tokenizer), 'cls': type(model).__name__}, sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env=SUBPROCESS_ENV, timeout=300)
+    loaded = torch.load(tmp_path / "out.pt")
+    assert loaded["cls"] == "MiniGPTForCausalLM" and loaded["vocab"] == 400
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model", trust_remote_code=True)
+    with torch.no_grad():
+        expected = model(tokenizer("The return statement", return_tensors="pt").input_ids).logits
+    torch.testing.assert_close(loaded["logits"], expected)
+
+
+def test_trained_tokenizer_is_saved_with_the_run(finished_run):
+    _, out = finished_run
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert len(saved) == 400
+    assert (out / "model" / "tokenizer.json").read_text() == (out / "tokenizer" / "tokenizer.json").read_text()
+
+
+# ----------------------------------------------------------------------------- bad input: stop before training
+
+
+def _expect_refusal(args, error: type[Exception], match: str, out: Path) -> None:
+    before = listing(out)
+    with pytest.raises(error, match=match):
+        run_pretraining(*args)
+    assert listing(out) == before, "a refused run must not write anything"
+
+
+def test_missing_training_file(tmp_path, tokenizer_dir):
+    out = tmp_path / "out"
+    args = tiny_args(out, tmp_path / "nope.txt", tokenizer_dir, tmp_path / "cache")
+    _expect_refusal(args, DataError, "nope.txt does not exist", out)
+    assert not out.exists()
+
+
+def test_missing_tokenizer(tmp_path, corpus_file):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tmp_path / "no_tokenizer", tmp_path / "cache")
+    _expect_refusal(args, DataError, "no tokenizer at .*no_tokenizer", out)
+
+
+def test_tokenizer_vocab_differs_from_model(tmp_path, corpus_file, tokenizer_dir):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", vocab_size=1000)
+    _expect_refusal(args, DataError, "tokenizer has 512 tokens but the model's vocab_size is 1000", out)
+
+
+def test_corpus_shorter_than_a_window(tmp_path, tokenizer_dir):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("Too short to fill one window of 33 tokens, even held out.\n" * 3)
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus, tokenizer_dir, tmp_path / "cache")
+    _expect_refusal(args, DataError, "fewer than one window", out)
+
+
+def test_folder_with_unrelated_files_is_never_used(tmp_path, corpus_file, tokenizer_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for flag in ({}, {"overwrite": True}, {"resume": True}):
+        args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", **flag)
+        _expect_refusal(args, RunFolderError, "not a run folder", out)
+
+
+def test_folder_with_another_run(finished_run, corpus_file, tokenizer_dir, tmp_path):
+    _, out = finished_run
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=20)
+    _expect_refusal(args, RunFolderError, "already holds a run. Pass --resume .* or --overwrite", out)
+
+
+def test_resume_with_another_model_shape_or_tokenizer(finished_run, corpus_file, tokenizer_dir, tmp_path):
+    _, out = finished_run
+    args = tiny_args(out, corpus_file, None, tmp_path / "cache", max_steps=20, n_layers=3, resume=True)
+    _expect_refusal(args, RunFolderError, r"model.n_layers: saved run has 2, this run has 3", out)
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=20, resume=True)
+    _expect_refusal(args, RunFolderError, r"tokenizer.path: saved run has '<missing>'", out)
+
+
+def test_overwrite_replaces_a_run(corpus_file, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=2, eval_every=2, save_every=2))
+    (out / "checkpoints" / "step_999").mkdir()  # something only the old run had
+    run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=3, eval_every=3, save_every=3, overwrite=True))
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [3]
+    assert not (out / "checkpoints" / "step_999").exists()
+    assert max(r["step"] for r in read_metrics(out)) == 3
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+@pytest.fixture(scope="module")
+def script():
+    """scripts/pretrain.py as a module (the SIGKILL and DDP tests run it as a real process)."""
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_help_lists_every_group(script, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--n_layers", "--train_file", "--tokenizer_path", "--max_time_seconds", "--gradient_accumulation_steps", "--resume"):
+        assert flag in help_text
+
+
+def test_script_yaml_config_with_overrides(script, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train_file: a.txt\nn_layers: 3\nlearning_rate: 1e-3\nmax_steps: 7\noutput_dir: runs/x\n")
+    model, data, loop = script.parse_args([str(config), "--max_steps", "9", "--resume"])
+    assert (model.n_layers, data.train_file, loop.learning_rate, loop.max_steps, loop.resume) == (3, "a.txt", 1e-3, 9, True)
+    config.write_text("train_file: a.txt\nn_layer: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['n_layer'\]"):
+        script.parse_args([str(config)])
+
+
+def test_script_reports_bad_input_as_one_line(script, tmp_path, corpus_file, capsys):
+    out = tmp_path / "out"
+    flags = script_flags(out, corpus_file, tmp_path / "missing_tokenizer", tmp_path / "cache")
+    assert script.main(flags) == 1
+    assert capsys.readouterr().err.startswith("error: no tokenizer at")
+    assert script.main([*flags, "--min_learning_rate", "1e-2"]) == 1  # above the peak of 3e-3
+    assert "need 0 <= --min_learning_rate <= --learning_rate" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_time_budget_stops_on_time_and_decays_to_the_floor(corpus_file, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=10**6, max_time_seconds=4.0,
+                     eval_every=10**6, save_every=10**6, log_every=5)
+    result = run_pretraining(*args)
+    assert 4.0 <= result.train_seconds < 4.0 + 2.0  # stops at the first step past the budget
+    train = [r for r in read_metrics(out) if "train_loss" in r]
+    assert train[-1]["step"] == result.steps > 20
+    lrs = [r["lr"] for r in train]
+    peak = max(lrs)
+    assert peak == pytest.approx(3e-3, rel=0.05)
+    # After warmup the cosine runs over the clock: it only goes down, and ends at the floor.
+    assert lrs[-1] < 3e-4 + 0.05 * (3e-3 - 3e-4)
+    assert all(a >= b for a, b in zip(lrs[lrs.index(peak):], lrs[lrs.index(peak) + 1 :]))

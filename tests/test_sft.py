@@ -1,0 +1,299 @@
+"""Instruction fine-tuning: generation for exact match, the whole job (full and LoRA), resume
+after SIGKILL, and the command line. Tiny models (2 layers, 32 dims) on the embedded tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from test_pretrain import SUBPROCESS_ENV, read_metrics
+from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
+from training.checkpoint import RunFolderError
+from training.instruct_data import encode_prompt
+from training.lora import LoraArguments
+from training.loop import LoopArguments
+from training.sft import (
+    SFTArguments,
+    _decode_answer,
+    exact_match_summary,
+    generate_answers,
+    parse_config_args,
+    run_sft,
+    score_generations,
+    split_indices,
+)
+from training.tasks import make_task_splits
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "sft.py"
+
+
+def save_tiny_base(folder: Path, tokenizer, seed: int = 0, context_length: int = 192, drop_rate: float = 0.0) -> Path:
+    """A randomly initialised 2-layer MiniGPT saved with `tokenizer`: the 'pretrained' input folder."""
+    torch.manual_seed(seed)
+    config = MiniGPTConfig.from_preset(
+        "tiny", vocab_size=len(tokenizer), context_length=context_length, emb_dim=32, n_heads=2, n_layers=2, drop_rate=drop_rate,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    MiniGPTForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def base_dir(tiny_tokenizer, tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("sft_base"), tiny_tokenizer)
+
+
+TINY_SFT = dict(num_train_tasks=48, num_heldout_tasks=8, max_new_tokens=6, eval_batch_size=8)
+TINY_LOOP = dict(max_steps=6, per_device_batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2,
+                 log_every=1, eval_every=100, save_every=100, report_to="none")
+
+
+def tiny_sft(base: Path, out: Path, lora: dict | None = None, **overrides):
+    """(SFTArguments, LoraArguments, LoopArguments) for a tiny run; overrides go to the group with that field."""
+    groups = {SFTArguments: dict(TINY_SFT, model_path=str(base)), LoraArguments: dict(lora or {}), LoopArguments: dict(TINY_LOOP, output_dir=str(out))}
+    for key, value in overrides.items():
+        groups[next(cls for cls in groups if key in cls.__dataclass_fields__)][key] = value
+    return tuple(cls(**values) for cls, values in groups.items())
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_split_indices_is_seeded_disjoint_and_complete():
+    kept, held = split_indices(50, 0.2, seed=3)
+    assert len(held) == 10 and len(kept) == 40 and sorted(kept + held) == list(range(50))
+    assert split_indices(50, 0.2, seed=3) == (kept, held) and split_indices(50, 0.2, seed=4) != (kept, held)
+    assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # at least one held out
+    with pytest.raises(ValueError, match="at least 2"):
+        split_indices(1, 0.5, seed=0)
+
+
+def test_answer_stops_at_the_first_eos(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    ids = tiny_tokenizer.encode("4, 7", add_special_tokens=False)
+    assert _decode_answer(tiny_tokenizer, [*ids, eos, *ids, eos]) == "4, 7"
+    assert _decode_answer(tiny_tokenizer, ids) == "4, 7"  # ran out of tokens: keep all
+
+
+def test_left_padded_batch_gives_the_answers_of_one_by_one_generation(base_dir, tiny_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    _, records = make_task_splits(0, 6, seed=1)
+    lengths = {len(encode_prompt(tiny_tokenizer, r)) for r in records}
+    assert len(lengths) > 1, "prompts of different lengths are needed to exercise the padding"
+    batched = generate_answers(model, tiny_tokenizer, records, max_new_tokens=5, batch_size=6)
+    alone = [generate_answers(model, tiny_tokenizer, [r], max_new_tokens=5)[0] for r in records]
+    assert batched == alone and len(batched) == 6
+    # The same as a plain greedy loop over the model's logits.
+    ids = torch.tensor([encode_prompt(tiny_tokenizer, records[0])])
+    for _ in range(5):
+        next_id = model(input_ids=ids).logits[0, -1].argmax()
+        if next_id == tiny_tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    prompt_len = len(encode_prompt(tiny_tokenizer, records[0]))
+    assert batched[0] == tiny_tokenizer.decode(ids[0, prompt_len:])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_answers(model, tiny_tokenizer, records, max_new_tokens=192)
+
+
+def test_generations_are_scored_per_record_and_per_kind():
+    records = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5", "kind": "add"},
+        {"instruction": "Add 1 and 1.", "input": "", "output": "2", "kind": "add"},
+        {"instruction": "Repeat this phrase: cat dog", "input": "", "output": "cat dog", "kind": "repeat"},
+        {"instruction": "Sort.", "input": "3, 1", "output": "1, 3", "kind": "sort"},
+    ]
+    rows = score_generations(records, ["5\n", "3", "cat dog", "1,3"])
+    assert [r["exact_match"] for r in rows] == [True, False, True, False]
+    assert rows[3] == {"instruction": "Sort.", "input": "3, 1", "expected": "1, 3", "generated": "1,3", "exact_match": False, "kind": "sort"}
+    assert exact_match_summary(rows) == {"val_exact_match": 0.5, "exact_match_add": 0.5, "exact_match_repeat": 1.0, "exact_match_sort": 0.0}
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@pytest.fixture(scope="module")
+def full_run(base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "full"
+    return run_sft(*tiny_sft(base_dir, out)), out
+
+
+def test_full_fine_tuning_lowers_the_heldout_response_loss(full_run):
+    result, out = full_run
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["before"]["val_loss"] > final["after"]["val_loss"] + 0.3
+    assert final["after"] == result.after and final["steps"] == 6 and final["heldout_records"] == 8
+    records = read_metrics(out)
+    assert records[0]["step"] == 0 and records[0]["val_loss"] == final["before"]["val_loss"]  # the 'before' numbers
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_generations_file_has_one_row_per_heldout_record(full_run):
+    _, out = full_run
+    rows = json.loads((out / "heldout_generations.json").read_text())
+    _, heldout = make_task_splits(48, 8, seed=0)
+    assert [(r["instruction"], r["input"], r["expected"]) for r in rows] == [(h["instruction"], h["input"], h["output"]) for h in heldout]
+    assert all(set(r) == {"instruction", "input", "expected", "generated", "exact_match", "kind"} for r in rows)
+
+
+def test_saved_folder_loads_with_auto_classes_and_has_the_chat_template(full_run):
+    _, out = full_run
+    model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(out / "model", trust_remote_code=True)
+    assert tokenizer.chat_template == ALPACA_CHAT_TEMPLATE
+    assert {"modeling_minigpt.py", "README.md", "loss_curve.png"} <= set(os.listdir(out / "model"))
+    assert not (out / "adapter").exists()
+    # The saved weights are the trained ones: they reproduce the run's held-out answers.
+    rows = json.loads((out / "heldout_generations.json").read_text())
+    records = [{"instruction": r["instruction"], "input": r["input"], "output": r["expected"]} for r in rows]
+    assert generate_answers(model, tokenizer, records, max_new_tokens=6) == [r["generated"] for r in rows]
+
+
+def test_unmasked_run_trains_on_prompts_but_scores_responses_only(full_run, base_dir, tmp_path):
+    _, masked_out = full_run
+    run_sft(*tiny_sft(base_dir, tmp_path / "unmasked", mask_prompt=False, max_steps=1))
+    masked, unmasked = read_metrics(masked_out), read_metrics(tmp_path / "unmasked")
+    # Same base and held-out set: the untuned held-out loss is the same number in both runs...
+    assert unmasked[0]["val_loss"] == masked[0]["val_loss"]
+    # ...while the first training loss differs, because the prompt tokens count in the unmasked run.
+    assert unmasked[1]["train_loss"] != pytest.approx(masked[1]["train_loss"], abs=1e-3)
+
+
+def test_lora_run_saves_an_adapter_and_the_merged_model(base_dir, tiny_tokenizer, tmp_path):
+    out = tmp_path / "lora"
+    result = run_sft(*tiny_sft(base_dir, out, lora=dict(lora_r=4, lora_dropout=0.0), finetune="lora", learning_rate=1e-2, eval_before_training=False))
+    assert result.adapter_dir == out / "adapter" and result.before is None
+    base = load_file(base_dir / "model.safetensors")
+    merged = load_file(out / "model" / "model.safetensors")
+    changed = sorted({k.split(".")[-2] for k in base if not torch.equal(base[k], merged[k])})
+    assert changed == ["W_key", "W_query", "W_value", "fc_in", "fc_out", "out_proj"]  # only adapted layers moved
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter").eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged_model(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_converted_gpt2_folder_whose_pad_is_eos(shared_data, tmp_path):
+    """GPT-2's tokenizer has no pad token (pad = eos): padding must still be masked, answers cut at eos."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling_minigpt.convert import gpt2_to_minigpt
+    from tokenization.gpt2 import load_gpt2_tokenizer
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128))
+    base = tmp_path / "gpt2"
+    gpt2_to_minigpt(gpt2).save_pretrained(base)
+    tokenizer = load_gpt2_tokenizer(shared_data / "gpt2" / "encoder.json", shared_data / "gpt2" / "vocab.bpe")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 50256
+    tokenizer.save_pretrained(base)
+    result = run_sft(*tiny_sft(base, tmp_path / "out", max_steps=2, num_heldout_tasks=4))
+    assert result.after["val_loss"] < result.before["val_loss"]
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "model", trust_remote_code=True)
+    assert saved.chat_template == ALPACA_CHAT_TEMPLATE and len(saved) == 50257
+    assert len(json.loads((tmp_path / "out" / "heldout_generations.json").read_text())) == 4
+
+
+def test_bad_inputs_stop_before_anything_is_written(base_dir, full_run, tmp_path):
+    with pytest.raises(ValueError, match="--model_path is required"):
+        run_sft(*tiny_sft(base_dir, tmp_path / "a", model_path=None))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        run_sft(*tiny_sft(tmp_path, tmp_path / "b"))
+    with pytest.raises(ValueError, match="unknown task kinds.*known kinds"):
+        run_sft(*tiny_sft(base_dir, tmp_path / "c", task_kinds=["add", "divide"]))
+    with pytest.raises(ValueError, match="--validation_file needs a --train_file"):
+        run_sft(*tiny_sft(base_dir, tmp_path / "d", validation_file="x.json"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl record 1 \(line 2\): 'output' is missing"):
+        run_sft(*tiny_sft(base_dir, tmp_path / "e", train_file=str(bad)))
+    assert not any((tmp_path / name).exists() for name in "abcde")
+    _, out = full_run
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        run_sft(*tiny_sft(base_dir, out))
+
+
+def test_alpaca_file_with_seeded_heldout_split(base_dir, tmp_path):
+    _, records = make_task_splits(0, 30, seed=5)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output")} for r in records]))
+    result = run_sft(*tiny_sft(base_dir, tmp_path / "out", train_file=str(data), validation_fraction=0.2, max_steps=2, eval_before_training=False))
+    rows = json.loads((tmp_path / "out" / "heldout_generations.json").read_text())
+    assert len(rows) == 6 and "kind" not in rows[0] and set(result.after) == {"val_loss", "val_exact_match"}
+
+
+def test_config_file_then_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_path: base\nmax_steps: 7\nlora_r: 2\nmask_prompt: false\n")
+    sft, lora, loop = parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config), "--max_steps", "9", "--output_dir", "o"])
+    assert (sft.model_path, sft.mask_prompt, lora.lora_r, loop.max_steps, loop.output_dir) == ("base", False, 2, 9, "o")
+    config.write_text("max_step: 7\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['max_step'\]"):
+        parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config)])
+
+
+# ----------------------------------------------------------------------------- resume after SIGKILL
+
+
+def _launch(flags: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, str(SCRIPT), *flags], stdout=f, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV, cwd=log.parent)
+
+
+def _last_step(output_dir: Path) -> int:
+    try:
+        return json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    except (FileNotFoundError, IndexError, json.JSONDecodeError):
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_bit_identical_weights(tiny_tokenizer, tmp_path):
+    steps = 30
+    base = save_tiny_base(tmp_path / "base", tiny_tokenizer, drop_rate=0.1)  # dropout: the RNG state must resume too
+    flags = [
+        "--model_path", str(base), "--num_train_tasks", "64", "--num_heldout_tasks", "4", "--max_new_tokens", "4",
+        "--max_steps", str(steps), "--per_device_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "3e-3", "--warmup_steps", "5", "--log_every", "1", "--save_every", "5", "--eval_every", "15",
+        "--report_to", "none",
+    ]
+    reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
+    reference = _launch([*flags, "--output_dir", str(reference_out)], tmp_path / "reference.log")
+    victim = _launch([*flags, "--output_dir", str(killed_out)], tmp_path / "killed.log")
+    deadline = time.monotonic() + 600
+    while _last_step(killed_out) < 12 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-2000:]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (killed_out / "model").exists()
+    killed_at = _last_step(killed_out)
+
+    resumed = _launch([*flags, "--output_dir", str(killed_out), "--resume", "true"], tmp_path / "resumed.log")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    resumed_from = int((tmp_path / "resumed.log").read_text().split("resuming from step ")[1].split()[0])
+    assert 10 <= resumed_from <= killed_at < steps and resumed_from % 5 == 0
+
+    expected, actual = load_file(reference_out / "model" / "model.safetensors"), load_file(killed_out / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ from the uninterrupted run"
+    keep = ("step", "train_loss", "grad_norm", "val_loss", "val_exact_match")
+    log = lambda out: [{k: r[k] for k in keep if k in r} for r in read_metrics(out)]  # noqa: E731
+    assert log(killed_out) == log(reference_out)
+    assert json.loads((killed_out / "heldout_generations.json").read_text()) == json.loads((reference_out / "heldout_generations.json").read_text())
