@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
 from training.classify import ClassifyArguments, run_classification  # noqa: E402
 from training.lora import LoraArguments  # noqa: E402
 from training.loop import LoopArguments, NonFiniteLossError  # noqa: E402
-from training.sft import parse_config_args  # noqa: E402
+from training.cli import parse_config_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,19 +13,18 @@ defined. The JSON file is written atomically by the main process.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 from training.checkpoint import atomic_write_json  # noqa: E402
+from training.cli import parse_config_args  # noqa: E402
 from training.data import load_corpus  # noqa: E402
 from training.evaluate import MetricsReport, evaluate_texts  # noqa: E402
 
@@ -65,17 +64,7 @@ class EvaluateArguments:
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
     """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(EvaluateArguments, description=__doc__.split("\n\n")[0])
-    if argv and Path(argv[0]).suffix in {".yaml", ".yml", ".json"}:
-        config = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
-        known = {f.name for f in fields(EvaluateArguments)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown keys {unknown}; known keys are {sorted(known)}")
-        parser.set_defaults(**config)
-        argv = argv[1:]
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_config_args((EvaluateArguments,), argv, __doc__.split("\n\n")[0])
     return args
 
 

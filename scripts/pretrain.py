@@ -14,16 +14,14 @@ Outputs (checkpoints, metrics.jsonl, loss_curve.png, TensorBoard logs, the final
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-import yaml
-from transformers import HfArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from training.cli import parse_config_args  # noqa: E402
 from training.loop import LoopArguments, NonFiniteLossError  # noqa: E402
 from training.pretrain import DataArguments, ModelArguments, run_pretraining  # noqa: E402
 
@@ -31,32 +29,8 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoopArguments)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoopArguments]:
-    """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults.
-
-    Same convention as scripts/evaluate.py: `pretrain.py run.yaml --max_steps 10`.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n\n")[0])
-    if argv and Path(argv[0]).suffix in {".yaml", ".yml", ".json"}:
-        parser.set_defaults(**_read_config(Path(argv[0])))
-        argv = argv[1:]
-    return tuple(parser.parse_args_into_dataclasses(args=argv))
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"config file {path} not found")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}")
-    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; run with --help for the accepted flags")
-    return values
+    """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""
+    return parse_config_args(ARGUMENT_CLASSES, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
 
 from training.lora import LoraArguments  # noqa: E402
 from training.loop import LoopArguments, NonFiniteLossError  # noqa: E402
-from training.sft import SFTArguments, parse_config_args, run_sft  # noqa: E402
+from training.cli import parse_config_args  # noqa: E402
+from training.sft import SFTArguments, run_sft  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

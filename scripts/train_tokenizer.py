@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
@@ -36,6 +35,7 @@ from tokenization import (  # noqa: E402
 )
 from tokenization.corpus import iter_texts  # noqa: E402
 from training.checkpoint import atomic_write_text  # noqa: E402
+from training.cli import parse_config_args  # noqa: E402
 
 
 @dataclass
@@ -67,13 +67,7 @@ class TokenizerArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> TokenizerArguments:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(TokenizerArguments, description=__doc__.split("\n\n")[0])
-    if argv and Path(argv[0]).suffix in {".yaml", ".yml", ".json"}:
-        values = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
-        parser.set_defaults(**values)
-        argv = argv[1:]
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_config_args((TokenizerArguments,), argv, __doc__.split("\n\n")[0])
     if args.files and args.dataset:
         raise ValueError("give --files or --dataset, not both")
     return args

@@ -21,6 +21,7 @@ from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from test_pretrain import SUBPROCESS_ENV, read_metrics
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
 from training.checkpoint import RunFolderError
+from training.cli import parse_config_args
 from training.instruct_data import encode_prompt
 from training.lora import LoraArguments
 from training.loop import LoopArguments
@@ -29,7 +30,6 @@ from training.sft import (
     _decode_answer,
     exact_match_summary,
     generate_answers,
-    parse_config_args,
     run_sft,
     score_generations,
     split_indices,
