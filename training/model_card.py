@@ -24,9 +24,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes used to count parameters)
+from model_cards import TEMPLATE_PATH  # package data: found in installed copies too
 from training.checkpoint import atomic_write_text
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "minigpt_card_template.md"
 LOSS_CURVE = "loss_curve.png"
 CARD_NAME = "README.md"
 # The usage example's model id when the Hub repo is not known yet. Not the folder's own name:
@@ -155,7 +155,7 @@ def render_model_card(
     )
     template_path = Path(template_path)
     if not template_path.is_file():
-        raise ValueError(f"model card template {template_path} not found (it ships in the repo's model_cards/ folder)")
+        raise ValueError(f"model card template {template_path} not found (it ships in the model_cards package)")
     context_length = config.max_position_embeddings
     return ModelCard.from_template(
         card_data,
