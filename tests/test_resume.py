@@ -4,11 +4,7 @@ and a diverging run stopping at the step where the loss became NaN."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,8 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from test_pretrain import SCRIPT, SUBPROCESS_ENV, corpus_file, read_metrics, script_flags, tokenizer_dir  # noqa: F401
+from processes import launch, sigkill_after_step
+from test_pretrain import SCRIPT, corpus_file, read_metrics, script_flags, tokenizer_dir  # noqa: F401
 from training.checkpoint import (
     CHECKPOINT_MARKER,
     atomic_write_text,
@@ -194,10 +191,6 @@ def test_metrics_log_truncation_drops_later_and_partial_lines(tmp_path):
 # ----------------------------------------------------------------------------- SIGKILL, in a real process
 
 
-def _launch(flags: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(SCRIPT), *flags], stdout=f, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV, cwd=log.parent)
-
 
 def _wait(process: subprocess.Popen, log: Path, timeout: float = 600) -> None:
     assert process.wait(timeout=timeout) == 0, log.read_text()[-3000:]
@@ -209,20 +202,13 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, corpus_file, 
     common = dict(max_steps=steps, gradient_accumulation_steps=2, save_every=15, eval_every=40, keep_last=2)
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
     # The uninterrupted run goes alongside the one that gets killed (one thread each).
-    reference = _launch(script_flags(reference_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common), tmp_path / "reference.log")
+    reference = launch(SCRIPT, script_flags(reference_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common), tmp_path / "reference.log")
     flags = script_flags(killed_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common)
-    victim = _launch(flags, tmp_path / "killed.log")
-    deadline = time.monotonic() + 600
-    while _last_step(killed_out) < 40 and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run finished before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-2000:]
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert not (killed_out / "model").exists()
-    killed_at = _last_step(killed_out)
+    victim = launch(SCRIPT, flags, tmp_path / "killed.log")
+    killed_at = sigkill_after_step(victim, killed_out, 40, tmp_path / "killed.log")
     assert 40 <= killed_at < steps
 
-    resumed = _launch(flags + ["--resume", "true"], tmp_path / "resumed.log")
+    resumed = launch(SCRIPT, flags + ["--resume", "true"], tmp_path / "resumed.log")
     _wait(resumed, tmp_path / "resumed.log")
     _wait(reference, tmp_path / "reference.log")
     output = (tmp_path / "resumed.log").read_text()
@@ -240,9 +226,3 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, corpus_file, 
     assert val(killed_out) == val(reference_out)
 
 
-def _last_step(output_dir: Path) -> int:
-    try:
-        lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (FileNotFoundError, json.JSONDecodeError, IndexError):
-        return 0

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from test_pretrain import SUBPROCESS_ENV, read_metrics
+from processes import launch, sigkill_after_step
+from test_pretrain import read_metrics
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
 from training.checkpoint import RunFolderError
 from training.cli import parse_config_args
@@ -250,16 +247,7 @@ def test_config_file_then_flags(tmp_path):
 # ----------------------------------------------------------------------------- resume after SIGKILL
 
 
-def _launch(flags: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(SCRIPT), *flags], stdout=f, stderr=subprocess.STDOUT, env=SUBPROCESS_ENV, cwd=log.parent)
 
-
-def _last_step(output_dir: Path) -> int:
-    try:
-        return json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    except (FileNotFoundError, IndexError, json.JSONDecodeError):
-        return 0
 
 
 @pytest.mark.slow
@@ -273,18 +261,11 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_tokenizer, tmp_pat
         "--report_to", "none",
     ]
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
-    reference = _launch([*flags, "--output_dir", str(reference_out)], tmp_path / "reference.log")
-    victim = _launch([*flags, "--output_dir", str(killed_out)], tmp_path / "killed.log")
-    deadline = time.monotonic() + 600
-    while _last_step(killed_out) < 12 and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run finished before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-2000:]
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert not (killed_out / "model").exists()
-    killed_at = _last_step(killed_out)
+    reference = launch(SCRIPT, [*flags, "--output_dir", str(reference_out)], tmp_path / "reference.log")
+    victim = launch(SCRIPT, [*flags, "--output_dir", str(killed_out)], tmp_path / "killed.log")
+    killed_at = sigkill_after_step(victim, killed_out, 12, tmp_path / "killed.log")
 
-    resumed = _launch([*flags, "--output_dir", str(killed_out), "--resume", "true"], tmp_path / "resumed.log")
+    resumed = launch(SCRIPT, [*flags, "--output_dir", str(killed_out), "--resume", "true"], tmp_path / "resumed.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     resumed_from = int((tmp_path / "resumed.log").read_text().split("resuming from step ")[1].split()[0])

@@ -1,0 +1,40 @@
+"""Running a training script in a subprocess and killing it mid-run (SIGKILL resume tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_pretrain import SUBPROCESS_ENV
+
+
+def launch(script: Path, flags: list[str], log: Path) -> subprocess.Popen:
+    """Start `python script flags...`, its output going to `log`."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, str(script), *flags], stdout=f, stderr=subprocess.STDOUT,
+                                env=SUBPROCESS_ENV, cwd=log.parent)
+
+
+def last_logged_step(output_dir: Path) -> int:
+    """The step of the last line of the run's metrics.jsonl (0 before the first)."""
+    try:
+        return json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    except (FileNotFoundError, IndexError, json.JSONDecodeError):
+        return 0
+
+
+def sigkill_after_step(process: subprocess.Popen, output_dir: Path, step: int, log: Path, timeout: float = 600) -> int:
+    """SIGKILL `process` once its run has logged `step`; returns the last step it logged."""
+    deadline = time.monotonic() + timeout
+    while last_logged_step(output_dir) < step and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed:\n" + log.read_text()[-2000:]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (output_dir / "model").exists()
+    return last_logged_step(output_dir)
