@@ -48,7 +48,18 @@ from training.classify_data import (
 from training.data import tokenizer_fingerprint
 from training.evaluate import check_vocab_sizes
 from training.lora import LoraArguments, apply_lora, save_finetuned, trainable_parameter_counts
-from training.loop import LOSS_CURVE_FILE, LoopArguments, TrainState, log_metrics, make_accelerator, make_train_dataloader, train_loop
+from training.loop import (
+    LOSS_CURVE_FILE,
+    LoopArguments,
+    TrainState,
+    describe_schedule,
+    file_identity,
+    log_metrics,
+    make_accelerator,
+    make_train_dataloader,
+    optimization_fingerprint,
+    train_loop,
+)
 from training.model_card import TrainingInfo, describe_hardware
 from training.plots import plot_loss_curve
 from training.sft import (
@@ -56,11 +67,8 @@ from training.sft import (
     FINAL_METRICS_FILE,
     MODEL_DIR,
     check_model_folder,
-    describe_schedule,
-    file_identity,
     load_base_tokenizer,
     model_identity,
-    optimization_fingerprint,
     prepare_run,
     require_output_dir,
     split_indices,

@@ -445,3 +445,34 @@ def save_model_folder(
     if card is not None:
         write_model_card(tmp, config=model.config, **card)
     return replace_dir(tmp, folder)
+
+
+# ----------------------------------------------------------------------------- describing a run
+
+
+def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """Path and size of a file, for a resume fingerprint (None stays None)."""
+    if path is None:
+        return None
+    p = Path(path)
+    return {"path": str(p.resolve()), "size": p.stat().st_size if p.is_file() else None}
+
+
+
+def optimization_fingerprint(loop_args: LoopArguments) -> dict[str, Any]:
+    """The loop settings a resumed run must keep (logging, eval and checkpoint cadence may change)."""
+    not_binding = {"output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "overwrite", "report_to"}
+    return {k: v for k, v in asdict(loop_args).items() if k not in not_binding}
+
+
+
+def describe_schedule(loop_args: LoopArguments, num_processes: int, tokens_per_sequence: int | None = None) -> str:
+    """The optimisation in words, for the model card."""
+    length = f"{loop_args.max_steps} steps" if loop_args.max_time_seconds is None else f"a {loop_args.max_time_seconds:g} s budget"
+    return (
+        f"AdamW (betas {loop_args.adam_beta1}, {loop_args.adam_beta2}; weight decay {loop_args.weight_decay} on matrices), "
+        f"lr {loop_args.learning_rate:g} after {loop_args.warmup_steps} warmup steps, cosine decay to "
+        f"{loop_args.min_learning_rate:g} over {length}; batches of {loop_args.per_device_batch_size} x "
+        f"{loop_args.gradient_accumulation_steps} accumulation x {num_processes} process(es)"
+        + (f" x {tokens_per_sequence} tokens" if tokens_per_sequence else "")
+    )

@@ -36,8 +36,11 @@ from training.loop import (
     MetricsLog,
     TrainState,
     build_optimizer,
+    describe_schedule,
+    file_identity,
     make_accelerator,
     make_train_dataloader,
+    optimization_fingerprint,
     resume_from_latest,
     save_model_folder,
     start_trackers,
@@ -260,22 +263,14 @@ def run_fingerprint(
         tokenizer = {"path": str(Path(path).resolve()), "hash": tokenizer_fingerprint(resolve_tokenizer(path))}
     else:
         tokenizer = {"trained_vocab_size": data_args.tokenizer_vocab_size}
-    files = {name: _file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
+    files = {name: file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
     data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride")}
-    not_binding = {"output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "overwrite", "report_to"}
     return {
         "model": {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)},
         "tokenizer": tokenizer,
         "data": {**files, **data},
-        "optimization": {k: v for k, v in asdict(loop_args).items() if k not in not_binding},
+        "optimization": optimization_fingerprint(loop_args),
     }
-
-
-def _file_identity(path: str | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    p = Path(path)
-    return {"path": str(p.resolve()), "size": p.stat().st_size if p.is_file() else None}
 
 
 def _checked_path(path: str, flag: str) -> Path | str:
@@ -393,12 +388,7 @@ def model_card_info(
     state: TrainState, report: MetricsReport, num_processes: int,
 ) -> tuple[TrainingInfo, EvalInfo]:
     """What the model card says about this run and its final evaluation."""
-    schedule = (
-        f"AdamW (betas {loop_args.adam_beta1}, {loop_args.adam_beta2}; weight decay {loop_args.weight_decay} on matrices), "
-        f"lr {loop_args.learning_rate:g} after {loop_args.warmup_steps} warmup steps, cosine decay to {loop_args.min_learning_rate:g}; "
-        f"batches of {loop_args.per_device_batch_size} x {loop_args.gradient_accumulation_steps} accumulation x {num_processes} "
-        f"process(es) x {model_config.context_length} tokens"
-    )
+    schedule = describe_schedule(loop_args, num_processes, model_config.context_length)
     training: TrainingInfo = {
         "preset": model_args.preset,
         "data": f"{data.train_description} ({len(data.train):,} windows)",

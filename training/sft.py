@@ -61,9 +61,12 @@ from training.loop import (
     MetricsLog,
     TrainState,
     build_optimizer,
+    describe_schedule,
+    file_identity,
     log_metrics,
     make_accelerator,
     make_train_dataloader,
+    optimization_fingerprint,
     resume_from_latest,
     start_trackers,
     train_loop,
@@ -158,13 +161,6 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(order[n_held:]), sorted(order[:n_held])
 
 
-def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-    """Path and size of a file, for a resume fingerprint (None stays None)."""
-    if path is None:
-        return None
-    p = Path(path)
-    return {"path": str(p.resolve()), "size": p.stat().st_size if p.is_file() else None}
-
 
 def model_identity(model_dir: Path) -> dict[str, Any]:
     """What identifies a saved base model: its folder, config and weight files."""
@@ -172,21 +168,6 @@ def model_identity(model_dir: Path) -> dict[str, Any]:
     return {"config": file_identity(model_dir / "config.json"), "weights": [file_identity(model_dir / w) for w in weights]}
 
 
-def optimization_fingerprint(loop_args: LoopArguments) -> dict[str, Any]:
-    """The loop settings a resumed run must keep (logging, eval and checkpoint cadence may change)."""
-    not_binding = {"output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "overwrite", "report_to"}
-    return {k: v for k, v in asdict(loop_args).items() if k not in not_binding}
-
-
-def describe_schedule(loop_args: LoopArguments, num_processes: int) -> str:
-    """The optimisation in words, for the model card."""
-    length = f"{loop_args.max_steps} steps" if loop_args.max_time_seconds is None else f"a {loop_args.max_time_seconds:g} s budget"
-    return (
-        f"AdamW (betas {loop_args.adam_beta1}, {loop_args.adam_beta2}; weight decay {loop_args.weight_decay} on matrices), "
-        f"lr {loop_args.learning_rate:g} after {loop_args.warmup_steps} warmup steps, cosine decay to "
-        f"{loop_args.min_learning_rate:g} over {length}; batches of {loop_args.per_device_batch_size} x "
-        f"{loop_args.gradient_accumulation_steps} accumulation x {num_processes} process(es)"
-    )
 
 
 @dataclass
