@@ -127,28 +127,35 @@ def reference_ids(folder, message, settings) -> list[int]:
 # ----------------------------------------------------------------------------- the command line
 
 
-def run_cli(*flags) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "app.py"), *flags], capture_output=True,
-                          text=True, timeout=300, cwd=REPO_ROOT)
+def test_cli_refuses_a_bad_model_before_serving(tmp_path, capsys):
+    from training.app import main
 
-
-def test_cli_refuses_a_bad_model_before_serving(tmp_path):
     for flags, expected in [
-        ((), "--model is required"),
-        (("--model", str(tmp_path / "missing")), "does not exist"),
-        (("--model", str(tmp_path)), "has no config.json"),
+        ([], "--model is required"),
+        (["--model", str(tmp_path / "missing")], "does not exist"),
+        (["--model", str(tmp_path)], "has no config.json"),
     ]:
-        result = run_cli(*flags)
-        assert result.returncode == 1, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("minigpt-app: error:") and expected in lines[0], result.stderr
-        assert "Running on" not in result.stdout
+        assert main(flags) == 1  # returns before any server starts
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("minigpt-app: error:") and expected in lines[0], err
+        assert "Running on" not in out
+    # The script itself: exit code 1 and the same single line.
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "app.py"), "--model", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"minigpt-app: error: --model: {tmp_path} has no config.json: it is not a saved model folder (save_pretrained output)"
+    ]
 
 
-def test_cli_help_gives_defaults():
-    result = run_cli("--help")
-    assert result.returncode == 0
-    assert "--model" in result.stdout and "127.0.0.1" in result.stdout and "7860" in result.stdout
+def test_cli_help_gives_defaults(capsys):
+    from training.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "127.0.0.1" in out and "7860" in out
 
 
 # ----------------------------------------------------------------------------- without a browser
