@@ -411,7 +411,9 @@ FRESH_PROCESS_LOAD = textwrap.dedent(
         "classes": [type(config).__name__, type(lm).__name__, type(base).__name__, type(clf).__name__],
         "module": type(lm).__module__,
         "logits": lm(ids).logits,
-        "changed_logits": lm(changed).logits,
+        # output_attentions runs the hand-written path, which masks with the triangular buffer.
+        "eager_logits": lm(ids, output_attentions=True).logits,
+        "eager_changed_logits": lm(changed, output_attentions=True).logits,
         "hidden": base(ids).last_hidden_state,
     }, out_path)
     """
@@ -438,9 +440,10 @@ def test_auto_classes_load_in_a_fresh_process_with_remote_code(tmp_path):
     with torch.no_grad():
         assert torch.equal(out["logits"], model(ids).logits)
         assert torch.equal(out["hidden"], model.model(ids).last_hidden_state)
-    # The causal mask came back as a mask, not as uninitialised memory.
-    assert torch.equal(out["changed_logits"][0, :6], out["logits"][0, :6])
-    assert not torch.equal(out["changed_logits"][0, 6:], out["logits"][0, 6:])
+    # The causal mask buffer came back as a mask, not as uninitialised memory.
+    torch.testing.assert_close(out["eager_logits"], out["logits"], atol=1e-5, rtol=0)
+    assert torch.equal(out["eager_changed_logits"][0, :6], out["eager_logits"][0, :6])
+    assert not torch.equal(out["eager_changed_logits"][0, 6:], out["eager_logits"][0, 6:])
 
 
 def test_installed_package_loads_without_remote_code(tmp_path):
