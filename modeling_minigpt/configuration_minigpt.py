@@ -3,6 +3,10 @@
 The field names follow "Build a Large Language Model (From Scratch)" (`emb_dim`, `n_heads`,
 ...); `attribute_map` exposes them under the standard names too, because `generate()` sizes its
 KV cache from `num_hidden_layers` and other HF tooling reads `hidden_size`.
+
+Declared the transformers 5 way: each field is a typed class attribute with its default (the base
+class turns the class into a dataclass, so `MiniGPTConfig(emb_dim=256)` and `from_pretrained`
+fill them), and every invariant is checked in one hook, `validate_architecture`.
 """
 
 from __future__ import annotations
@@ -36,64 +40,43 @@ class MiniGPTConfig(PretrainedConfig):
         "max_position_embeddings": "context_length",
     }
 
-    def __init__(
-        self,
-        vocab_size: int = 50257,
-        context_length: int = 1024,
-        emb_dim: int = 768,
-        n_heads: int = 12,
-        n_layers: int = 12,
-        # GPT-2 trained with 0.1; for short single-epoch runs 0.0 is usually better (nanoGPT).
-        drop_rate: float = 0.1,
-        # GPT-2 has biases on the query/key/value projections; the book's own models drop them.
-        qkv_bias: bool = True,
-        layer_norm_eps: float = 1e-5,
-        initializer_range: float = 0.02,
-        # v5 no longer keeps this on the base config, so it is an explicit field here.
-        tie_word_embeddings: bool = True,
-        # "sdpa" (torch's fused kernel, the default) or "eager" (the hand-written path,
-        # which can return attention weights). Read through `config._attn_implementation`.
-        attn_implementation: str | None = None,
-        # Keep keys/values of past tokens during generation (the KV cache).
-        use_cache: bool = True,
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        **kwargs,
-    ):
-        self.vocab_size = vocab_size
-        self.context_length = context_length
-        self.emb_dim = emb_dim
-        self.n_heads = n_heads
-        self.n_layers = n_layers
-        self.drop_rate = drop_rate
-        self.qkv_bias = qkv_bias
-        self.layer_norm_eps = layer_norm_eps
-        self.initializer_range = initializer_range
-        self.tie_word_embeddings = tie_word_embeddings
-        self.use_cache = use_cache
+    vocab_size: int = 50257
+    context_length: int = 1024  # learned position embeddings: the longest sequence the model can read
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    # GPT-2 trained with 0.1; for short single-epoch runs 0.0 is usually better (nanoGPT).
+    drop_rate: float = 0.1
+    # GPT-2 has biases on the query/key/value projections; the book's own models drop them.
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02  # std of the normal init (see MiniGPTPreTrainedModel._init_weights)
+    # v5 no longer keeps this on the base config, so it is an explicit field here.
+    tie_word_embeddings: bool = True
+    # Keep keys/values of past tokens during generation (the KV cache).
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # Not fields: `attn_implementation` ("sdpa", the default, runs torch's fused kernel; "eager"
+    # the hand-written path that can return attention weights; read as `config._attn_implementation`)
+    # and `problem_type` (sequence classification loss, a field of the base class).
+
+    def __post_init__(self, **kwargs):
         # `register_for_auto_class` records only the class being saved; listing every head
         # here lets AutoModel / ...ForCausalLM / ...ForSequenceClassification all load one folder.
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
-        super().__init__(
-            attn_implementation=attn_implementation,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            **kwargs,
-        )
-        self.validate_fields()
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
 
-    def validate_fields(self) -> None:
+    def validate_architecture(self) -> None:
         """Reject impossible shapes here, with the field's name, instead of deep inside torch."""
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads != 0:
-            raise ValueError(
-                f"MiniGPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"MiniGPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
         if not (0.0 <= float(self.drop_rate) < 1.0):
             raise ValueError(f"MiniGPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if not float(self.layer_norm_eps) > 0:
@@ -102,7 +85,7 @@ class MiniGPTConfig(PretrainedConfig):
             raise ValueError(f"MiniGPTConfig.initializer_range must be > 0, got {self.initializer_range!r}")
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MiniGPTConfig":
+    def from_preset(cls, name: str, **overrides) -> MiniGPTConfig:
         """A preset by name (see `PRESETS`), with any field overridden: `from_preset("tiny", n_layers=4)`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")

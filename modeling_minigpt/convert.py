@@ -190,7 +190,7 @@ def gpt2_state_dict_to_minigpt(
         # c_attn computes [q | k | v] in one (C, 3C) matmul: split the output columns.
         weights = state_dict[theirs + "attn.c_attn.weight"].t().chunk(3, dim=0)  # 3 x (C, C), (out, in)
         biases = state_dict[theirs + "attn.c_attn.bias"].chunk(3, dim=0)  # 3 x (C,)
-        for name, weight, bias in zip(_QKV, weights, biases):
+        for name, weight, bias in zip(_QKV, weights, biases, strict=True):
             out[f"{ours}att.{name}.weight"] = weight
             out[f"{ours}att.{name}.bias"] = bias
     tied = tie_word_embeddings or "lm_head.weight" not in state_dict
@@ -285,9 +285,7 @@ def gpt2_to_minigpt(
         state_dict = _with_base_prefix(source)
         config = config if config is not None else infer_gpt2_config(state_dict, n_heads)
     else:
-        raise ValueError(
-            f"expected a GPT2LMHeadModel, a state dict or a folder path, got {type(source).__name__}"
-        )
+        raise ValueError(f"expected a GPT2LMHeadModel, a state dict or a folder path, got {type(source).__name__}")
     if n_heads is not None and n_heads != config.n_head:
         raise ValueError(f"n_heads={n_heads} contradicts the GPT-2 config's n_head={config.n_head}")
 

@@ -14,12 +14,15 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import MultiHeadAttention, causal_mask
 from .configuration_minigpt import MiniGPTConfig
@@ -53,12 +56,14 @@ class TransformerBlock(GradientCheckpointingLayer):
     def forward(
         self,
         x: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shortcut = x
-        x, weights = self.att(self.norm1(x), padding_mask=padding_mask, cache=cache, output_attentions=output_attentions)
+        x, weights = self.att(
+            self.norm1(x), attention_mask=attention_mask, cache=cache, output_attentions=output_attentions
+        )
         x = self.drop_shortcut(x) + shortcut
 
         shortcut = x
@@ -73,6 +78,9 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
     _supports_sdpa = True
+    # No data-dependent Python branch in any forward: torch.compile(fullgraph=True) and
+    # torch.export trace it whole, with a dynamic or a static cache.
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """Every parameter and buffer is initialised here, GPT-2's scheme:
@@ -126,50 +134,64 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.tok_emb = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """input_ids: (B, T). attention_mask: (B, past + T), 1 = token, 0 = padding.
-        `past_key_values` is the pre-5.24 name of `cache`; both are accepted."""
-        cache = cache if cache is not None else past_key_values
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPast | tuple:
+        """input_ids: (B, T) token ids, or inputs_embeds: (B, T, C) vectors in their place.
+        attention_mask: (B, past + T), 1 = token, 0 = padding; or a ready 4-D mask (see
+        `MultiHeadAttention.forward`), used as given. position_ids: (B or 1, T); rows packed
+        padding-free (`DataCollatorWithFlattening`) restart them at 0 for each sequence, which
+        keeps the sequences from seeing each other. cache: a transformers `Cache` (dynamic or
+        static) with the past keys/values; `past_key_values` is its pre-5.24 name."""
         # The cache only serves generation; in training it would copy every layer's keys/values.
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_inputs(input_ids, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self.tok_emb(input_ids)  # (B, T, C)
+
+        # The mask is built once here for every layer: causal, padding, packed sequences and the
+        # cache's length (a static cache is longer than what it holds). None when plain causal
+        # attention is all it takes. Only caller-given position ids can mark packed sequences.
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        if position_ids is None:
+            position_ids = self._default_positions(inputs_embeds, attention_mask, cache)
+        # An assert inside the computation: no host sync and no graph break under compile/export.
+        torch._assert_async(
+            (position_ids < self.config.context_length).all(),
+            f"the sequence (cached + new tokens) is longer than the model's context_length of "
+            f"{self.config.context_length} positions; shorten the prompt or max_new_tokens",
+        )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        self._check_inputs(input_ids, cache)
-        B, T = input_ids.shape
-        past = cache.get_seq_length() if cache is not None else 0
 
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # nothing padded: lets sdpa use its fused causal kernel
-        if position_ids is None:
-            if attention_mask is not None:
-                # Left padding shifts where each row starts; count only real tokens so a padded
-                # row gets the same positions as the row run alone.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None, :]
-
-        x = self.tok_emb(input_ids) + self.pos_emb(position_ids)  # (B, T, C)
+        x = inputs_embeds + self.pos_emb(position_ids)  # (B, T, C)
         x = self.drop_emb(x)
 
         all_hidden = (x,) if output_hidden_states else None
         all_weights = () if output_attentions else None
         for block in self.trf_blocks:
-            x, weights = block(x, padding_mask=attention_mask, cache=cache, output_attentions=output_attentions)
+            x, weights = block(x, attention_mask=mask, cache=cache, output_attentions=output_attentions)
             if output_hidden_states:
                 all_hidden += (x,)
             if output_attentions:
@@ -178,32 +200,54 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (x,)
 
-        return BaseModelOutputWithPast(
+        out = BaseModelOutputWithPast(
             last_hidden_state=x,
             cache=cache if use_cache else None,
             hidden_states=all_hidden,
             attentions=all_weights,
         )
+        return out if return_dict else out.to_tuple()
 
-    def _check_inputs(self, input_ids: torch.Tensor, cache: Cache | None) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
         """Fail with the numbers a user needs, instead of an index error deep inside torch."""
-        if input_ids is None or input_ids.dim() != 2:
-            shape = None if input_ids is None else tuple(input_ids.shape)
-            raise ValueError(f"input_ids must be a (batch, sequence) tensor of token ids, got shape {shape}")
-        lo, hi = torch.aminmax(input_ids)
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = int(hi) if hi >= self.config.vocab_size else int(lo)
+        if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(
-                f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
-                "was the text encoded with a different tokenizer than this model's?"
+                "pass exactly one of input_ids (batch, sequence) or inputs_embeds (batch, sequence, emb_dim)"
             )
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.emb_dim:
+                raise ValueError(
+                    f"inputs_embeds must be a (batch, sequence, {self.config.emb_dim}) tensor, "
+                    f"got shape {tuple(inputs_embeds.shape)}"
+                )
+            return
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be a (batch, sequence) tensor of token ids, got shape {tuple(input_ids.shape)}"
+            )
+        torch._assert_async(
+            ((input_ids >= 0) & (input_ids < self.config.vocab_size)).all(),
+            f"input_ids hold a token id outside the vocabulary [0, {self.config.vocab_size}); "
+            "was the text encoded with a different tokenizer than this model's?",
+        )
+
+    @staticmethod
+    def _default_positions(
+        inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None
+    ) -> torch.Tensor:
+        """(B or 1, T): positions after the cached tokens, or after the real tokens of each row."""
+        T = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Left padding shifts where each row starts; count only real tokens so a padded
+            # row gets the same positions as the row run alone.
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        # A static cache reports its length as a tensor: no host sync, no graph break.
         past = cache.get_seq_length() if cache is not None else 0
-        if past + input_ids.shape[1] > self.config.context_length:
-            raise ValueError(
-                f"sequence of {past + input_ids.shape[1]} positions ({past} cached + {input_ids.shape[1]} new) "
-                f"exceeds the model's context_length of {self.config.context_length}; "
-                "shorten the prompt or max_new_tokens"
-            )
+        return (torch.arange(T, device=inputs_embeds.device) + past)[None, :]
+
+
+# Keyword arguments the causal LM hands to `loss_function` (Trainer passes num_items_in_batch).
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
@@ -222,55 +266,72 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        logits_to_keep: int = 0,
-        past_key_values: Cache | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **loss_kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
         """labels: (B, T) unshifted, -100 = ignored; the shift happens in the loss.
         shift_labels: (B, T) already aligned (position t holds the target of token t), for
         windows of context_length + 1 tokens where no target should be wasted.
-        logits_to_keep: compute logits only for the last N positions (generation needs 1)."""
+        logits_to_keep: compute logits only for the last N positions (generation needs 1).
+        loss_kwargs: only LOSS_KWARGS; anything else is a typo that would otherwise be ignored."""
+        unknown = sorted(set(loss_kwargs) - set(LOSS_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"MiniGPTForCausalLM.forward() got unexpected keyword arguments {unknown}; "
+                f"besides its named arguments it takes only {', '.join(LOSS_KWARGS)}"
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
-        hidden = out.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:, :]
+        hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)  # (B, T, vocab_size)
 
         loss = None
         if labels is not None or shift_labels is not None:
             loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **kwargs
+                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **loss_kwargs
             )
-        return CausalLMOutputWithPast(
+        result = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=out.cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
+        return result if return_dict else result.to_tuple()
 
 
 class MiniGPTForSequenceClassification(MiniGPTPreTrainedModel):
-    """The decoder plus a linear head on the hidden state of each row's last real token."""
+    """The decoder plus a linear head on the hidden state of each row's last real token.
+
+    The loss follows `config.problem_type`, chosen as transformers' own classifiers choose it
+    when unset: "regression" (MSE) for num_labels == 1, "single_label_classification"
+    (cross-entropy) for integer labels, "multi_label_classification" (BCE with logits, float
+    labels of shape (B, num_labels)) otherwise. Regression with num_labels > 1 must be asked for.
+    """
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)
@@ -281,42 +342,69 @@ class MiniGPTForSequenceClassification(MiniGPTPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutputWithPast:
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         # The book pools position -1, which is a pad token in a right-padded batch. Pool the
-        # last real token instead: from the attention mask, else from pad_token_id.
-        B, T = input_ids.shape
-        if attention_mask is not None:
+        # last real token instead: from a 2-D attention mask, else from pad_token_id.
+        B, T = logits.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
             real = attention_mask.bool()
-        elif self.config.pad_token_id is not None:
+        elif input_ids is not None and self.config.pad_token_id is not None:
             real = input_ids != self.config.pad_token_id
         else:
-            real = torch.ones_like(input_ids, dtype=torch.bool)
-        positions = torch.arange(T, device=input_ids.device)
+            real = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+        positions = torch.arange(T, device=logits.device)
         last = torch.where(real, positions, -1).amax(dim=-1).clamp(min=0)  # (B,)
         pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
 
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(pooled.squeeze(-1), labels.to(pooled.dtype))
-            else:
-                loss = F.cross_entropy(pooled.float(), labels.view(-1))
-        return SequenceClassifierOutputWithPast(
+        loss = None if labels is None else self._loss(pooled, labels)
+        result = SequenceClassifierOutputWithPast(
             loss=loss, logits=pooled, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+        return result if return_dict else result.to_tuple()
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """pooled: (B, num_labels) logits. The problem type as documented on the class."""
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        pooled = pooled.float()  # the loss in fp32 even when the model runs in bf16
+        if problem_type == "regression":
+            return F.mse_loss(pooled, labels.to(pooled.dtype).view(pooled.shape))
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(pooled, labels.view(-1))
+        if problem_type == "multi_label_classification":
+            if labels.shape != pooled.shape:
+                raise ValueError(
+                    f"multi-label classification needs labels of shape (batch, num_labels) = {tuple(pooled.shape)}, "
+                    f"one 0/1 target per label, got shape {tuple(labels.shape)}"
+                )
+            return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
+        raise ValueError(
+            f"config.problem_type={problem_type!r} is not one of regression, "
+            "single_label_classification, multi_label_classification"
         )

@@ -2,33 +2,42 @@
 
     python scripts/bench_model.py --shape tiny                 # training step, tiny shape
     python scripts/bench_model.py --shape all --pairs 5        # both shapes (gpt2-small is heavy)
-    python scripts/bench_model.py --generate                   # cached greedy generation only
+    python scripts/bench_model.py --generate --threads 1       # cached greedy generation (~20 min, compiles)
+    python scripts/bench_model.py --generate --batches 1 --new_tokens 32 --pairs 3   # a quick look
     python scripts/bench_model.py --shape tiny --compile       # adds torch.compile'd MiniGPT
     python scripts/bench_model.py --shape all --threads 1      # steadier when other jobs share the CPU
 
 Training: tokens/s of one step (forward + loss + backward + AdamW) for MiniGPT with sdpa, MiniGPT
 with the hand-written eager attention, and `GPT2LMHeadModel` (sdpa), run interleaved (one step
 of each per repetition) so a busy machine slows all three alike. Ratios are the median over
-repetitions of ours / HF within a repetition. Generation: `generate()` of 128 new tokens after a
-16-token prompt, batch 1, at the gpt2-small shape, for both models.
+repetitions of ours / HF within a repetition.
 
-All models run in fp32 with dropout 0.0 (the comparison is about the same computation; dropout
-would add random masks to both), from the same `torch.manual_seed`, and the HF model is the
-MiniGPT converted with `minigpt_to_gpt2`, so both start from identical weights.
+Generation: greedy `generate()` of --new_tokens after 16-token prompts (left-padded rows of
+different lengths for batch > 1) at the gpt2-small shape, every path of both models interleaved
+in one process (see `generation_paths`), each checked to produce the same ids as HF's default path. ms/step is
+the wall time of one decoding step (one new token per row, prefill included), against the memory
+floor: the fp32 weight bytes a step must read, over the copy bandwidth measured at start.
+
+All models run in fp32 (unless named bf16) with dropout 0.0 (the comparison is about the same
+computation; dropout would add random masks to both), from the same `torch.manual_seed`, and the
+HF model is the MiniGPT converted with `minigpt_to_gpt2`, so both start from identical weights.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from transformers import HfArgumentParser
+import torch._dynamo.config
+import torch._inductor.config
+from transformers import CompileConfig, HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -40,7 +49,7 @@ SHAPES: dict[str, tuple[dict, int, int]] = {
     "tiny": (dict(vocab_size=8192, context_length=256, emb_dim=256, n_heads=4, n_layers=4), 8, 256),
     "gpt2-small": (dict(), 4, 256),
 }
-GENERATION_PROMPT, GENERATION_NEW_TOKENS = 16, 128
+GENERATION_PROMPT = 16
 
 
 @dataclass
@@ -51,6 +60,14 @@ class BenchArguments:
     generate: bool = field(default=False, metadata={"help": "Benchmark cached greedy generation instead of training."})
     compile: bool = field(
         default=False, metadata={"help": "Also time MiniGPT (sdpa) under torch.compile (training only)."}
+    )
+    batches: list[int] = field(
+        default_factory=lambda: [1, 8], metadata={"help": "Generation batch sizes (--batches 1 8)."}
+    )
+    new_tokens: int = field(default=128, metadata={"help": "Generation: new tokens per row."})
+    bf16: bool = field(
+        default=False,
+        metadata={"help": "Generation: also time MiniGPT in bf16 (compile+freeze), if the CPU has bf16 instructions."},
     )
     seed: int = field(default=0, metadata={"help": "torch.manual_seed for weights and data."})
     threads: int | None = field(
@@ -63,6 +80,8 @@ class BenchArguments:
             raise ValueError(f"--shape must be one of {', '.join(SHAPES)} or all, got {self.shape!r}")
         if self.pairs < 1 or self.warmup < 0:
             raise ValueError(f"--pairs must be >= 1 and --warmup >= 0, got {self.pairs} and {self.warmup}")
+        if not self.batches or min(self.batches) < 1 or self.new_tokens < 1:
+            raise ValueError(f"--batches and --new_tokens must be >= 1, got {self.batches} and {self.new_tokens}")
 
 
 def build_models(shape: str, with_compile: bool) -> dict[str, torch.nn.Module]:
@@ -114,13 +133,13 @@ def report(title: str, timings: Timings, tokens: int, reference: str = "hf-gpt2-
     number. On a busy machine two more views help: the ratio of the fastest runs (the least
     disturbed ones) and the ratio of median CPU seconds (work done, blind to waiting)."""
     print(f"\n{title}")
-    print(f"  {'':18s} {'tokens/s':>10s}   {'median':>6s}  {'fastest':>7s}  {'cpu':>5s}   (ratios vs {reference})")
+    print(f"  {'':28s} {'tokens/s':>10s}   {'median':>6s}  {'fastest':>7s}  {'cpu':>5s}   (ratios vs {reference})")
     for name, wall in timings.wall.items():
         rate = tokens / statistics.median(wall)
-        median = statistics.median(r / t for t, r in zip(wall, timings.wall[reference]))
+        median = statistics.median(r / t for t, r in zip(wall, timings.wall[reference], strict=True))
         fastest = min(timings.wall[reference]) / min(wall)
         cpu = statistics.median(timings.cpu[reference]) / statistics.median(timings.cpu[name])
-        print(f"  {name:18s} {rate:10.1f}   {median:5.2f}x  {fastest:6.2f}x  {cpu:4.2f}x")
+        print(f"  {name:28s} {rate:10.1f}   {median:5.2f}x  {fastest:6.2f}x  {cpu:4.2f}x")
 
 
 def bench_training(shape: str, args: BenchArguments) -> None:
@@ -144,48 +163,163 @@ def bench_training(shape: str, args: BenchArguments) -> None:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         runs[name] = lambda name=name, model=model, optimizer=optimizer: step(name, model, optimizer)
-    print(f"training step, {shape}: {config.n_layers} layers, {config.emb_dim} wide, {config.n_heads} heads, "
-          f"vocab {config.vocab_size}, batch {batch}x{length}, fp32, dropout 0.0, {torch.get_num_threads()} threads")
+    print(
+        f"training step, {shape}: {config.n_layers} layers, {config.emb_dim} wide, {config.n_heads} heads, "
+        f"vocab {config.vocab_size}, batch {batch}x{length}, fp32, dropout 0.0, {torch.get_num_threads()} threads"
+    )
     timings = interleaved(runs, args.pairs, args.warmup)
     report(f"training step ({shape}, {args.pairs} repetitions)", timings, batch * length)
     # Same weights, data and optimiser: every model must follow the same loss curve.
     print("  first-step loss: " + ", ".join(f"{name} {values[0]:.6f}" for name, values in losses.items()))
 
 
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written), the best of `repeats`."""
+    src = torch.rand(megabytes * 2**20 // 4)  # touched, so the pages are real memory
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decoding step must read: every parameter once (tied tensors count once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def generation_prompts(batch: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), each (batch, GENERATION_PROMPT): random prompts, and for batch > 1
+    rows of different lengths, left-padded with id 0 as generate() expects."""
+    lengths = [GENERATION_PROMPT - (row * 5) % 8 for row in range(batch)]  # 16, 11, 14, 9, ...
+    ids = torch.zeros(batch, GENERATION_PROMPT, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, GENERATION_PROMPT - length :] = torch.randint(1, vocab_size, (length,))
+        mask[row, GENERATION_PROMPT - length :] = 1
+    return ids, mask
+
+
+def bf16_is_fast() -> bool:
+    """bf16 matmuls beat fp32 only with native bf16 instructions (2.25x on an AVX-512 BF16 CPU,
+    35x slower without them): decided from what the CPU reports, never assumed."""
+    capabilities = torch.cpu.get_capabilities()
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(
+        capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")
+    )
+
+
+# The generation paths, measured for both models:
+# - "default": what generate() does out of the box, a DynamicCache and no compilation.
+# - "static+compile": transformers' recipe for compiled decoding, a StaticCache (fixed shapes)
+#   and the decoding step compiled with fullgraph (generate() compiles by itself only on GPUs;
+#   `_compile_all_devices` asks for it on CPU).
+# - "compile+freeze": the fastest found here. The whole forward compiled with fullgraph and
+#   dynamic shapes (the DynamicCache grows every step), with inductor's freezing: the weights
+#   become constants and their matmuls run on pre-packed weights (MKL's at batch 1, oneDNN's when
+#   the batch is a dynamic dimension, 1.8x MKL's plain matmul at batch 8). Q/K/V projections are
+#   concatenated into one matmul. Freezing breaks the StaticCache (it folds the cache's
+#   static-address tensors into constants: index out of bounds, torch 2.13 / transformers 5.24),
+#   hence the dynamic cache. Inference only: a frozen graph never sees new weights.
+STATIC_COMPILE = CompileConfig(fullgraph=True, dynamic=False, mode=None)
+STATIC_COMPILE._compile_all_devices = True
+FREEZE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True}
+
+
+def generation_paths(ours: MiniGPTForCausalLM, hf: torch.nn.Module, with_bf16: bool) -> dict[str, tuple]:
+    """name -> (model, generate() kwargs, inductor config patch, the HF variant on the same path).
+    The compiled variants are fresh copies: build them once per batch size, or dynamo's limit of
+    8 graphs per function is soon reached (prefill and decoding, each batch size, ...)."""
+
+    def compiled_frozen(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        model = copy.deepcopy(model).to(dtype)
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=True)
+        return model
+
+    static = dict(cache_implementation="static", compile_config=STATIC_COMPILE)
+    paths = {
+        "hf-gpt2 default": (hf, {}, {}, "hf-gpt2 default"),
+        "minigpt default": (ours, {}, {}, "hf-gpt2 default"),
+        "hf-gpt2 static+compile": (copy.deepcopy(hf), static, {}, "hf-gpt2 static+compile"),
+        "minigpt static+compile": (copy.deepcopy(ours), static, {}, "hf-gpt2 static+compile"),
+        "hf-gpt2 compile+freeze": (compiled_frozen(hf), {}, FREEZE_OPTIONS, "hf-gpt2 compile+freeze"),
+        "minigpt compile+freeze": (compiled_frozen(ours), {}, FREEZE_OPTIONS, "hf-gpt2 compile+freeze"),
+    }
+    if with_bf16:
+        paths["minigpt bf16 compile+freeze"] = (compiled_frozen(ours, torch.bfloat16), {}, FREEZE_OPTIONS, None)
+    return paths
+
+
+def time_generation(
+    paths: dict[str, tuple], ids: torch.Tensor, mask: torch.Tensor, greedy: dict, args: BenchArguments
+) -> tuple[Timings, dict[str, torch.Tensor]]:
+    """Every path's generate() on the same prompts, interleaved; the timings and the ids."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def generate(name: str) -> None:
+        model, settings, inductor, _ = paths[name]
+        with torch.inference_mode(), torch._inductor.config.patch(inductor):
+            outputs[name] = model.generate(ids, attention_mask=mask, **greedy, **settings)
+
+    runs = {name: lambda name=name: generate(name) for name in paths}
+    return interleaved(runs, args.pairs, args.warmup), outputs
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def bench_generation(args: BenchArguments) -> None:
+    # Dynamo counts graphs per code object, and transformers' deprecate_kwarg wrapper is one code
+    # object shared by both models' forwards: the default limit (8) is reached across paths.
+    torch._dynamo.config.recompile_limit = 64
     torch.manual_seed(args.seed)
-    # No compiled variant: `generate` on a compiled wrapper runs the uncompiled module, and the
-    # cache grows every step, which would recompile. No eager variant either: with one new query
-    # per step the two attention paths differ little, and each run is slow.
     models = build_models("gpt2-small", with_compile=False)
-    del models["minigpt-eager"]
-    prompt = torch.randint(0, models["minigpt-sdpa"].config.vocab_size, (1, GENERATION_PROMPT))
+    ours, hf = models["minigpt-sdpa"].eval(), models["hf-gpt2-sdpa"].eval()
+    with_bf16 = args.bf16 and bf16_is_fast()
+    if args.bf16 and not with_bf16:
+        print(f"--bf16 skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) reports no bf16 instructions")
+    reference = "hf-gpt2 default"
+    print(
+        f"greedy generation, gpt2-small, {GENERATION_PROMPT}-token prompts, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+        f"load average {load_average()} at start (1, 5, 15 min)"
+    )
     greedy = dict(
-        max_new_tokens=GENERATION_NEW_TOKENS,
-        min_new_tokens=GENERATION_NEW_TOKENS,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
         do_sample=False,
         pad_token_id=0,
         eos_token_id=None,
     )
-    outputs: dict[str, torch.Tensor] = {}
-
-    def generate(name: str, model: torch.nn.Module) -> None:
-        with torch.inference_mode():
-            outputs[name] = model.generate(prompt, **greedy)
-
-    runs = {}
-    for name, model in models.items():
-        model.eval()
-        runs[name] = lambda name=name, model=model: generate(name, model)
-    print(f"cached greedy generation, gpt2-small, batch 1, {GENERATION_PROMPT}-token prompt, "
-          f"{GENERATION_NEW_TOKENS} new tokens, fp32, {torch.get_num_threads()} threads")
-    timings = interleaved(runs, args.pairs, args.warmup)
-    report(f"generation ({args.pairs} repetitions)", timings, GENERATION_NEW_TOKENS)
-    for name, times in timings.wall.items():
-        print(f"  {name:18s} {1000 * statistics.median(times) / GENERATION_NEW_TOKENS:6.1f} ms/token (prefill included)")
-    reference = outputs["hf-gpt2-sdpa"]
-    same = all(torch.equal(out, reference) for out in outputs.values())
-    print(f"  generated ids identical across models: {same}")
+    bandwidth = copy_bandwidth()
+    for batch in args.batches:
+        paths = generation_paths(ours, hf, with_bf16)
+        ids, mask = generation_prompts(batch, ours.config.vocab_size)
+        print(f"\nbatch {batch}" + (" (left-padded prompts)" if batch > 1 else "") + "; warm-up compiles")
+        timings, outputs = time_generation(paths, ids, mask, greedy, args)
+        # A floor is a lower bound: it takes the best bandwidth seen so far (the least disturbed copy).
+        bandwidth = max(bandwidth, copy_bandwidth())
+        floor_ms = 1000 * weight_bytes(ours) / (bandwidth * 1e9)
+        report(f"generation, batch {batch} ({args.pairs} repetitions)", timings, batch * args.new_tokens, reference)
+        print(
+            f"  memory floor: {weight_bytes(ours) / 1e6:.0f} MB of fp32 weights / {bandwidth:.1f} GB/s copy "
+            f"bandwidth (best seen in this run) = {floor_ms:.1f} ms per decoding step"
+        )
+        print(f"  {'':28s} {'ms/step':>8s} {'x floor':>8s} {'vs HF same path':>16s}  ids == {reference}")
+        for name, wall in timings.wall.items():
+            step_ms = 1000 * statistics.median(wall) / args.new_tokens
+            same_path = paths[name][3]
+            versus = (
+                f"{statistics.median(r / t for t, r in zip(wall, timings.wall[same_path], strict=True)):15.2f}x"
+                if same_path
+                else f"{'-':>16s}"
+            )
+            identical = torch.equal(outputs[name], outputs[reference])
+            print(f"  {name:28s} {step_ms:8.1f} {step_ms / floor_ms:7.2f}x {versus}  {identical}")
+    print(f"\nload average {load_average()} at end (1, 5, 15 min)")
 
 
 def main(argv: list[str] | None = None) -> None:

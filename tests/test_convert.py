@@ -227,9 +227,9 @@ def test_script_folders_load_in_fresh_processes(tmp_path: Path) -> None:
 import sys, torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 assert "modeling_minigpt" not in sys.modules
-ref = torch.load({str(tmp_path / 'reference.pt')!r})
-gpt2 = GPT2LMHeadModel.from_pretrained({str(tmp_path / 'export')!r})
-ours = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'minigpt')!r}, trust_remote_code=True)
+ref = torch.load({str(tmp_path / "reference.pt")!r})
+gpt2 = GPT2LMHeadModel.from_pretrained({str(tmp_path / "export")!r})
+ours = AutoModelForCausalLM.from_pretrained({str(tmp_path / "minigpt")!r}, trust_remote_code=True)
 assert type(ours).__name__ == "MiniGPTForCausalLM", type(ours)
 for model in (gpt2, ours):
     with torch.no_grad():
@@ -237,7 +237,11 @@ for model in (gpt2, ours):
 print("ok")
 """
     result = subprocess.run(
-        [sys.executable, "-c", child], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", child],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -255,18 +255,18 @@ def test_format_prompt_is_the_alpaca_template_exactly():
 def test_chat_template_renders_the_fine_tuning_text_byte_for_byte(tiny_tokenizer, record):
     prompt, response = format_example(record)
     full = tiny_tokenizer.apply_chat_template(alpaca_messages(record), tokenize=False)
-    assert full == prompt + response
+    assert full == prompt + response + EOS_TOKEN  # fine-tuning closes each response with eos
     generation = tiny_tokenizer.apply_chat_template(
         alpaca_messages(record, with_response=False), tokenize=False, add_generation_prompt=True
     )
     assert generation == prompt
     ids = tiny_tokenizer.apply_chat_template(alpaca_messages(record), tokenize=True, return_dict=False)
-    assert list(ids) == tiny_tokenizer.encode(prompt + response)
+    assert list(ids) == tiny_tokenizer.encode(prompt + response + EOS_TOKEN)
 
 
 def test_chat_template_refuses_unknown_roles(tiny_tokenizer):
-    with pytest.raises(Exception, match="got role system"):
-        tiny_tokenizer.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="got role tool"):
+        tiny_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
 # --- GPT-2's released tokenizer ------------------------------------------------------------------

@@ -1,19 +1,18 @@
 """The one place the instruction prompt format lives.
 
 Fine-tuning, evaluation and the tokenizer's chat template all render records through
-`format_prompt` / `format_example`, so what the model is trained on and what
-`apply_chat_template` produces are the same bytes.
+`format_prompt` / `format_example` and the pieces of ALPACA_TEMPLATE, so what the model is
+trained on and what `apply_chat_template` produces are the same bytes.
 """
 
 from __future__ import annotations
 
 import json
 import string
-from typing import Mapping
+from collections.abc import Mapping
 
 ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 ALPACA_TEMPLATE = {
     "preamble": ALPACA_PREAMBLE,
@@ -33,19 +32,30 @@ def format_prompt(instruction: str, input: str | None = None) -> str:
 
 
 def format_example(record: Mapping[str, str]) -> tuple[str, str]:
-    """(prompt, response) for an Alpaca record; `input` may be missing or empty."""
+    """(prompt, response) for an Alpaca record; `input` may be missing or empty. Fine-tuning
+    closes the response with the eos token (as an id), as the chat template does (as text)."""
     return format_prompt(record["instruction"], record.get("input") or ""), record["output"]
 
 
 # --- The same template for `apply_chat_template` ---------------------------------------------
 #
-# Messages form (one record per conversation):
-#     [{"role": "user", "content": instruction},
-#      {"role": "input", "content": input},          # optional; skipped when empty
-#      {"role": "assistant", "content": response}]   # optional
-# With `add_generation_prompt=True` and no assistant message it renders `format_prompt(...)`;
-# with an assistant message it renders `format_prompt(...) + response`, exactly the text
-# fine-tuning trains on (the eos token is appended by the fine-tuning code, as ids).
+# Messages form:
+#     [{"role": "system", "content": preamble},        # optional, first; replaces ALPACA_PREAMBLE
+#      {"role": "user", "content": instruction},
+#      {"role": "input", "content": input},            # optional, right after its user message
+#      {"role": "assistant", "content": response},     # optional on the last turn
+#      {"role": "user", ...}, ...]                     # more turns
+#
+# Rendered (eos is the tokenizer's eos token, e.g. <|endoftext|>):
+#     preamble
+#     \n\n### Instruction:\n{instruction}  [\n\n### Input:\n{input}]  \n\n### Response:\n{response}{eos}
+#     \n\n### Instruction:\n{instruction}  [\n\n### Input:\n{input}]  \n\n### Response:\n{response}{eos}
+#     ...
+# The first turn is exactly the Alpaca prompt fine-tuning trains on, `format_prompt(...) +
+# response + eos`; each later turn continues with the same sections, without the preamble.
+# `add_generation_prompt=True` after a user (or input) message appends the response header.
+# Each response and its eos sit inside `{% generation %}`, so `return_assistant_tokens_mask`
+# (and TRL's `assistant_only_loss`) marks the same tokens as fine-tuning's loss mask.
 # The Jinja source is generated from ALPACA_TEMPLATE so the wording lives in one place.
 
 
@@ -54,34 +64,62 @@ def _jinja_literal(text: str) -> str:
     return "{{- " + json.dumps(text) + " -}}"
 
 
-def _jinja_render(fmt: str) -> str:
-    """'\\n\\n### Input:\\n{input}' -> Jinja that prints the literal text and `ns.input`."""
+def _jinja_render(fmt: str, value: str) -> str:
+    """('\\n\\n### Input:\\n{input}', 'message.content') -> Jinja printing the literal text and the value."""
     parts = []
     for literal, name, _, _ in string.Formatter().parse(fmt):
         if literal:
             parts.append(_jinja_literal(literal))
         if name:
-            parts.append("{{- ns." + name + " -}}")
+            parts.append("{{- " + value + " -}}")
     return "".join(parts)
 
 
+def _jinja_raise(message: str, then: str = "") -> str:
+    """Jinja raising 'The Alpaca chat template: <message>', followed by the Jinja expression `then`."""
+    return "{{- raise_exception(" + json.dumps("The Alpaca chat template: " + message) + then + ") -}}"
+
+
+# ns.open: a user turn is waiting for its response; ns.previous: the role before this message.
 ALPACA_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(instruction=none, input='', response=none) -%}\n"
+    "{%- set ns = namespace(open=false, previous=none, turns=0) -%}\n"
     "{%- for message in messages -%}\n"
-    "{%- if message['role'] == 'user' and ns.instruction is none -%}{%- set ns.instruction = message['content'] -%}\n"
-    "{%- elif message['role'] == 'input' -%}{%- set ns.input = message['content'] or '' -%}\n"
-    "{%- elif message['role'] == 'assistant' -%}{%- set ns.response = message['content'] -%}\n"
-    "{%- else -%}{{- raise_exception('The Alpaca template takes one user message (the instruction), "
-    "an optional input message and an optional assistant message; got role ' + message['role']) -}}\n"
+    "{%- if message['role'] == 'system' -%}\n"
+    "{%- if not loop.first -%}" + _jinja_raise("a system message must come first") + "{%- endif -%}\n"
+    "{%- elif message['role'] == 'user' -%}\n"
+    "{%- if ns.open -%}"
+    + _jinja_raise("two user messages in a row; put an assistant message between them")
+    + "{%- endif -%}\n"
+    "{%- if ns.turns == 0 -%}"
+    "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
+    "{%- else -%}"
+    + _jinja_literal(ALPACA_TEMPLATE["preamble"])
+    + "{%- endif -%}{%- endif -%}\n"
+    + _jinja_render(ALPACA_TEMPLATE["instruction"], "message['content']")
+    + "\n"
+    "{%- set ns.open = true -%}{%- set ns.turns = ns.turns + 1 -%}\n"
+    "{%- elif message['role'] == 'input' -%}\n"
+    "{%- if ns.previous != 'user' -%}" + _jinja_raise("an input message must follow a user message") + "{%- endif -%}\n"
+    "{%- if message['content'] -%}" + _jinja_render(ALPACA_TEMPLATE["input"], "message['content']") + "{%- endif -%}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{%- if not ns.open -%}"
+    + _jinja_raise("an assistant message must answer a user message")
+    + "{%- endif -%}\n"
+    + _jinja_literal(ALPACA_TEMPLATE["response"])
+    + "\n"
+    "{%- generation -%}{{- message['content'] -}}{{- eos_token -}}{%- endgeneration -%}\n"
+    "{%- set ns.open = false -%}\n"
+    "{%- else -%}"
+    + _jinja_raise(
+        "roles are system (first, optional), user, input (optional, after user) and assistant; got role ",
+        then=" + message['role']",
+    )
+    + "\n"
     "{%- endif -%}\n"
+    "{%- set ns.previous = message['role'] -%}\n"
     "{%- endfor -%}\n"
-    "{%- if ns.instruction is none -%}{{- raise_exception('The Alpaca template needs a user message') -}}{%- endif -%}\n"
-    + _jinja_literal(ALPACA_TEMPLATE["preamble"]) + "\n"
-    + _jinja_render(ALPACA_TEMPLATE["instruction"]) + "\n"
-    + "{%- if ns.input -%}" + _jinja_render(ALPACA_TEMPLATE["input"]) + "{%- endif -%}\n"
-    + "{%- if ns.response is not none or add_generation_prompt -%}"
-    + _jinja_literal(ALPACA_TEMPLATE["response"]) + "{%- endif -%}\n"
-    + "{%- if ns.response is not none -%}{{- ns.response -}}{%- endif -%}\n"
+    "{%- if ns.turns == 0 -%}" + _jinja_raise("it needs a user message (the instruction)") + "{%- endif -%}\n"
+    "{%- if ns.open and add_generation_prompt -%}" + _jinja_literal(ALPACA_TEMPLATE["response"]) + "{%- endif -%}\n"
 )
 
 
