@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from training.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
+from modeling_minigpt.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 SFT_CONFIG = REPO_ROOT / "scripts" / "configs" / "sft_tasks.yaml"
 # One OpenMP thread unless told otherwise: on this 2-core machine shared with other jobs, two

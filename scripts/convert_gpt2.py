@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_minigpt.convert import gpt2_to_minigpt, minigpt_to_gpt2  # noqa: E402
-from training.checkpoint import replace_dir  # noqa: E402
+from modeling_minigpt.files import replace_dir  # noqa: E402
 
 # Copied byte for byte: rebuilding a tokenizer from GPT-2's vocab.json/merges.txt through
 # transformers can silently produce an empty one (see HF_V5_NOTES.md).

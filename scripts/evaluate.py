@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from training.checkpoint import atomic_write_json  # noqa: E402
+from modeling_minigpt.files import atomic_write_json  # noqa: E402
 from training.cli import parse_config_args  # noqa: E402
 from training.data import load_corpus  # noqa: E402
 from training.evaluate import MetricsReport, evaluate_texts  # noqa: E402

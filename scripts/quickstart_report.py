@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- figures this step draws ----------------------------------------------------------
     from modeling_minigpt.visualize import plot_attention
-    from training.instruct_data import plot_loss_mask, render_example
+    from modeling_minigpt.files import save_figure
+    from training.instruct_data import loss_mask_figure, render_example
 
     plot_attention(pretrained, tokenizer, "The for statement is used to iterate", figures / "attention_layer0_head0.png")
     record = {k: heldout[0][k] for k in ("instruction", "input")} | {"output": heldout[0]["expected"]}
-    plot_loss_mask(tokenizer, render_example(tokenizer, record), figures / "sft_loss_mask.png")
+    save_figure(loss_mask_figure(tokenizer, render_example(tokenizer, record)), figures / "sft_loss_mask.png")
 
     # --- numbers ----------------------------------------------------------------------------
     run_config = json.loads((out / "pretrain" / "run_config.json").read_text())

@@ -29,12 +29,12 @@ from tokenization import (  # noqa: E402
     format_merge_table,
     merge_table,
     merge_trace,
-    plot_merge_trace,
+    merge_trace_figure,
     token_boundaries_html,
     train_bpe,
 )
 from tokenization.corpus import iter_texts  # noqa: E402
-from training.checkpoint import atomic_write_text  # noqa: E402
+from modeling_minigpt.files import atomic_write_text, save_figure  # noqa: E402
 from training.cli import parse_config_args  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def write_views(tokenizer, source, args: TokenizerArguments) -> None:
     """merges_table.md, token_boundaries.html and merge_trace.png beside the tokenizer."""
     output_dir = Path(args.output_dir)
     if args.trace_word:
-        plot_merge_trace(merge_trace(tokenizer, args.trace_word), output_dir / "merge_trace.png")
+        save_figure(merge_trace_figure(merge_trace(tokenizer, args.trace_word)), output_dir / "merge_trace.png")
     texts, _ = iter_texts(source, args.text_column)
     head = next(texts, "")[:3000]
     atomic_write_text(output_dir / "token_boundaries.html", token_boundaries_html(tokenizer, head))

@@ -25,7 +25,8 @@ from training.data import (
     sliding_windows,
     tokenize_documents,
 )
-from training.inspect_data import batch_composition, plot_batch_composition, plot_token_frequencies, token_frequencies
+from modeling_minigpt.files import save_figure
+from training.inspect_data import batch_composition, batch_composition_figure, token_frequencies, token_frequencies_figure
 
 datasets.disable_progress_bars()
 
@@ -378,14 +379,14 @@ def test_batch_composition_and_figures(documents, tiny_tokenizer, tmp_path):
     assert table["doc_id"].tolist()[:3] == [0, 0, 0] and table["offset"].tolist()[:3] == [0, 16, 32]
     eos = tiny_tokenizer.eos_token_id
     assert table["boundaries"].tolist() == [int((np.array(windows[i]["input_ids"][:-1]) == eos).sum()) for i in indices]
-    batch_png = plot_batch_composition(table, 32, tmp_path / "figures" / "batch.png")
+    batch_png = save_figure(batch_composition_figure(table, 32), tmp_path / "figures" / "batch.png")
 
     tokens = tokenize_documents(load_corpus(documents, cache_dir=tmp_path), tiny_tokenizer)
     counts = token_frequencies(tokens, len(tiny_tokenizer))
     stream = np.concatenate(encode_reference(tiny_tokenizer, documents))
     np.testing.assert_array_equal(counts, np.bincount(stream, minlength=len(tiny_tokenizer)))
     assert counts[eos] == 30  # one <|endoftext|> per non-blank document
-    freq_png = plot_token_frequencies(counts, tmp_path / "figures" / "freq.png", tiny_tokenizer)
+    freq_png = save_figure(token_frequencies_figure(counts, tiny_tokenizer), tmp_path / "figures" / "freq.png")
     for png in (batch_png, freq_png):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["batch.png", "freq.png"]  # no temp files left

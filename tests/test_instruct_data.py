@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from modeling_minigpt.files import save_figure
 from tokenization.alpaca import format_prompt
 from training.instruct_data import (
     IGNORE_INDEX,
@@ -21,7 +22,7 @@ from training.instruct_data import (
     format_loss_mask,
     load_instruction_records,
     loss_mask_tokens,
-    plot_loss_mask,
+    loss_mask_figure,
     render_example,
 )
 from training.tasks import generate_tasks
@@ -252,7 +253,7 @@ def test_bad_json_files(tmp_path):
 
 def test_plot_loss_mask_writes_a_png(tiny_tokenizer, tmp_path):
     example = render_example(tiny_tokenizer, WITH_INPUT)
-    path = plot_loss_mask(tiny_tokenizer, example, tmp_path / "views" / "mask.png")
+    path = save_figure(loss_mask_figure(tiny_tokenizer, example), tmp_path / "views" / "mask.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
     colored = format_loss_mask(tiny_tokenizer, example)

@@ -17,12 +17,10 @@ from processes import launch, sigkill_after_step
 from test_pretrain import SCRIPT, corpus_file, read_metrics, script_flags, tokenizer_dir  # noqa: F401
 from training.checkpoint import (
     CHECKPOINT_MARKER,
-    atomic_write_text,
     checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    replace_dir,
     save_checkpoint,
 )
 from training.data import collate_windows
@@ -38,33 +36,7 @@ from training.loop import (
     train_loop,
 )
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-def test_atomic_write_leaves_old_content_when_the_writer_fails(tmp_path, monkeypatch):
-    path = tmp_path / "f.json"
-    atomic_write_text(path, "old")
-
-    def broken_write(self, text, encoding=None):
-        Path.write_bytes(self, b"half")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(Path, "write_text", broken_write)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(path, "new")
-    monkeypatch.undo()
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary left behind
-
-
-def test_replace_dir_swaps_whole_folders(tmp_path):
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "a").write_text("new")
-    (tmp_path / "dst").mkdir()
-    (tmp_path / "dst" / "b").write_text("old")
-    replace_dir(tmp_path / "new", tmp_path / "dst")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
-    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["a"]
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):

@@ -35,12 +35,13 @@ from tokenization import (
     learned_merges,
     merge_table,
     merge_trace,
-    plot_merge_trace,
-    plot_token_boundaries,
+    merge_trace_figure,
+    token_boundaries_figure,
     token_boundaries_html,
     train_bpe,
     train_reference_bpe,
 )
+from modeling_minigpt.files import save_figure
 from tokenization.corpus import read_utf8_chunks
 from tokenization.pretokenize import pretokenize, split_on_special_tokens
 from tokenization.reference_bpe import count_words
@@ -378,7 +379,7 @@ def test_merge_trace_reproduces_the_tokenizer(tiny_tokenizer, tmp_path):
     assert [t.special for t in traces].count(True) == 1
     printed = format_merge_trace(traces)
     assert "'␣lowest'  bytes: ␣ l o w e s t" in printed and "(special token, never merged)" in printed
-    assert png_ok(plot_merge_trace(traces, tmp_path / "trace.png"))
+    assert png_ok(save_figure(merge_trace_figure(traces), tmp_path / "trace.png"))
 
 
 def test_merge_table_frequencies_are_the_trainers_counts(pydoc_text):
@@ -398,7 +399,7 @@ def test_token_boundaries_cover_the_text_once(tiny_tokenizer, tmp_path):
     assert len(spans) == len(tiny_tokenizer.encode(STRESS_TEXT))
     page = token_boundaries_html(tiny_tokenizer, STRESS_TEXT)
     assert page.count("<span ") == len(spans) and f"{len(spans):,} tokens" in page
-    assert png_ok(plot_token_boundaries(tiny_tokenizer, STRESS_TEXT, tmp_path / "tokens.png"))
+    assert png_ok(save_figure(token_boundaries_figure(tiny_tokenizer, STRESS_TEXT), tmp_path / "tokens.png"))
 
 
 def load_script(name: str):

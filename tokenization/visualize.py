@@ -5,9 +5,9 @@
   `format_merge_trace` prints it, `plot_merge_trace` draws it.
 - `merge_table(tokenizer, texts, n)`: the first n learned merges with each pair's frequency in
   the corpus when it was merged; `format_merge_table` prints it as Markdown.
-- `token_boundaries_html` / `plot_token_boundaries`: a text with alternating token colours.
+- `token_boundaries_html` / `token_boundaries_figure`: a text with alternating token colours.
 
-Figures use matplotlib's Agg backend and are written atomically as PNG.
+The `*_figure` functions return a matplotlib Figure; `modeling_minigpt.files.save_figure` writes it.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ import functools
 import html
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerFast
 
-from .corpus import PathLike
+from modeling_minigpt.files import pyplot
+
 from .pretokenize import readable, segment_special_tokens
 from .reference_bpe import Pair, replay_merge_counts
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Pastel colours, alternated so neighbouring tokens always differ.
 TOKEN_COLOURS = ("#fde2a7", "#b9e4c9", "#c6d8f5", "#f7c6d9", "#e0d0f5", "#d5ecf2")
@@ -130,33 +133,10 @@ def format_merge_trace(traces: Sequence[WordTrace]) -> str:
     return "\n".join(lines)
 
 
-def save_figure(figure, path: PathLike) -> Path:
-    """Write a matplotlib figure as PNG atomically (training.checkpoint.atomic_path), then close it."""
-    import matplotlib.pyplot as plt
-
-    from training.checkpoint import atomic_path
-
-    try:
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    finally:
-        plt.close(figure)
-    return Path(path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_merge_trace(traces: Sequence[WordTrace], path: PathLike, max_words: int = 6) -> Path:
-    """Draw the merge trace: per word, one row per state, one box per part (width = bytes),
+def merge_trace_figure(traces: Sequence[WordTrace], max_words: int = 6) -> Figure:
+    """The merge trace drawn: per word, one row per state, one box per part (width = bytes),
     the part just merged in orange with its rank and pair on the right."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     words = [t for t in traces if not t.special][:max_words]
@@ -189,7 +169,7 @@ def plot_merge_trace(traces: Sequence[WordTrace], path: PathLike, max_words: int
     axes.set_ylim(y - 0.4, -0.8)
     axes.axis("off")
     axes.set_title("BPE merge trace (lowest rank first)", fontsize=10)
-    return save_figure(figure, path)
+    return figure
 
 
 @dataclass(frozen=True)
@@ -258,12 +238,12 @@ def token_boundaries_html(tokenizer: PreTrainedTokenizerFast, text: str, title: 
     )
 
 
-def plot_token_boundaries(
-    tokenizer: PreTrainedTokenizerFast, text: str, path: PathLike, columns: int = 80, max_lines: int = 40
-) -> Path:
+def token_boundaries_figure(
+    tokenizer: PreTrainedTokenizerFast, text: str, columns: int = 80, max_lines: int = 40
+) -> Figure:
     """The text on a character grid, each token's cells on its own colour, a bar at each token
     start. Newlines show as '↵', tabs as '⇥'; characters the font lacks as '□'."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     spans = token_spans(tokenizer, text)
@@ -281,7 +261,7 @@ def plot_token_boundaries(
     axes.axis("off")
     shown = f"first {lines} lines of " if len(cells) < len(text) else ""
     axes.set_title(f"{shown}{len(spans):,} tokens, {len(text):,} characters (bar = token start)", fontsize=9)
-    return save_figure(figure, path)
+    return figure
 
 
 def _layout(text: str, spans: Sequence[TokenSpan], columns: int, max_lines: int) -> list[tuple[int, int, str, int, bool]]:

@@ -1,9 +1,9 @@
-"""Crash-safe files: atomic writes, `accelerator.save_state` checkpoints, and run folders.
+"""Crash-safe `accelerator.save_state` checkpoints, and run folders.
 
-Every write here goes to a temporary name beside its target and is renamed into place, so a
-process killed at any moment leaves either the old complete file/folder or the new one, never a
-half-written thing that looks complete. Checkpoint folders additionally carry a marker file
-written last; `latest_checkpoint` only believes folders that have it.
+Every write goes through `modeling_minigpt.files` (a temporary name beside its target, renamed
+into place), so a process killed at any moment leaves either the old complete file/folder or the
+new one. Checkpoint folders additionally carry a marker file written last; `latest_checkpoint`
+only believes folders that have it.
 """
 
 from __future__ import annotations
@@ -12,67 +12,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from accelerate import Accelerator
+
+from modeling_minigpt.files import atomic_write_json, replace_dir, staging_dir
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 RUN_CONFIG_NAME = "run_config.json"
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; rename it onto `path` if the block succeeds.
-
-    For writers that want a path rather than a file object (`savefig`, `torch.save`, ...).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` so that readers see the old content or the new, never a prefix."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """Move the finished folder `src` to `dst`, replacing any folder already there.
-
-    `os.replace` cannot overwrite a non-empty folder, so an old `dst` is first renamed aside and
-    deleted only after the new one is in place: at every instant one complete folder exists.
-    """
-    src, dst = Path(src), Path(dst)
-    old = dst.with_name(f".old-{dst.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
-    return dst
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -110,9 +59,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_root: str | os.PathLik
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     final = checkpoint_dir(checkpoints_root, step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed mid-write
+    tmp = staging_dir(final, clean=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank's files are in tmp before it is declared complete

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoModelForSequenceClassification
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
-from training.checkpoint import atomic_write_json
+from modeling_minigpt.files import atomic_write_json, save_figure
 from training.classify_data import (
     TOPIC_WORDS,
     ClassificationData,
@@ -61,7 +61,7 @@ from training.loop import (
     train_loop,
 )
 from training.model_card import TrainingInfo, describe_hardware
-from training.plots import plot_loss_curve
+from training.plots import LOSS_CURVE_DPI, loss_curve_figure
 from training.sft import (
     ADAPTER_DIR,
     FINAL_METRICS_FILE,
@@ -391,7 +391,7 @@ def run_classification(cls_args: ClassifyArguments, lora_args: LoraArguments, lo
         return {"val_loss": report.loss, "val_accuracy": report.accuracy}
 
     def on_eval(state: TrainState) -> None:
-        plot_loss_curve(run.metrics.records(), output_dir / LOSS_CURVE_FILE, title=f"Classification {output_dir.name}")
+        save_figure(loss_curve_figure(run.metrics.records(), title=f"Classification {output_dir.name}"), output_dir / LOSS_CURVE_FILE, dpi=LOSS_CURVE_DPI)
 
     if cls_args.eval_before_training and run.resumed_at is None:
         log_metrics(accelerator, run.metrics, 0, {"tokens": 0, **eval_fn(run.model)})

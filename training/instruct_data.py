@@ -28,16 +28,19 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import datasets
 import torch
 
+from modeling_minigpt.files import pyplot
 from tokenization.alpaca import format_example, format_prompt
 from tokenization.pretokenize import readable
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -368,18 +371,14 @@ def _layout_tokens(texts: Sequence[str], line_width: int) -> tuple[list[tuple[fl
     return boxes, line + (1 if x > 0 or not boxes else 0)
 
 
-def plot_loss_mask(
-    tokenizer: Any, example: RenderedExample | Mapping[str, Any], path: str | os.PathLike[str], line_width: int = 80
-) -> Path:
-    """Save a PNG of an example's tokens, each boxed and coloured by whether it carries loss.
+def loss_mask_figure(tokenizer: Any, example: RenderedExample | Mapping[str, Any], line_width: int = 80) -> Figure:
+    """An example's tokens, each boxed and coloured by whether it carries loss.
 
     `line_width` is in characters; a token ending in a newline also ends the line.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; also safe inside tests and on servers
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
+
+    plt = pyplot()
 
     tokens = loss_mask_tokens(tokenizer, example)
     boxes, n_lines = _layout_tokens([text for text, _ in tokens], line_width)
@@ -409,17 +408,4 @@ def plot_loss_mask(
         frameon=False,
         borderaxespad=0.0,
     )
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target then rename, so a crash never leaves a half-written PNG.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return fig

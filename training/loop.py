@@ -30,7 +30,8 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.checkpoint import atomic_path, latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from modeling_minigpt.files import atomic_path, replace_dir, staging_dir
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.schedule import lr_at_step
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -434,9 +435,7 @@ def save_model_folder(
     from training.model_card import write_model_card  # the card pulls in the hub client: only when saving
 
     folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_dir(folder)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for extra in map(Path, extra_files):

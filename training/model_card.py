@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes used to count parameters)
 from model_cards import TEMPLATE_PATH  # package data: found in installed copies too
-from training.checkpoint import atomic_write_text
+from modeling_minigpt.files import atomic_write_text
 
 LOSS_CURVE = "loss_curve.png"
 CARD_NAME = "README.md"

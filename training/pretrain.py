@@ -26,7 +26,8 @@ from transformers import PreTrainedTokenizerBase
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from tokenization import EMBEDDED_CORPUS, embedded_documents, train_bpe
 from tokenization.train import save_atomically
-from training.checkpoint import atomic_write_json, check_run_folder, start_run_folder
+from modeling_minigpt.files import atomic_write_json, save_figure
+from training.checkpoint import check_run_folder, start_run_folder
 from training.data import DataError, build_lm_datasets, check_tokenizer, collate_windows, resolve_tokenizer, tokenizer_fingerprint
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
 from training.loop import (
@@ -47,7 +48,7 @@ from training.loop import (
     train_loop,
 )
 from training.model_card import EvalInfo, TrainingInfo, describe_hardware
-from training.plots import plot_loss_curve
+from training.plots import LOSS_CURVE_DPI, loss_curve_figure
 
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
@@ -179,7 +180,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
         return values
 
     def on_eval(state: TrainState) -> None:
-        plot_loss_curve(metrics.records(), output_dir / LOSS_CURVE_FILE, title=f"Pretraining {output_dir.name}")
+        save_figure(loss_curve_figure(metrics.records(), title=f"Pretraining {output_dir.name}"), output_dir / LOSS_CURVE_FILE, dpi=LOSS_CURVE_DPI)
 
     train_loop(accelerator, model, optimizer, train_loader, loop_args, state, metrics, eval_fn=eval_fn, on_eval=on_eval)
 
@@ -198,7 +199,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
         report=report,
     )
     if accelerator.is_main_process:
-        plot_loss_curve(metrics.records(), output_dir / LOSS_CURVE_FILE, title=f"Pretraining {output_dir.name}")
+        save_figure(loss_curve_figure(metrics.records(), title=f"Pretraining {output_dir.name}"), output_dir / LOSS_CURVE_FILE, dpi=LOSS_CURVE_DPI)
         training_info, eval_info = model_card_info(model_config, model_args, data, loop_args, state, report, accelerator.num_processes)
         card = {"training_info": training_info, "eval_results": eval_info, "model_name": output_dir.resolve().name}
         save_model_folder(accelerator.unwrap_model(model), tokenizer, output_dir / MODEL_DIR, card=card, extra_files=[output_dir / LOSS_CURVE_FILE])

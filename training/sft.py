@@ -43,7 +43,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
-from training.checkpoint import atomic_write_json, check_run_folder, start_run_folder
+from modeling_minigpt.files import atomic_write_json, save_figure
+from training.checkpoint import check_run_folder, start_run_folder
 from training.data import resolve_tokenizer, tokenizer_fingerprint
 from training.evaluate import check_vocab_sizes, evaluate_loss
 from training.instruct_data import (
@@ -72,7 +73,7 @@ from training.loop import (
     train_loop,
 )
 from training.model_card import TrainingInfo, describe_hardware
-from training.plots import plot_loss_curve
+from training.plots import LOSS_CURVE_DPI, loss_curve_figure
 from training.tasks import TASK_KINDS, exact_match, make_task_splits
 
 MODEL_DIR = "model"
@@ -403,7 +404,7 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
         return {**values, **exact_match_summary(rows)}, rows
 
     def on_eval(state: TrainState) -> None:
-        plot_loss_curve(run.metrics.records(), output_dir / LOSS_CURVE_FILE, title=f"SFT {output_dir.name}")
+        save_figure(loss_curve_figure(run.metrics.records(), title=f"SFT {output_dir.name}"), output_dir / LOSS_CURVE_FILE, dpi=LOSS_CURVE_DPI)
 
     if sft_args.eval_before_training and run.resumed_at is None:
         before, _ = evaluate(run.model, splits.heldout)  # the same records as the final evaluation
