@@ -33,7 +33,7 @@ from tokenization import (  # noqa: E402
     token_boundaries_html,
     train_bpe,
 )
-from tokenization.corpus import iter_texts  # noqa: E402
+from tokenization.corpus import OpenedSource, iter_texts, open_source  # noqa: E402
 from modeling_minigpt.files import atomic_write_text, save_figure  # noqa: E402
 from training.cli import parse_config_args  # noqa: E402
 
@@ -48,10 +48,10 @@ class TokenizerArguments:
     )
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Instead of --files: a folder written by Dataset.save_to_disk, or a .json/.jsonl/.csv/"
-                  ".parquet file, read with `datasets`."},
+        metadata={"help": "Instead of --files: a .json/.jsonl/.csv/.parquet/.arrow file, a folder written by "
+                  "Dataset.save_to_disk (its 'train' split), a folder of .txt or data files, or a dataset name."},
     )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text when --dataset is used."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text when --dataset holds rows."})
     vocab_size: int = field(default=8192, metadata={"help": "Total vocabulary: 256 bytes + special tokens + merges."})
     min_frequency: int = field(default=2, metadata={"help": "Never merge a pair seen fewer times than this."})
     special_tokens: list[str] = field(
@@ -73,23 +73,11 @@ def parse_args(argv: list[str] | None = None) -> TokenizerArguments:
     return args
 
 
-def load_source(args: TokenizerArguments):
-    """Paths for --files; a `datasets.Dataset` for --dataset; else the embedded corpus."""
-    if not args.files and not args.dataset:
-        return EMBEDDED_CORPUS
+def load_source(args: TokenizerArguments) -> OpenedSource:
+    """The texts of --files, else of --dataset, else the embedded corpus."""
     if args.files:
-        return [Path(f) for f in args.files]
-    import datasets
-
-    path = Path(args.dataset)
-    if path.is_dir():
-        return datasets.load_from_disk(str(path))
-    formats = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    if path.suffix not in formats:
-        raise ValueError(f"--dataset {path}: expected a save_to_disk folder or one of {sorted(formats)}")
-    if not path.is_file():
-        raise ValueError(f"--dataset {path} does not exist")
-    return datasets.load_dataset(formats[path.suffix], data_files=str(path), split="train")
+        return open_source([Path(f) for f in args.files], what="--files")
+    return open_source(args.dataset or EMBEDDED_CORPUS, what="--dataset")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from tokenization.corpus import DataError
 from training import data
 from training.data import (
-    DataError,
     build_lm_datasets,
     collate_windows,
     count_windows,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from training.checkpoint import RunFolderError, list_checkpoints
-from training.data import DataError
+from tokenization.corpus import DataError
 from training.loop import LoopArguments
 from training.pretrain import DataArguments, ModelArguments, run_pretraining
 

@@ -57,8 +57,9 @@ def train_bpe(
     """Learn a byte-level BPE vocabulary of `vocab_size` tokens from `source`.
 
     Args:
-        source: a text file path (str or Path), a list of Paths, an iterable of texts (str), or
-            a `datasets.Dataset` whose `text_column` holds the texts. See `corpus.iter_texts`.
+        source: anything `tokenization.corpus.open_source` accepts: a text file, a file or
+            folder of rows, a list of text files, a `datasets.Dataset` whose `text_column` holds
+            the texts, an iterable of texts (str), ...
         vocab_size: total vocabulary, counting the 256 byte tokens and the special tokens.
         min_frequency: a pair seen fewer times than this is never merged (training may then
             stop below `vocab_size`; a warning says so).
@@ -71,7 +72,7 @@ def train_bpe(
         model_max_length: an int, or a model config whose `max_position_embeddings` (or
             `n_positions`) becomes the tokenizer's `model_max_length`.
         show_progress: the trainer's own progress bars.
-        text_column: the column read when `source` is a dataset.
+        text_column: the column read when `source` is (or holds) rows.
 
     Returns:
         A `PreTrainedTokenizerFast` (`TokenizersBackend` in transformers 5) with eos, bos and

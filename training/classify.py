@@ -25,7 +25,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
-import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -38,15 +37,13 @@ from modeling_minigpt.files import atomic_write_json, save_figure
 from training.classify_data import (
     TOPIC_WORDS,
     ClassificationData,
-    ClassificationDataError,
     balanced_sampler,
     collate_classification_batch,
     generate_classification_demo,
     load_classification_data,
     tokenize_classification_dataset,
 )
-from training.data import tokenizer_fingerprint
-from training.evaluate import check_vocab_sizes
+from tokenization.load import check_tokenizer, tokenizer_fingerprint
 from training.lora import LoraArguments, apply_lora, save_finetuned, trainable_parameter_counts
 from training.loop import (
     LOSS_CURVE_FILE,
@@ -150,22 +147,6 @@ def parse_label_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def read_source(path: str, split: str) -> Any:
-    """A data file path as it is; a `save_to_disk` folder as its Dataset (a DatasetDict's `split`)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    try:
-        loaded = datasets.load_from_disk(str(folder))
-    except FileNotFoundError as error:
-        raise ClassificationDataError(f"{folder} is a folder but not a datasets save_to_disk folder: {error}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ClassificationDataError(f"{folder} holds the splits {list(loaded)} but no {split!r} split")
-        return loaded[split]
-    return loaded
-
-
 def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
     """Train, validation and (optional) test data, all with the training data's label ids.
 
@@ -180,7 +161,7 @@ def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
         description = f"embedded topic demo ({args.num_demo_examples} generated sentences, seed {args.data_seed})"
         data = load_classification_data(source)  # the demo's own column names
     else:
-        data = load_classification_data(read_source(args.train_file, "train"), **columns)
+        data = load_classification_data(args.train_file, **columns)
         description = Path(args.train_file).name
     label2id = data.label2id
 
@@ -197,7 +178,7 @@ def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
     def part(name: str) -> ClassificationData | None:
         path = getattr(args, f"{name}_file")
         if path is not None:
-            return load_classification_data(read_source(path, name), label2id=label2id, **columns)
+            return load_classification_data(path, label2id=label2id, split=name, **columns)
         if name in taken:
             return ClassificationData(data.dataset.select(taken[name]), label2id)
         return None
@@ -349,7 +330,7 @@ def run_classification(cls_args: ClassifyArguments, lora_args: LoraArguments, lo
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
         pad_token_id=tokenizer.pad_token_id, trust_remote_code=True,
     )
-    check_vocab_sizes(tokenizer, model)
+    check_tokenizer(tokenizer, model.config.vocab_size)
     max_length = min(cls_args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
     with accelerator.main_process_first():
         train_set, validation_set, test_set = (

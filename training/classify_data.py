@@ -16,7 +16,8 @@ import datasets
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from training.instruct_data import pad_sequences, read_records
+from tokenization.corpus import read_records
+from training.instruct_data import pad_sequences
 from training.tasks import draw_distinct
 
 
@@ -64,9 +65,11 @@ def load_classification_data(
     text_column: str = "text",
     label_column: str = "label",
     label2id: Mapping[str, int] | None = None,
+    split: str = "train",
 ) -> ClassificationData:
-    """(text, label) data from a .csv, .json (array) or .jsonl file, a `datasets.Dataset` or a
-    list of dicts.
+    """(text, label) data from anything `tokenization.corpus.read_records` reads: a .csv, .json
+    (array) or .jsonl file, rows `datasets` reads (of a DatasetDict folder: its `split`), a
+    `datasets.Dataset` or a list of dicts.
 
     Without `label2id` the label set is the one found in the data, sorted (numerically for
     integer labels). With it (e.g. a trained model's `config.label2id`), a label outside it is
@@ -74,7 +77,7 @@ def load_classification_data(
     """
     rows = [
         (where, *_text_and_label(record, where, text_column, label_column))
-        for where, record in read_records(source, ClassificationDataError)
+        for where, record in read_records(source, ClassificationDataError, split)
     ]
     if label2id is None:
         label2id = {name: i for i, name in enumerate(sorted({label for _, _, label in rows}, key=_label_sort_key))}

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from tokenization.load import check_tokenizer
 from tokenization.pretokenize import token_bytes, unicode_to_bytes
 
 IGNORE_INDEX = -100
@@ -382,16 +383,6 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-def check_vocab_sizes(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> None:
-    """Refuse a tokenizer that can produce ids the model has no embedding for."""
-    model_vocab = _model_vocab_size(model)
-    if len(tokenizer) > model_vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only {model_vocab}: "
-            "ids above the model's range would crash the embedding; use the tokenizer the model was trained with"
-        )
-
-
 def bootstrap_ci(
     per_window_nats: torch.Tensor | Sequence[float],
     per_window_denominator: torch.Tensor | Sequence[int],
@@ -528,7 +519,7 @@ def evaluate_texts(
     show_progress: bool = False,
 ) -> MetricsReport:
     """Full report for raw documents: tokenize, strided windows, loss, bits/byte, bootstrap CI."""
-    check_vocab_sizes(tokenizer, model)
+    check_tokenizer(tokenizer, _model_vocab_size(model))
     input_ids, labels = encode_documents(tokenizer, texts)
     context_length, stride = resolve_window(model, context_length, stride)
     result = strided_perplexity(

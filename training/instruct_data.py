@@ -24,12 +24,8 @@ Conventions
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import datasets
@@ -37,6 +33,7 @@ import torch
 
 from modeling_minigpt.files import pyplot
 from tokenization.alpaca import format_example, format_prompt
+from tokenization.corpus import read_records
 from tokenization.pretokenize import readable
 
 if TYPE_CHECKING:
@@ -52,55 +49,8 @@ class InstructionDataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading records (shared with classification data)
+# Reading and validating records
 # ---------------------------------------------------------------------------------------------
-
-
-def read_records(source: Any, error: type[ValueError] = ValueError) -> list[tuple[str, Any]]:
-    """(location, record) pairs from a .json array, .jsonl or .csv file, a `datasets.Dataset`,
-    or a list of dicts. `location` names the file and record for error messages, e.g.
-    "data.jsonl record 3 (line 5)". Parsing problems raise `error` with that location."""
-    if isinstance(source, datasets.DatasetDict):
-        raise error(f"got a DatasetDict with splits {list(source)}; pass one split, e.g. dataset['train']")
-    if isinstance(source, datasets.Dataset):
-        return [(f"dataset record {i}", row) for i, row in enumerate(source.to_list())]
-    if isinstance(source, (str, os.PathLike)):
-        return _read_file(Path(source), error)
-    if isinstance(source, Sequence):
-        return [(f"record {i}", row) for i, row in enumerate(source)]
-    raise error(f"cannot read records from {type(source).__name__}: pass a path, a datasets.Dataset or a list of dicts")
-
-
-def _read_file(path: Path, error: type[ValueError]) -> list[tuple[str, Any]]:
-    if not path.is_file():
-        raise error(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise error(f"{path.name} line {e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise error(f"{path.name}: expected a JSON array of records, got a JSON {type(data).__name__}")
-        return [(f"{path.name} record {i}", row) for i, row in enumerate(data)]
-    if suffix == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path.name} record {len(records)} (line {line_no})"
-                try:
-                    records.append((where, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise error(f"{where}: invalid JSON: {e.msg}") from None
-        return records
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            # line_num is read after each row so quoted multi-line fields still point at the row's end.
-            return [(f"{path.name} record {i} (line {reader.line_num})", row) for i, row in enumerate(reader)]
-    raise error(f"{path.name}: unsupported file type {suffix!r}; use .json (an array), .jsonl or .csv")
 
 
 def _string_field(record: Mapping[str, Any], key: str, where: str, required: bool) -> str:
@@ -132,9 +82,9 @@ def validate_instruction_record(record: Any, where: str) -> dict[str, str]:
 
 
 def load_instruction_records(source: Any) -> list[dict[str, str]]:
-    """Validated Alpaca records from a JSON array file, a JSONL file, a CSV file, a
-    `datasets.Dataset` or a list of dicts. The first bad record stops the load with an
-    InstructionDataError naming the file and record index."""
+    """Validated Alpaca records from anything `tokenization.corpus.read_records` reads (a .json
+    array, .jsonl or .csv file, rows `datasets` reads, a list of dicts). The first bad record
+    stops the load with an InstructionDataError naming the file and record index."""
     return [validate_instruction_record(r, where) for where, r in read_records(source, InstructionDataError)]
 
 

@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from tokenization import EMBEDDED_CORPUS, embedded_documents, train_bpe
+from tokenization import EMBEDDED_CORPUS, train_bpe
+from tokenization.corpus import DataError, open_source, read_text
+from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
 from tokenization.train import save_atomically
 from modeling_minigpt.files import atomic_write_json, save_figure
 from training.checkpoint import check_run_folder, start_run_folder
-from training.data import DataError, build_lm_datasets, check_tokenizer, collate_windows, resolve_tokenizer, tokenizer_fingerprint
+from training.data import build_lm_datasets, check_pipeline_tokenizer, collate_windows
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
 from training.loop import (
     LOSS_CURVE_FILE,
@@ -223,14 +225,14 @@ def _tokenizer(accelerator: Accelerator, data_args: DataArguments, output_dir: P
     be written before the output folder has been checked.
     """
     if data_args.tokenizer_path is not None:
-        return resolve_tokenizer(data_args.tokenizer_path)
+        return load_tokenizer(data_args.tokenizer_path)
     saved = output_dir / TOKENIZER_DIR
     if resume and (saved / "tokenizer.json").is_file():
-        return resolve_tokenizer(saved)
+        return load_tokenizer(saved)
     if data_args.split_by == "characters" and not data_args.validation_file:
         source = [_character_split(data_args)[0]]  # never the held-out text
     else:
-        source = _checked_path(data_args.train_file, "--train_file")
+        source = open_source(data_args.train_file, what="--train_file")
     tokenizer = train_bpe(source, data_args.tokenizer_vocab_size, show_progress=False)
     if len(set(gather_object([tokenizer_fingerprint(tokenizer)]))) > 1:
         raise RuntimeError("the processes trained different tokenizers from the same text: pass --tokenizer_path")
@@ -239,7 +241,9 @@ def _tokenizer(accelerator: Accelerator, data_args: DataArguments, output_dir: P
 
 def build_model_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> MiniGPTConfig:
     """The preset with the given fields; vocab_size must match the tokenizer (DataError otherwise)."""
-    check_tokenizer(tokenizer, model_args.vocab_size)
+    check_pipeline_tokenizer(tokenizer)
+    if model_args.vocab_size is not None:
+        check_tokenizer(tokenizer, model_args.vocab_size)
     overrides = {name: getattr(model_args, name) for name in _SHAPE_FIELDS if getattr(model_args, name) is not None}
     return MiniGPTConfig.from_preset(
         model_args.preset,
@@ -261,7 +265,7 @@ def run_fingerprint(
     """
     if data_args.tokenizer_path:
         path = data_args.tokenizer_path
-        tokenizer = {"path": str(Path(path).resolve()), "hash": tokenizer_fingerprint(resolve_tokenizer(path))}
+        tokenizer = {"path": str(Path(path).resolve()), "hash": tokenizer_fingerprint(load_tokenizer(path))}
     else:
         tokenizer = {"trained_vocab_size": data_args.tokenizer_vocab_size}
     files = {name: file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
@@ -274,58 +278,38 @@ def run_fingerprint(
     }
 
 
-def _checked_path(path: str, flag: str) -> Path | str:
-    if path == EMBEDDED_CORPUS:
-        return path  # not a file: the documentation that ships with CPython
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{flag} {path} does not exist")
-    return p
-
-
 def _character_split(data_args: DataArguments) -> tuple[str, str]:
     """(training, validation) text of train_file, cut `validation_fraction` of the characters from its end."""
-    text = _read_text(data_args.train_file, "--train_file")
+    text = read_text(data_args.train_file, what="--train_file")
     cut = len(text) - round(data_args.validation_fraction * len(text))
     return text[:cut], text[cut:]
 
 
-def _source_name(source: Path | str) -> str:
+def _source_name(source: str) -> str:
     return "CPython's documentation (pydoc_data.topics)" if source == EMBEDDED_CORPUS else Path(source).name
-
-
-def _read_text(path: str, flag: str) -> str:
-    if path == EMBEDDED_CORPUS:
-        return "\n\n".join(embedded_documents())
-    p = _checked_path(path, flag)
-    if not p.is_file():
-        raise DataError(f"{flag} {path}: split_by=characters needs a single text file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{flag} {path} is not UTF-8 text (byte {error.start}): {error.reason}") from None
 
 
 def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> _Data:
     """Training and validation windows (and the validation text when it is a text)."""
     common = dict(context_length=context_length, cache_dir=data_args.cache_dir)
-    train_file = _checked_path(data_args.train_file, "--train_file")
+    train_file = open_source(data_args.train_file, what="--train_file")
+    name = _source_name(data_args.train_file)
     if data_args.validation_file is not None:
-        validation_text = _read_text(data_args.validation_file, "--validation_file")
+        validation_text = read_text(data_args.validation_file, what="--validation_file")
         train = build_lm_datasets(train_file, tokenizer, stride=data_args.stride, validation_fraction=0, **common)["train"]
         validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, _source_name(train_file), Path(data_args.validation_file).name)
+        return _Data(train, validation, validation_text, name, Path(data_args.validation_file).name)
     if not 0 < data_args.validation_fraction < 1:
         raise DataError(f"--validation_fraction must be in (0, 1) without a --validation_file, got {data_args.validation_fraction}")
     if data_args.split_by == "characters":
         train_text, validation_text = _character_split(data_args)
         train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)["train"]
         validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, *_split_descriptions(data_args, _source_name(train_file)))
+        return _Data(train, validation, validation_text, *_split_descriptions(data_args, name))
     splits = build_lm_datasets(
         train_file, tokenizer, stride=data_args.stride, validation_fraction=data_args.validation_fraction, split_by=data_args.split_by, **common
     )
-    return _Data(splits["train"], splits["validation"], None, *_split_descriptions(data_args, _source_name(train_file)))
+    return _Data(splits["train"], splits["validation"], None, *_split_descriptions(data_args, name))
 
 
 def _split_descriptions(data_args: DataArguments, name: str) -> tuple[str, str]:

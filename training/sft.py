@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -45,8 +44,8 @@ import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
 from modeling_minigpt.files import atomic_write_json, save_figure
 from training.checkpoint import check_run_folder, start_run_folder
-from training.data import resolve_tokenizer, tokenizer_fingerprint
-from training.evaluate import check_vocab_sizes, evaluate_loss
+from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
+from training.evaluate import evaluate_loss
 from training.instruct_data import (
     build_instruction_dataset,
     collate_instruction_batch,
@@ -137,7 +136,7 @@ def load_base_tokenizer(model_path: str, tokenizer_path: str | None) -> PreTrain
     A tokenizer without a pad token pads with eos: padded positions are masked out of attention
     and loss, so the id does not matter.
     """
-    tokenizer = resolve_tokenizer(tokenizer_path or model_path)
+    tokenizer = load_tokenizer(tokenizer_path or model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -357,7 +356,7 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
         tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
     set_seed(loop_args.seed)  # LoRA's initial A matrices
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
-    check_vocab_sizes(tokenizer, model)
+    check_tokenizer(tokenizer, model.config.vocab_size)
     context_length = model.config.max_position_embeddings
     max_length = min(sft_args.max_length or context_length, context_length)
     splits = load_instruction_splits(sft_args)
