@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
-from training.data import collate_windows  # noqa: E402
+from training.collate import collate_windows  # noqa: E402
 from training.loop import LoopArguments, MetricsLog, TrainState, build_optimizer, make_accelerator, make_train_dataloader, train_loop  # noqa: E402
 
 

@@ -9,7 +9,7 @@ The token is read the usual way: the HF_TOKEN environment variable, else the log
 that changed, and makes no commit at all when nothing did. Set HF_ENDPOINT to push to another
 Hub-compatible server. The training scripts write the folder to push as <output_dir>/model;
 checkpoints and temporaries are never pushed, even from a whole run folder (see
-training.hub.RUN_ONLY_PATTERNS). A model already in memory can also go up with
+training.export.RUN_ONLY_PATTERNS). A model already in memory can also go up with
 `model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)`, without the card and plots.
 """
 
@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from training.hub import DEFAULT_BRANCH, push_folder  # noqa: E402
+from training.export import DEFAULT_BRANCH, push_folder  # noqa: E402
 
 
 @dataclass

@@ -17,7 +17,6 @@ from test_sft import save_tiny_base
 from training.classify import (
     ClassifyArguments,
     EpochBalancedSampler,
-    evaluate_classifier,
     load_classification_splits,
     parse_label_weights,
     run_classification,
@@ -25,6 +24,7 @@ from training.classify import (
 )
 from tokenization import train_bpe
 from training.classify_data import TOPIC_WORDS, ClassificationDataError, generate_classification_demo
+from training.evaluate import evaluate_classifier
 from training.lora import LoraArguments
 from training.loop import LoopArguments
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForSequenceClassification
+from training.collate import collate_classification_batch
 from training.classify_data import (
     TOPIC_WORDS,
     ClassificationDataError,
     balanced_sampler,
-    collate_classification_batch,
     generate_classification_demo,
     load_classification_data,
     tokenize_classification_dataset,

@@ -16,9 +16,9 @@ import torch
 
 from tokenization.corpus import DataError
 from training import data
+from training.collate import collate_windows
 from training.data import (
     build_lm_datasets,
-    collate_windows,
     count_windows,
     is_validation_document,
     load_corpus,

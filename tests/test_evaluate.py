@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from training.collate import IGNORE_INDEX
 from training.evaluate import (
-    IGNORE_INDEX,
     EvalResult,
     MetricsReport,
     bits_per_byte,

@@ -22,7 +22,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundE
 
 from hub_server import HubServer
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from training.hub import RUN_ONLY_PATTERNS, files_to_push, push_folder
+from training.export import RUN_ONLY_PATTERNS, files_to_push, push_folder
 from training.model_card import write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

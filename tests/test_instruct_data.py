@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from modeling_minigpt.files import save_figure
 from tokenization.alpaca import format_prompt
+from training.collate import IGNORE_INDEX, collate_instruction_batch
 from training.instruct_data import (
-    IGNORE_INDEX,
     InstructionDataError,
     assemble_example,
     build_instruction_dataset,
-    collate_instruction_batch,
     encode_prompt,
     format_loss_mask,
     load_instruction_records,

@@ -11,7 +11,8 @@ import torch
 from peft import PeftModel
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from training.lora import DEFAULT_TARGET_MODULES, LoraArguments, apply_lora, linear_module_names, save_finetuned, trainable_parameter_counts
+from training.export import save_finetuned
+from training.lora import DEFAULT_TARGET_MODULES, LoraArguments, apply_lora, linear_module_names, trainable_parameter_counts
 
 VOCAB = 96
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import RunFolderError, list_checkpoints
+from training.checkpoint import list_checkpoints
+from training.run import RunFolderError
 from tokenization.corpus import DataError
 from training.loop import LoopArguments
 from training.pretrain import DataArguments, ModelArguments, run_pretraining

@@ -23,7 +23,7 @@ from training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.data import collate_windows
+from training.collate import collate_windows
 from training.loop import (
     LoopArguments,
     MetricsLog,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from training.loop import LoopArguments, build_optimizer, learning_rate
-from training.schedule import lr_at_step
+from training.loop import LoopArguments, build_optimizer
+from training.schedule import learning_rate, lr_at_step
 
 SCHEDULE = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
 

@@ -17,20 +17,14 @@ from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from processes import launch, sigkill_after_step
 from test_pretrain import read_metrics
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
-from training.checkpoint import RunFolderError
 from training.cli import parse_config_args
 from training.instruct_data import encode_prompt
 from training.lora import LoraArguments
 from training.loop import LoopArguments
-from training.sft import (
-    SFTArguments,
-    _decode_answer,
-    exact_match_summary,
-    generate_answers,
-    run_sft,
-    score_generations,
-    split_indices,
-)
+from training.data import split_indices
+from training.evaluate import exact_match_summary, score_generations
+from training.run import RunFolderError
+from training.sft import SFTArguments, _decode_answer, generate_answers, run_sft
 from training.tasks import make_task_splits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

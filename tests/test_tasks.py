@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from training.evaluate import exact_match, exact_match_accuracy
 from training.tasks import (
     FIELD_KEYS,
     TASK_KINDS,
     WORDS,
     draw_distinct,
-    exact_match,
-    exact_match_accuracy,
     generate_tasks,
     make_task_splits,
     split_tasks,

@@ -1,4 +1,4 @@
-"""Text classification data: load (text, label) records, map label names to ids, tokenize, collate.
+"""Text classification data: load (text, label) records, map label names to ids, tokenize, sample.
 
 Labels are names (strings; integer labels in a file are read as their decimal text). The
 `label2id` built here is what goes into the model config (`label2id` / `id2label`), so a saved
@@ -17,7 +17,6 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 
 from tokenization.corpus import read_records
-from training.instruct_data import pad_sequences
 from training.tasks import draw_distinct
 
 
@@ -111,22 +110,6 @@ def tokenize_classification_dataset(
         return {"input_ids": ids["input_ids"], "labels": batch["label"]}
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing")
-
-
-def collate_classification_batch(
-    batch: Sequence[Mapping[str, Any]], pad_token_id: int, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` (B, T_max) padded on `padding_side`, and `labels` (B,).
-
-    The model pools the last position whose attention_mask is 1, so either side works; right
-    is the default, left is what batched generation uses.
-    """
-    ids = [example["input_ids"] for example in batch]
-    return {
-        "input_ids": pad_sequences(ids, pad_token_id, padding_side),
-        "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, padding_side),
-        "labels": torch.tensor([int(example["labels"]) for example in batch], dtype=torch.long),
-    }
 
 
 def balanced_sampler(labels: Sequence[int], num_samples: int | None = None, seed: int | None = None) -> WeightedRandomSampler:

@@ -10,7 +10,9 @@ second run reads it back instead of re-tokenizing:
     window_dataset       → windows: rows `input_ids` (context_length + 1 tokens), `doc_id`,
                            `offset` (where in its document the window starts)
     build_lm_datasets    all of the above, plus the checks and a train/validation split
-    collate_windows      a batch of windows → {"input_ids": [B, T], "shift_labels": [B, T]}
+
+(`training.collate.collate_windows` turns a batch of windows into model inputs; `split_indices`
+holds out a seeded share of labelled records, for SFT and classification.)
 
 Windows hold context_length + 1 tokens: the model reads the first T = context_length and each
 position's target is the next token (`shift_labels`, the convention of transformers'
@@ -40,15 +42,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from typing import Any, Iterable, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, List, Value
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
@@ -308,6 +310,16 @@ def count_tokens(tokens: Dataset) -> int:
 
 
 # ----------------------------------------------------------------------------- validation split
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held_out) indices of n records: a seeded random `fraction` (at least one) is held out."""
+    if n < 2:
+        raise ValueError(f"need at least 2 records to hold some out, got {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_held = min(max(1, round(fraction * n)), n - 1)
+    return sorted(order[n_held:]), sorted(order[:n_held])
 
 
 def is_validation_document(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -574,17 +586,6 @@ def build_lm_datasets(
             next(iter(windows))
         return IterableDatasetDict(splits)
     return DatasetDict(splits)
-
-
-def collate_windows(batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Windows of T + 1 tokens → {"input_ids": [B, T], "shift_labels": [B, T]} (int64).
-
-    shift_labels[:, t] is the target of input_ids[:, t] (the next token), the aligned-labels
-    convention of transformers' `ForCausalLMLoss`: all T positions are scored.
-    """
-    windows = torch.stack([torch.as_tensor(example["input_ids"], dtype=torch.long) for example in batch])  # (B, T + 1)
-    # contiguous: the loss flattens shift_labels with .view(-1)
-    return {"input_ids": windows[:, :-1].contiguous(), "shift_labels": windows[:, 1:].contiguous()}
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""Instruction (Alpaca-format) data: load and validate records, render them to ids and labels, collate.
+"""Instruction (Alpaca-format) data: load and validate records, render them to ids and labels.
 
 The loss mask is made in exactly one place, `assemble_example`; `render_examples` (template +
 tokenizer) is the only caller, and `render_example`, `build_instruction_dataset` and the
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import datasets
-import torch
 
 from modeling_minigpt.files import pyplot
 from tokenization.alpaca import format_example, format_prompt
 from tokenization.corpus import read_records
+from training.collate import IGNORE_INDEX
 from tokenization.pretokenize import readable
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
 class InstructionDataError(ValueError):
@@ -228,43 +227,6 @@ def build_instruction_dataset(
     if stats.truncated or stats.skipped:
         logger.warning("%s", stats)
     return dataset.remove_columns("truncated"), stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching
-# ---------------------------------------------------------------------------------------------
-
-
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
-    """(B, T_max) long tensor, each row padded with `pad_value` on the given side."""
-    if side not in ("right", "left"):
-        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
-    if not sequences:
-        raise ValueError("cannot pad an empty batch")
-    longest = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        seq = torch.as_tensor(seq, dtype=torch.long)
-        if side == "right":
-            out[row, : len(seq)] = seq
-        else:
-            out[row, longest - len(seq) :] = seq
-    return out
-
-
-def collate_instruction_batch(batch: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of rendered examples to the longest in the batch.
-
-    Returns `input_ids`, `attention_mask` and `labels`, each (B, T_max); padded positions
-    have attention 0 and label -100, so neither the pad id nor the padding length matters.
-    Use with `functools.partial(collate_instruction_batch, pad_token_id=...)`.
-    """
-    ids = [example["input_ids"] for example in batch]
-    return {
-        "input_ids": pad_sequences(ids, pad_token_id),
-        "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0),
-        "labels": pad_sequences([example["labels"] for example in batch], IGNORE_INDEX),
-    }
 
 
 # ---------------------------------------------------------------------------------------------

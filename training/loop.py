@@ -1,9 +1,10 @@
 """The training loop shared by pretraining, instruction fine-tuning and classification.
 
-Callers build the model and dataloaders and supply two callbacks: `loss_fn(model, batch)` and
-`eval_fn(model)`. Everything else lives here once: the optimizer's weight-decay groups, the
-Accelerator setup (gradient accumulation, mixed precision, a seeded data order), exact resume
-(`TrainState` + `accelerator.save_state`), the metrics log and the loop itself:
+Callers build the model and dataloaders (`training.run` does it for every job) and supply two
+callbacks: `loss_fn(model, batch)` and `eval_fn(model)`. Everything else lives here once: the
+optimizer's weight-decay groups, the Accelerator setup (gradient accumulation, mixed precision,
+a seeded data order), exact resume (`TrainState` + `accelerator.save_state`), the metrics log
+and the loop itself:
 
     accumulate -> backward -> clip -> step -> schedule
 
@@ -17,12 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 from accelerate import Accelerator
@@ -30,14 +30,11 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from modeling_minigpt.files import atomic_path, replace_dir, staging_dir
+from modeling_minigpt.files import atomic_path
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from training.schedule import lr_at_step
-
-CHECKPOINTS_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-LOSS_CURVE_FILE = "loss_curve.png"
-LOGS_DIR = "logs"
+from training.generate import eval_mode
+from training.layout import RunLayout
+from training.schedule import learning_rate
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -142,7 +139,7 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, LOGS_DIR)),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.fspath(RunLayout(Path(args.output_dir)).logs)),
     )
 
 
@@ -195,7 +192,7 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike[s
     cut back to the checkpoint (or emptied when there is none: the run starts over), so the
     resumed run's entries follow without gaps or repeats.
     """
-    folder = latest_checkpoint(Path(output_dir) / CHECKPOINTS_DIR)
+    folder = latest_checkpoint(RunLayout(Path(output_dir)).checkpoints)
     if folder is None:
         metrics.truncate_after(-1)
         return None
@@ -297,23 +294,6 @@ class _LogWindow:
         return values
 
 
-def learning_rate(args: LoopArguments, step: int, elapsed_seconds: float) -> float:
-    """The schedule of `args` at optimizer step `step` (0-based).
-
-    Step-based runs: warmup, then cosine over `max_steps`. Time-budgeted runs: the same warmup
-    in steps, then cosine over the wall-clock budget (progress = elapsed / budget, counted from
-    the start, so the short warmup overlaps the first percent or so of the decay). Time is
-    monotone, so the learning rate never rises again, and it reaches the floor exactly when
-    the budget runs out, whatever the machine's speed.
-    """
-    schedule = dict(max_lr=args.learning_rate, min_lr=args.min_learning_rate)
-    if args.max_time_seconds is None:
-        return lr_at_step(step, **schedule, warmup_steps=args.warmup_steps, total_steps=args.max_steps)
-    if step < args.warmup_steps:
-        return lr_at_step(step, **schedule, warmup_steps=args.warmup_steps, total_steps=math.inf)
-    return lr_at_step(elapsed_seconds, **schedule, warmup_steps=0, total_steps=args.max_time_seconds)
-
-
 def train_loop(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -326,8 +306,9 @@ def train_loop(
     loss_fn: LossFn = causal_lm_loss,
     eval_fn: EvalFn | None = None,
     on_eval: Callable[[TrainState], None] | None = None,
-) -> TrainState:
-    """Train until `args.max_steps` (or `args.max_time_seconds`) from wherever `state` stands.
+) -> dict[str, float | str] | None:
+    """Train until `args.max_steps` (or `args.max_time_seconds`) from wherever `state` stands;
+    return the values of the last evaluation (the one at the final step), None if none ran.
 
     `model`, `optimizer` and `train_dataloader` must come from `accelerator.prepare`, and `state`
     must be registered for checkpointing (and resumed, if wanted) by the caller. Every process runs
@@ -338,7 +319,7 @@ def train_loop(
     """
     if len(train_dataloader) == 0:
         raise ValueError("the training dataloader yields no batch: fewer examples than one batch (drop_last)")
-    checkpoints_root = Path(args.output_dir) / CHECKPOINTS_DIR
+    checkpoints_root = RunLayout(Path(args.output_dir)).checkpoints
     accumulation = args.gradient_accumulation_steps
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, never clip
     batches = _micro_batches(accelerator, train_dataloader, state)
@@ -349,6 +330,7 @@ def train_loop(
         disable=not accelerator.is_main_process, dynamic_ncols=True,
     )
     window = _LogWindow(state.tokens_seen)
+    evaluation = None
     model.train()
 
     elapsed = clock.tick()
@@ -395,20 +377,20 @@ def train_loop(
             progress.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         with window.paused():  # evaluation and checkpoints do not count against tokens_per_second
             if eval_fn is not None and (done or state.step % args.eval_every == 0):
-                _evaluate(accelerator, model, eval_fn, metrics, state)
+                evaluation = _evaluate(accelerator, model, eval_fn, metrics, state)
                 if on_eval is not None and accelerator.is_main_process:
                     on_eval(state)
             if save_now:
                 save_checkpoint(accelerator, checkpoints_root, state.step, args.keep_last)
     progress.close()
-    return state
+    return evaluation
 
 
-def _evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_fn: EvalFn, metrics: MetricsLog, state: TrainState) -> None:
-    model.eval()
-    with torch.no_grad():
+def _evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, eval_fn: EvalFn, metrics: MetricsLog, state: TrainState
+) -> dict[str, float | str]:
+    with eval_mode(model), torch.no_grad():
         results = dict(eval_fn(model))
-    model.train()
     log_metrics(accelerator, metrics, state.step, {"tokens": state.tokens_seen, **results})
     if accelerator.is_main_process:
         shown = "  ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
@@ -416,62 +398,4 @@ def _evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_fn: EvalFn,
         for key, text in results.items():
             if isinstance(text, str):
                 tqdm.write(f"{key}: {text!r}")
-
-
-def save_model_folder(
-    model: Any,
-    tokenizer: Any,
-    folder: str | os.PathLike[str],
-    card: Mapping[str, Any] | None = None,
-    extra_files: Sequence[str | os.PathLike[str]] = (),
-) -> Path:
-    """The final Hugging Face folder, all or nothing: built in `.tmp-<name>` beside it, then renamed.
-
-    `save_pretrained` of the unwrapped model (with its code for trust_remote_code) and the
-    tokenizer, any `extra_files` that exist (the loss curve the card links to), and, if `card`
-    is given, a model card from `write_model_card(folder, config=model.config, **card)`.
-    Main process only.
-    """
-    from training.model_card import write_model_card  # the card pulls in the hub client: only when saving
-
-    folder = Path(folder)
-    tmp = staging_dir(folder)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for extra in map(Path, extra_files):
-        if extra.is_file():
-            shutil.copy(extra, tmp / extra.name)
-    if card is not None:
-        write_model_card(tmp, config=model.config, **card)
-    return replace_dir(tmp, folder)
-
-
-# ----------------------------------------------------------------------------- describing a run
-
-
-def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-    """Path and size of a file, for a resume fingerprint (None stays None)."""
-    if path is None:
-        return None
-    p = Path(path)
-    return {"path": str(p.resolve()), "size": p.stat().st_size if p.is_file() else None}
-
-
-
-def optimization_fingerprint(loop_args: LoopArguments) -> dict[str, Any]:
-    """The loop settings a resumed run must keep (logging, eval and checkpoint cadence may change)."""
-    not_binding = {"output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "overwrite", "report_to"}
-    return {k: v for k, v in asdict(loop_args).items() if k not in not_binding}
-
-
-
-def describe_schedule(loop_args: LoopArguments, num_processes: int, tokens_per_sequence: int | None = None) -> str:
-    """The optimisation in words, for the model card."""
-    length = f"{loop_args.max_steps} steps" if loop_args.max_time_seconds is None else f"a {loop_args.max_time_seconds:g} s budget"
-    return (
-        f"AdamW (betas {loop_args.adam_beta1}, {loop_args.adam_beta2}; weight decay {loop_args.weight_decay} on matrices), "
-        f"lr {loop_args.learning_rate:g} after {loop_args.warmup_steps} warmup steps, cosine decay to "
-        f"{loop_args.min_learning_rate:g} over {length}; batches of {loop_args.per_device_batch_size} x "
-        f"{loop_args.gradient_accumulation_steps} accumulation x {num_processes} process(es)"
-        + (f" x {tokens_per_sequence} tokens" if tokens_per_sequence else "")
-    )
+    return results

@@ -1,9 +1,10 @@
 """Pretraining a MiniGPT from a text corpus: the job behind `scripts/pretrain.py`.
 
 `run_pretraining(model_args, data_args, loop_args)` checks every input, builds the tokenizer,
-the windowed datasets and the model, hands them to `training.loop.train_loop`, evaluates the
-result on the whole validation set and saves a Hugging Face folder (`output_dir/model`: weights,
-code for trust_remote_code, tokenizer, model card with the loss curve).
+the windowed datasets and the model, and goes through the run lifecycle of `training.run`:
+train, evaluate the result on the whole validation set, and save a Hugging Face folder
+(`output_dir/model`: weights, code for trust_remote_code, tokenizer, model card with the loss
+curve).
 
 Order matters for "nothing half-written": everything that can reject the inputs (missing files,
 a tokenizer that does not fit the model, a corpus shorter than a window, an output folder that
@@ -12,7 +13,6 @@ holds another run) runs before the first byte is written to the output folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,33 +28,15 @@ from tokenization import EMBEDDED_CORPUS, train_bpe
 from tokenization.corpus import DataError, open_source, read_text
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
 from tokenization.train import save_atomically
-from modeling_minigpt.files import atomic_write_json, save_figure
-from training.checkpoint import check_run_folder, start_run_folder
-from training.data import build_lm_datasets, check_pipeline_tokenizer, collate_windows
+from training.collate import collate_windows
+from training.data import build_lm_datasets, check_pipeline_tokenizer
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
-from training.loop import (
-    LOSS_CURVE_FILE,
-    METRICS_FILE,
-    LoopArguments,
-    MetricsLog,
-    TrainState,
-    build_optimizer,
-    describe_schedule,
-    file_identity,
-    make_accelerator,
-    make_train_dataloader,
-    optimization_fingerprint,
-    resume_from_latest,
-    save_model_folder,
-    start_trackers,
-    train_loop,
-)
-from training.model_card import EvalInfo, TrainingInfo, describe_hardware
-from training.plots import LOSS_CURVE_DPI, loss_curve_figure
+from training.generate import greedy_generate
+from training.layout import RunLayout
+from training.loop import LoopArguments, make_train_dataloader
+from training.model_card import EvalInfo
+import training.run as lifecycle
 
-MODEL_DIR = "model"
-TOKENIZER_DIR = "tokenizer"
-FINAL_METRICS_FILE = "final_metrics.json"
 # Model fields a run may set; anything not given comes from the preset.
 _SHAPE_FIELDS = ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
 
@@ -80,7 +62,8 @@ class DataArguments:
 
     train_file: str = field(
         default=EMBEDDED_CORPUS,
-        metadata={"help": "Training text: a UTF-8 file, a folder of .txt files, or a .jsonl/.parquet with a 'text' column. "
+        metadata={"help": "Training text: a UTF-8 file, a folder of .txt files, a .jsonl/.csv/.parquet file or save_to_disk "
+                  "folder with a 'text' column, or a dataset name. "
                   f"Default {EMBEDDED_CORPUS!r}: CPython's own documentation (pydoc_data.topics, ~465k characters)."},
     )
     validation_file: str | None = field(default=None, metadata={"help": "Held-out text file. Default: hold out part of train_file."})
@@ -134,91 +117,52 @@ class _Data:
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments) -> PretrainResult:
     """Pretrain, evaluate and save; resumes when `loop_args.resume` (see module docstring)."""
-    if not loop_args.output_dir:
-        raise ValueError("--output_dir is required: the folder for checkpoints, logs and the final model")
+    run = lifecycle.open_run("pretrain", "Pretraining", loop_args)
     if not data_args.train_file:
         raise ValueError("--train_file is required: the text to pretrain on")
-    accelerator = make_accelerator(loop_args)
-    output_dir = Path(loop_args.output_dir)
-
-    # --- 1. every check, before anything is written ---------------------------------------
-    tokenizer = _tokenizer(accelerator, data_args, output_dir, loop_args.resume)
+    tokenizer = _tokenizer(run.accelerator, data_args, run.layout, loop_args.resume)
     model_config = build_model_config(model_args, tokenizer)
-    fingerprint = run_fingerprint(model_args, data_args, loop_args, model_config)
-    check_run_folder(output_dir, fingerprint, resume=loop_args.resume, overwrite=loop_args.overwrite)
-    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
+    with run.accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
         data = _build_data(data_args, tokenizer, model_config.context_length)
-
-    # --- 2. the run folder ----------------------------------------------------------------
-    config = {"model": model_config.to_diff_dict(), "model_args": asdict(model_args), "data": asdict(data_args), "loop": asdict(loop_args)}
-    if accelerator.is_main_process:
-        start_run_folder(output_dir, fingerprint, config, overwrite=loop_args.overwrite)
-        if data_args.tokenizer_path is None:
-            save_atomically(tokenizer, output_dir / TOKENIZER_DIR)
-        _print_config(config, output_dir, accelerator.num_processes, len(data.train), len(data.validation))
-    accelerator.wait_for_everyone()
-
-    # --- 3. model, optimizer, data loaders, resume ----------------------------------------
     set_seed(loop_args.seed)  # the same initial weights on every process and in every rerun
-    model = MiniGPTForCausalLM(model_config)
-    optimizer = build_optimizer(model, loop_args.learning_rate, loop_args.weight_decay, (loop_args.adam_beta1, loop_args.adam_beta2))
-    train_loader = make_train_dataloader(data.train, loop_args.per_device_batch_size, collate_windows, loop_args.seed)
-    val_loader = DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    metrics = MetricsLog(output_dir / METRICS_FILE, enabled=accelerator.is_main_process)
-    resumed_at = resume_from_latest(accelerator, output_dir, metrics) if loop_args.resume else None
-    if accelerator.is_main_process and loop_args.resume:
-        print(f"resuming from step {resumed_at}" if resumed_at is not None else "no checkpoint yet: starting from step 0")
-    start_trackers(accelerator, "pretrain", _flat(config), resumed_at)
+    prepared = lifecycle.prepare(
+        run,
+        MiniGPTForCausalLM(model_config),
+        make_train_dataloader(data.train, loop_args.per_device_batch_size, collate_windows, loop_args.seed),
+        DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows),
+        fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
+        config={"model": model_config.to_diff_dict(), "model_args": asdict(model_args), "data": asdict(data_args), "loop": asdict(loop_args)},
+        summary=f"processes: {run.accelerator.num_processes}; training windows: {len(data.train):,}; validation windows: {len(data.validation):,}",
+    )
+    if run.is_main and data_args.tokenizer_path is None:
+        save_atomically(tokenizer, run.layout.tokenizer)
 
-    # --- 4. train --------------------------------------------------------------------------
     def eval_fn(model: torch.nn.Module) -> dict[str, float | str]:
-        result = evaluate_loss(model, val_loader, accelerator, max_batches=data_args.eval_batches)
+        result = evaluate_loss(model, prepared.eval_loader, run.accelerator, max_batches=data_args.eval_batches)
         values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
-        if accelerator.is_main_process:
-            values["sample"] = generate_sample(accelerator.unwrap_model(model), tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+        if run.is_main:
+            values["sample"] = generate_sample(run.accelerator.unwrap_model(model), tokenizer, data_args.sample_prompt, data_args.sample_tokens)
         return values
 
-    def on_eval(state: TrainState) -> None:
-        save_figure(loss_curve_figure(metrics.records(), title=f"Pretraining {output_dir.name}"), output_dir / LOSS_CURVE_FILE, dpi=LOSS_CURVE_DPI)
-
-    train_loop(accelerator, model, optimizer, train_loader, loop_args, state, metrics, eval_fn=eval_fn, on_eval=on_eval)
-
-    # --- 5. final evaluation on the whole validation set, then the model folder -------------
-    report = final_evaluation(accelerator, model, tokenizer, val_loader, data.validation_text, model_config.context_length)
-    tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
-    chars_per_token = training_chars_per_token(data.train, tokenizer)
-    result = PretrainResult(
-        output_dir=output_dir,
-        model_dir=output_dir / MODEL_DIR,
-        steps=state.step,
-        tokens_seen=state.tokens_seen,
-        train_seconds=state.train_seconds,
-        tokens_per_second=tokens_per_second,
-        chars_per_second=tokens_per_second * chars_per_token,
-        report=report,
+    lifecycle.train(prepared, eval_fn)
+    report = final_evaluation(run.accelerator, prepared.model, tokenizer, prepared.eval_loader, data.validation_text, model_config.context_length)
+    result = _result(prepared, report, training_chars_per_token(data.train, tokenizer))
+    training = {"preset": model_args.preset, **lifecycle.training_info(prepared, f"{data.train_description} ({len(data.train):,} windows)",
+                                                             tokens_per_sequence=model_config.context_length)}
+    lifecycle.finish(
+        prepared, tokenizer, card={"training_info": training, "eval_results": eval_info(data.validation_description, report)},
+        json_files={run.layout.final_metrics: _result_summary(result)},
+        report=f"\nfinal validation ({data.validation_description}):\n{report.to_text()}\n"
+        f"{result.steps} steps, {result.tokens_seen:,} tokens in {result.train_seconds:.1f} s (evaluations included): "
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s",
     )
-    if accelerator.is_main_process:
-        save_figure(loss_curve_figure(metrics.records(), title=f"Pretraining {output_dir.name}"), output_dir / LOSS_CURVE_FILE, dpi=LOSS_CURVE_DPI)
-        training_info, eval_info = model_card_info(model_config, model_args, data, loop_args, state, report, accelerator.num_processes)
-        card = {"training_info": training_info, "eval_results": eval_info, "model_name": output_dir.resolve().name}
-        save_model_folder(accelerator.unwrap_model(model), tokenizer, output_dir / MODEL_DIR, card=card, extra_files=[output_dir / LOSS_CURVE_FILE])
-        atomic_write_json(output_dir / FINAL_METRICS_FILE, _result_summary(result))
-        print(f"\nfinal validation ({data.validation_description}):\n{report.to_text()}")
-        print(f"{state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds:.1f} s (evaluations included): "
-              f"{tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s")
-        print(f"model saved to {result.model_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return result
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _tokenizer(accelerator: Accelerator, data_args: DataArguments, output_dir: Path, resume: bool) -> PreTrainedTokenizerBase:
+def _tokenizer(accelerator: Accelerator, data_args: DataArguments, layout: RunLayout, resume: bool) -> PreTrainedTokenizerBase:
     """The given tokenizer; on resume, the one this run trained; otherwise a BPE trained in memory.
 
     Training happens on every process (it is deterministic; checked below) so nothing needs to
@@ -226,9 +170,8 @@ def _tokenizer(accelerator: Accelerator, data_args: DataArguments, output_dir: P
     """
     if data_args.tokenizer_path is not None:
         return load_tokenizer(data_args.tokenizer_path)
-    saved = output_dir / TOKENIZER_DIR
-    if resume and (saved / "tokenizer.json").is_file():
-        return load_tokenizer(saved)
+    if resume and (layout.tokenizer / "tokenizer.json").is_file():
+        return load_tokenizer(layout.tokenizer)
     if data_args.split_by == "characters" and not data_args.validation_file:
         source = [_character_split(data_args)[0]]  # never the held-out text
     else:
@@ -255,10 +198,10 @@ def build_model_config(model_args: ModelArguments, tokenizer: PreTrainedTokenize
     )
 
 
-def run_fingerprint(
+def _fingerprint(
     model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments, model_config: MiniGPTConfig
 ) -> dict[str, Any]:
-    """What must be equal for a resumed run to continue the same run (see `check_run_folder`).
+    """What must be equal for a resumed run to continue the same run (see `training.run.check_run_folder`).
 
     Logging, evaluation and checkpoint cadence may change between segments; the model's shape,
     the tokenizer, the data and the optimisation may not.
@@ -268,14 +211,10 @@ def run_fingerprint(
         tokenizer = {"path": str(Path(path).resolve()), "hash": tokenizer_fingerprint(load_tokenizer(path))}
     else:
         tokenizer = {"trained_vocab_size": data_args.tokenizer_vocab_size}
-    files = {name: file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
+    files = {name: lifecycle.file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
     data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride")}
-    return {
-        "model": {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)},
-        "tokenizer": tokenizer,
-        "data": {**files, **data},
-        "optimization": optimization_fingerprint(loop_args),
-    }
+    model = {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)}
+    return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data})
 
 
 def _character_split(data_args: DataArguments) -> tuple[str, str]:
@@ -323,20 +262,12 @@ def _split_descriptions(data_args: DataArguments, name: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- evaluation and output
 
 
-@torch.no_grad()
 def generate_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt` (of a document start when empty). Greedy: no RNG is drawn,
-    so sampling during training cannot change what a resumed run computes."""
+    """Greedy continuation of `prompt` (of a document start when empty), special tokens shown."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [tokenizer.eos_token_id]
-    max_new_tokens = min(max_new_tokens, model.config.context_length - 1)
-    input_ids = torch.tensor([ids[-(model.config.context_length - max_new_tokens) :]], device=model.device)  # (1, T0)
-    was_training = model.training
-    model.eval()
-    output = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
-    model.train(was_training)
-    return prompt + tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=False)
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - 1)
+    [new] = greedy_generate(model, [ids], max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return prompt + tokenizer.decode(new, skip_special_tokens=False)
 
 
 def training_chars_per_token(windows: Any, tokenizer: PreTrainedTokenizerBase, max_windows: int = 4096) -> float:
@@ -368,29 +299,31 @@ def final_evaluation(
     return MetricsReport.from_result(result, context_length=context_length, stride=context_length)
 
 
-def model_card_info(
-    model_config: MiniGPTConfig, model_args: ModelArguments, data: _Data, loop_args: LoopArguments,
-    state: TrainState, report: MetricsReport, num_processes: int,
-) -> tuple[TrainingInfo, EvalInfo]:
-    """What the model card says about this run and its final evaluation."""
-    schedule = describe_schedule(loop_args, num_processes, model_config.context_length)
-    training: TrainingInfo = {
-        "preset": model_args.preset,
-        "data": f"{data.train_description} ({len(data.train):,} windows)",
-        "tokens_seen": state.tokens_seen,
-        "steps": state.step,
-        "schedule": schedule,
-        "wall_time_seconds": state.train_seconds,
-        "hardware": describe_hardware(num_processes),
-    }
-    evaluation: EvalInfo = {"dataset_name": data.validation_description, "val_loss": report.loss, "perplexity": report.perplexity, "num_tokens": report.n_tokens}
+def eval_info(dataset_name: str, report: MetricsReport) -> EvalInfo:
+    """What the model card says about the final evaluation."""
+    evaluation: EvalInfo = {"dataset_name": dataset_name, "val_loss": report.loss, "perplexity": report.perplexity, "num_tokens": report.n_tokens}
     if report.loss_ci:
         evaluation.update(val_loss_ci=tuple(report.loss_ci), perplexity_ci=tuple(report.perplexity_ci), confidence_level=report.confidence)
     if report.bits_per_byte is not None:
         evaluation["bits_per_byte"] = report.bits_per_byte
     if report.bits_per_byte_ci:
         evaluation["bits_per_byte_ci"] = tuple(report.bits_per_byte_ci)
-    return training, evaluation
+    return evaluation
+
+
+def _result(prepared: lifecycle.PreparedRun, report: MetricsReport, chars_per_token: float) -> PretrainResult:
+    state, layout = prepared.state, prepared.run.layout
+    tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
+    return PretrainResult(
+        output_dir=layout.root,
+        model_dir=layout.model,
+        steps=state.step,
+        tokens_seen=state.tokens_seen,
+        train_seconds=state.train_seconds,
+        tokens_per_second=tokens_per_second,
+        chars_per_second=tokens_per_second * chars_per_token,
+        report=report,
+    )
 
 
 def _result_summary(result: PretrainResult) -> dict[str, Any]:
@@ -402,24 +335,3 @@ def _result_summary(result: PretrainResult) -> dict[str, Any]:
         "chars_per_second": result.chars_per_second,
         "validation": result.report.to_dict(),
     }
-
-
-def _flat(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One level of `section.key` names, for the trackers' hyperparameter table."""
-    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
-
-
-def _print_config(config: dict[str, Any], output_dir: Path, num_processes: int, n_train: int, n_val: int) -> None:
-    print("resolved configuration:")
-    print(json.dumps(config, indent=2, sort_keys=True, default=str))
-    print(f"processes: {num_processes}; training windows: {n_train:,}; validation windows: {n_val:,}")
-    print(f"outputs: {output_dir.resolve()}")
-    for name, what in [
-        ("run_config.json", "configuration and resume fingerprint"),
-        ("checkpoints/step_N", "accelerate checkpoints (resume with --resume)"),
-        (METRICS_FILE, "training/validation loss log"),
-        (LOSS_CURVE_FILE, "loss curve"),
-        ("logs/", "TensorBoard logs"),
-        (f"{MODEL_DIR}/", "final model, tokenizer and model card"),
-    ]:
-        print(f"  {name:<22} {what}")

@@ -6,7 +6,8 @@ same seed gives the same records in every Python process (no `hash()` of strings
 iteration order). Answers are a few tokens to a few dozen, short enough that a ~1M-parameter
 model can learn some kinds in a few CPU minutes.
 
-The metric is exact match of the model's greedy answer against `output`.
+The metric is exact match of the model's greedy answer against `output`
+(`training.evaluate.exact_match`).
 """
 
 from __future__ import annotations
@@ -177,21 +178,3 @@ def make_task_splits(
 ) -> tuple[list[Record], list[Record]]:
     """Disjoint (train, held-out) task records drawn from one seeded stream."""
     return split_tasks(generate_tasks(n_heldout + n_train, seed, kinds), n_heldout)
-
-
-def exact_match(prediction: str, expected: str) -> bool:
-    """True when the two are equal after stripping surrounding whitespace only.
-
-    Case, punctuation and inner spacing all count: "3, 7" does not match "3,7". Stripping
-    the ends forgives the newline or space a model may emit before stopping, nothing more.
-    """
-    return prediction.strip() == expected.strip()
-
-
-def exact_match_accuracy(predictions: Sequence[str], expected: Sequence[str]) -> float:
-    """Fraction of predictions that `exact_match` their expected answer."""
-    if len(predictions) != len(expected):
-        raise ValueError(f"{len(predictions)} predictions for {len(expected)} expected answers")
-    if not predictions:
-        raise ValueError("exact_match_accuracy needs at least one prediction")
-    return sum(exact_match(p, e) for p, e in zip(predictions, expected)) / len(predictions)
