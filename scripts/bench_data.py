@@ -35,16 +35,14 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser
+import datasets
+
+from tokenization import EOS_TOKEN, gpt2_tiktoken_encoding, load_gpt2_tokenizer
+from tokenization.fast_encode import tiktoken_twin
+from training.cli import parse_config_args
+from training.data import build_lm_datasets, load_corpus, sliding_windows, tokenize_documents, window_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
-
-import datasets  # noqa: E402
-
-from tokenization import EOS_TOKEN, gpt2_tiktoken_encoding, load_gpt2_tokenizer  # noqa: E402
-from tokenization.fast_encode import tiktoken_twin  # noqa: E402
-from training.data import build_lm_datasets, load_corpus, sliding_windows, tokenize_documents, window_dataset  # noqa: E402
 
 T = TypeVar("T")
 
@@ -76,7 +74,8 @@ def book_windows(ids: list[int], context_length: int, stride: int) -> tuple[list
     return inputs, targets
 
 
-def main(args: BenchArguments) -> None:
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
     data_dir = Path(args.data_dir)
     shakespeare = (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
     copies = max(1, round(args.repeat_mb * 1e6 / len(shakespeare.encode("utf-8"))))
@@ -149,8 +148,8 @@ def main(args: BenchArguments) -> None:
     if load > 1:
         print(f"\nnote: the machine was busy (load average {load:.1f}); ratios compare stages run side by side")
     shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    (arguments,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    main(arguments)
+    sys.exit(main())

@@ -36,15 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from transformers import HfArgumentParser
+from tokenizers import Tokenizer, models
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tokenizers import Tokenizer, models  # noqa: E402
-
-from tokenization import (  # noqa: E402
+from tokenization import (
     encode_batch_fast,
     gpt2_tiktoken_encoding,
     learned_merges,
@@ -53,9 +47,12 @@ from tokenization import (  # noqa: E402
     train_bpe,
     train_reference_bpe,
 )
-from tokenization.corpus import read_utf8_chunks  # noqa: E402
-from tokenization.fast_encode import tiktoken_twin  # noqa: E402
-from training.data import PIECE_CHARS  # noqa: E402
+from tokenization.corpus import read_utf8_chunks
+from tokenization.fast_encode import tiktoken_twin
+from training.cli import parse_config_args
+from training.data import PIECE_CHARS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -180,7 +177,8 @@ def bench_limits(tokenizer, text: str, rounds: int) -> None:
         print(f"    {name:<52} {seconds:7.2f} s {megabytes / seconds:7.2f} MB/s   {seconds / full:6.0%} of full encode")
 
 
-def main(args: BenchArguments) -> None:
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
     if args.quick:
         args.repeat_mb, args.rounds, args.train_vocab_size = 2.0, 2, 400
     data_dir = Path(args.data_dir)
@@ -211,8 +209,8 @@ def main(args: BenchArguments) -> None:
     for path in work.iterdir():
         path.unlink()
     work.rmdir()
+    return 0
 
 
 if __name__ == "__main__":
-    (arguments,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    main(arguments)
+    sys.exit(main())

@@ -19,23 +19,10 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tokenization import (  # noqa: E402
-    EMBEDDED_CORPUS,
-    SPECIAL_TOKENS,
-    format_merge_table,
-    merge_table,
-    merge_trace,
-    merge_trace_figure,
-    token_boundaries_html,
-    train_bpe,
-)
-from tokenization.corpus import OpenedSource, iter_texts, open_source  # noqa: E402
-from modeling_minigpt.files import atomic_write_text, save_figure  # noqa: E402
-from training.cli import parse_config_args  # noqa: E402
+from tokenization import EMBEDDED_CORPUS, SPECIAL_TOKENS, train_bpe
+from tokenization.corpus import OpenedSource, open_source
+from tokenization.visualize import write_views
+from training.cli import USER_ERRORS, parse_config_args, report_error
 
 
 @dataclass
@@ -67,6 +54,7 @@ class TokenizerArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> TokenizerArguments:
+    """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""
     (args,) = parse_config_args((TokenizerArguments,), argv, __doc__.split("\n\n")[0])
     if args.files and args.dataset:
         raise ValueError("give --files or --dataset, not both")
@@ -97,27 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             text_column=args.text_column,
         )
         seconds = time.perf_counter() - start
-        write_views(tokenizer, source, args)
-    except (ValueError, OSError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        table = write_views(tokenizer, source, args.output_dir, trace_word=args.trace_word,
+                            merges_table_rows=args.merges_table, text_column=args.text_column)
+    except USER_ERRORS as error:
+        return report_error(error)
+    if table is not None:
+        print(table)
     print(f"trained {len(tokenizer)} tokens in {seconds:.1f} s; saved to {args.output_dir}")
     return 0
-
-
-def write_views(tokenizer, source, args: TokenizerArguments) -> None:
-    """merges_table.md, token_boundaries.html and merge_trace.png beside the tokenizer."""
-    output_dir = Path(args.output_dir)
-    if args.trace_word:
-        save_figure(merge_trace_figure(merge_trace(tokenizer, args.trace_word)), output_dir / "merge_trace.png")
-    texts, _ = iter_texts(source, args.text_column)
-    head = next(texts, "")[:3000]
-    atomic_write_text(output_dir / "token_boundaries.html", token_boundaries_html(tokenizer, head))
-    if args.merges_table > 0:
-        texts, _ = iter_texts(source, args.text_column)
-        table = format_merge_table(merge_table(tokenizer, texts, args.merges_table))
-        atomic_write_text(output_dir / "merges_table.md", f"# First {args.merges_table} merges\n\n{table}\n")
-        print(table)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import runpy
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from training.collate import IGNORE_INDEX
+from training.evaluate_folder import evaluate_folder
 from training.evaluate import (
     EvalResult,
     MetricsReport,
@@ -328,10 +330,8 @@ def test_script_writes_the_same_numbers_as_the_library(evaluate_script, saved_mo
     text_file = tmp_path / "text.txt"
     text_file.write_text(text, encoding="utf-8")
     out = tmp_path / "metrics.json"
-    args = evaluate_script.parse_args(
-        ["--model", str(saved_model), "--text-file", str(text_file), "--stride", "16", "--output-json", str(out)]
-    )
-    evaluate_script.main(args)
+    argv = ["--model", str(saved_model), "--text-file", str(text_file), "--stride", "16", "--output-json", str(out)]
+    assert evaluate_script.main(argv) == 0
     written = json.loads(out.read_text())
     model = MiniGPTForCausalLM.from_pretrained(saved_model)
     expected = evaluate_texts(model, tiny_tokenizer, [text], stride=16)
@@ -350,7 +350,7 @@ def test_script_reads_a_dataset_and_a_yaml_config(evaluate_script, saved_model, 
     config.write_text(f"model: {saved_model}\ndataset: {data}\ntext_column: body\nbootstrap: 0\n")
     args = evaluate_script.parse_args([str(config), "--stride", "4"])
     assert (args.stride, args.text_column, args.bootstrap) == (4, "body", 0)
-    report = evaluate_script.main(args)
+    report = evaluate_folder(args)
     assert report.n_bytes == len("one docanother dóc".encode())
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle: x\n")
@@ -358,12 +358,12 @@ def test_script_reads_a_dataset_and_a_yaml_config(evaluate_script, saved_model, 
         evaluate_script.parse_args([str(bad)])
     wrong_column = evaluate_script.parse_args(["--model", str(saved_model), "--dataset", str(data)])
     with pytest.raises(ValueError, match="text_column='text' is not a column"):
-        evaluate_script.main(wrong_column)
+        evaluate_folder(wrong_column)
 
 
-def test_script_errors_name_the_problem(evaluate_script, saved_model, tiny_tokenizer, tmp_path):
+def test_script_errors_name_the_problem(evaluate_script, saved_model, tiny_tokenizer, tmp_path, capsys):
     def run(*argv: str) -> None:
-        evaluate_script.main(evaluate_script.parse_args(list(argv)))
+        evaluate_folder(evaluate_script.parse_args(list(argv)))
 
     text_file = tmp_path / "ok.txt"
     text_file.write_text("some text", encoding="utf-8")
@@ -385,12 +385,13 @@ def test_script_errors_name_the_problem(evaluate_script, saved_model, tiny_token
     with pytest.raises(ValueError, match="tokenizer has 512 tokens but the model's vocabulary has only 300"):
         run("--model", str(small), "--tokenizer", str(saved_model), "--text-file", str(text_file))
 
-    # Run as a script, the same errors end the process with a message, not a traceback.
+    # Run as a script, the same errors end the process with a message and exit code 1, not a traceback.
     argv = ["evaluate.py", "--model", str(saved_model), "--text-file", str(empty)]
-    message = "evaluate.py: error: .*empty or whitespace-only"
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match=message):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_:
         patch.setattr(sys, "argv", argv)
         runpy.run_path(evaluate_script.__file__, run_name="__main__")
+    assert exit_.value.code == 1
+    assert re.search("^error: .*empty or whitespace-only", capsys.readouterr().err, re.MULTILINE)
 
 
 @pytest.mark.slow

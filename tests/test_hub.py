@@ -277,7 +277,7 @@ def test_bad_inputs_fail_before_any_request(hub, model_folder, api, tmp_path):
     requests_before = len(hub.requests)
     result = run_push(tmp_path / "nowhere", "test-user/x", env=hub_env(hub, tmp_path / "hf_home"))
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: ValueError: folder to push {tmp_path / 'nowhere'} does not exist")
+    assert result.stderr.startswith(f"error: folder to push {tmp_path / 'nowhere'} does not exist")
     with pytest.raises(ValueError, match="'namespace/name'"):
         push_folder(model_folder, "no-namespace", endpoint=hub.url, token=FAKE_TOKEN)
     with pytest.raises(ValueError, match="no config.json"):

@@ -31,7 +31,9 @@ def load_tokenizer(tokenizer: PreTrainedTokenizerBase | PathLike | None) -> PreT
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise DataError(f"no tokenizer at {path}: expected a folder with tokenizer.json (from save_pretrained)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # trust_remote_code: a folder whose config names remote code would otherwise stop and ask;
+        # the tokenizer class itself comes from tokenizer_config.json.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     except Exception as error:  # any loading failure becomes one clear message
         raise DataError(f"could not load the tokenizer saved in {path}: {error}") from error
 

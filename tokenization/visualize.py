@@ -6,6 +6,8 @@
 - `merge_table(tokenizer, texts, n)`: the first n learned merges with each pair's frequency in
   the corpus when it was merged; `format_merge_table` prints it as Markdown.
 - `token_boundaries_html` / `token_boundaries_figure`: a text with alternating token colours.
+- `write_views(tokenizer, source, output_dir)`: the views `scripts/train_tokenizer.py` saves
+  beside a trained tokenizer.
 
 The `*_figure` functions return a matplotlib Figure; `modeling_minigpt.files.save_figure` writes it.
 """
@@ -16,12 +18,14 @@ import functools
 import html
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from transformers import PreTrainedTokenizerFast
 
-from modeling_minigpt.files import pyplot
+from modeling_minigpt.files import atomic_write_text, pyplot, save_figure
 
+from .corpus import PathLike, Source, iter_texts
 from .pretokenize import readable, segment_special_tokens
 from .reference_bpe import Pair, replay_merge_counts
 
@@ -294,3 +298,31 @@ def drawable(text: str) -> str:
     """`text` with characters the plotting font lacks (emoji, CJK) shown as '□'."""
     font = _font()
     return "".join(c if c == " " or font.get_char_index(ord(c)) else "□" for c in text)
+
+
+# ----------------------------------------------------------------------------- views of a trained tokenizer
+
+
+def write_views(
+    tokenizer: PreTrainedTokenizerFast,
+    source: Source,
+    output_dir: PathLike,
+    *,
+    trace_word: str = " tokenization",
+    merges_table_rows: int = 50,
+    text_column: str = "text",
+) -> str | None:
+    """merge_trace.png (of `trace_word`; none if empty), token_boundaries.html (the start of the
+    corpus) and merges_table.md (the first `merges_table_rows` merges with their frequency in the
+    corpus, which is read again in plain Python; none if 0) in `output_dir`. Returns the table."""
+    output_dir = Path(output_dir)
+    if trace_word:
+        save_figure(merge_trace_figure(merge_trace(tokenizer, trace_word)), output_dir / "merge_trace.png")
+    texts, _ = iter_texts(source, text_column)
+    atomic_write_text(output_dir / "token_boundaries.html", token_boundaries_html(tokenizer, next(texts, "")[:3000]))
+    if merges_table_rows <= 0:
+        return None
+    texts, _ = iter_texts(source, text_column)
+    table = format_merge_table(merge_table(tokenizer, texts, merges_table_rows))
+    atomic_write_text(output_dir / "merges_table.md", f"# First {merges_table_rows} merges\n\n{table}\n")
+    return table

@@ -155,11 +155,7 @@ def files_to_push(folder: str | os.PathLike[str], ignore_patterns: list[str] | N
 
 def check_push_inputs(folder: str | os.PathLike[str], repo_id: str) -> Path:
     """Fail before any network call, with the offending value named, if the push cannot make sense."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"folder to push {folder} does not exist or is not a folder")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: it is not a saved model folder (save_pretrained writes one)")
+    folder = check_model_folder(folder, "folder to push")
     if not _REPO_ID_RE.fullmatch(repo_id):
         raise ValueError(f"repo id {repo_id!r} must look like 'namespace/name' (a user or organization, then a name)")
     return folder
