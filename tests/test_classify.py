@@ -1,5 +1,5 @@
-"""Classification fine-tuning: splits and labels, balanced sampling, the metrics, the book's
-freezing recipe, and whole runs whose saved folder serves `pipeline("text-classification")`."""
+"""training/classify.py: splits and labels, balanced sampling, the book's freezing recipe, and whole runs
+whose saved folder serves `pipeline("text-classification")`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers.runs import save_tiny_base
 from transformers import AutoModelForSequenceClassification, pipeline
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from test_sft import save_tiny_base
+from tokenization import train_bpe
 from training.classify import (
     ClassifyArguments,
     EpochBalancedSampler,
@@ -22,11 +21,13 @@ from training.classify import (
     run_classification,
     set_trainable,
 )
-from tokenization import train_bpe
-from training.classify_data import TOPIC_WORDS, ClassificationDataError, generate_classification_demo
-from training.evaluate import evaluate_classifier
-from training.lora import LoraArguments
+from training.classify_data import (
+    TOPIC_WORDS,
+    ClassificationDataError,
+    generate_classification_demo,
+)
 from training.loop import LoopArguments
+from training.lora import LoraArguments
 
 TINY_LOOP = dict(max_steps=30, per_device_batch_size=16, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=3,
                  log_every=5, eval_every=100, save_every=100, report_to="none")
@@ -121,32 +122,7 @@ def test_balanced_sampler_is_a_function_of_seed_and_epoch_and_balances_classes()
     assert 0.45 < minority < 0.55  # 10% of the data, drawn half of the time
 
 
-# ----------------------------------------------------------------------------- metrics and freezing
-
-
-class FixedLogits(nn.Module):
-    """Predicts label `input_ids[:, 0]` for every row: a stand-in with known answers."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, input_ids, attention_mask=None):
-        return SequenceClassifierOutput(logits=nn.functional.one_hot(input_ids[:, 0], 3).float() * 5)
-
-
-def test_accuracy_and_confusion_matrix_count_every_example():
-    predicted = [0, 0, 1, 2, 2, 2, 1]
-    true = [0, 1, 1, 2, 0, 2, 1]
-    batches = [
-        {"input_ids": torch.tensor([[p, 9]]), "attention_mask": torch.ones(1, 2, dtype=torch.long), "labels": torch.tensor([t])}
-        for p, t in zip(predicted, true)
-    ]
-    report = evaluate_classifier(FixedLogits(), batches, ["a", "b", "c"])
-    assert report.accuracy == pytest.approx(5 / 7)
-    assert report.confusion == [[1, 0, 1], [1, 2, 0], [0, 0, 2]]  # [true][predicted]
-    assert report.n_examples == 7
-    assert report.format_confusion().splitlines()[2].split() == ["b", "1", "2", "0"]
+# ----------------------------------------------------------------------------- freezing
 
 
 def test_book_recipe_trains_only_the_last_block_final_norm_and_head(base_dir):

@@ -1,4 +1,4 @@
-"""Classification data: loading and label maps, the embedded demo, collate, balanced sampling."""
+"""training/classify_data.py: loading and label maps, the embedded demo, padded batches, balanced sampling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForSequenceClassification
-from training.collate import collate_classification_batch
 from training.classify_data import (
     TOPIC_WORDS,
     ClassificationDataError,
@@ -19,6 +18,7 @@ from training.classify_data import (
     load_classification_data,
     tokenize_classification_dataset,
 )
+from training.collate import collate_classification_batch
 
 ROWS = [
     {"text": "the soup was hot", "label": "food"},
@@ -100,19 +100,6 @@ def test_demo_label_weights_make_an_imbalanced_set():
     assert set(r["label"] for r in generate_classification_demo(50, seed=0, label_weights={"food": 1})) == {"food"}
     with pytest.raises(ValueError, match=r"unknown demo labels \['sports'\]; known labels: animals, food, weather"):
         generate_classification_demo(10, seed=0, label_weights={"sports": 1})
-
-
-def test_collate_pads_either_side():
-    batch = [{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8], "labels": 0}]
-    right = collate_classification_batch(batch, pad_token_id=0)
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert right["labels"].tolist() == [1, 0]
-    left = collate_classification_batch(batch, pad_token_id=0, padding_side="left")
-    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError, match="padding side must be 'right' or 'left', got 'middle'"):
-        collate_classification_batch(batch, pad_token_id=0, padding_side="middle")
 
 
 def test_padded_batches_classify_like_single_rows(tiny_tokenizer):

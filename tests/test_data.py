@@ -1,4 +1,5 @@
-"""Pretraining data pipeline: windows, tokenization, caching, splits, streaming, bad input."""
+"""training/data.py: the pretraining data pipeline (windows, tokenization, caching, splits, streaming, bad
+input) and the seeded hold-out of records."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from helpers.texts import encode_reference
 
 from tokenization.corpus import DataError
 from training import data
@@ -23,35 +25,17 @@ from training.data import (
     is_validation_document,
     load_corpus,
     sliding_windows,
+    split_indices,
     tokenize_documents,
 )
-from modeling_minigpt.files import save_figure
-from training.inspect_data import batch_composition, batch_composition_figure, token_frequencies, token_frequencies_figure
 
 datasets.disable_progress_bars()
-
-
-@pytest.fixture(scope="module")
-def documents(pydoc_text: str) -> list[str]:
-    """30 real documents of very different lengths (pydoc topics), plus two blank ones."""
-    docs = pydoc_text.split("\n\n\n")
-    docs = [d for d in docs if d.strip()][:30]
-    return docs[:3] + ["", "  \n\t "] + docs[3:]
 
 
 @pytest.fixture()
 def small_blocks(monkeypatch):
     """Blocks of ~1000 window tokens, so even a small corpus crosses many block boundaries."""
     monkeypatch.setattr(data, "BLOCK_WINDOW_TOKENS", 1000)
-
-
-def encode_reference(tokenizer, docs: list[str]) -> list[np.ndarray]:
-    """Each non-blank document encoded alone by the Rust backend, with <|endoftext|> appended."""
-    return [
-        np.array(tokenizer.backend_tokenizer.encode(d, add_special_tokens=False).ids + [tokenizer.eos_token_id])
-        for d in docs
-        if d.strip()
-    ]
 
 
 def book_windows(ids, context_length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,22 +68,6 @@ def test_sliding_windows_of_a_short_stream_is_empty():
     assert sliding_windows(np.arange(8), 8, 4).shape == (0, 9)
     assert sliding_windows(np.arange(9), 8, 4).shape == (1, 9)
     assert count_windows(8, 8, 4) == 0
-
-
-def test_collate_gives_every_position_its_next_token_as_shift_label():
-    from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-
-    windows = [{"input_ids": list(range(i, i + 9))} for i in (10, 50)]
-    batch = collate_windows(windows)
-    assert batch["input_ids"].dtype == batch["shift_labels"].dtype == torch.long
-    assert batch["input_ids"].tolist() == [list(range(10, 18)), list(range(50, 58))]
-    assert batch["shift_labels"].tolist() == [list(range(11, 19)), list(range(51, 59))]
-
-    torch.manual_seed(0)
-    model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=64, context_length=8)).eval()
-    out = model(**batch)
-    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 64), batch["shift_labels"].reshape(-1))
-    torch.testing.assert_close(out.loss, expected)  # all 8 positions scored, none wasted
 
 
 # ----------------------------------------------------------------------------- pipeline output
@@ -367,29 +335,7 @@ def test_missing_or_unsuitable_tokenizers_are_refused_before_reading(tiny_tokeni
     assert not cache.exists()  # refused before anything was read or written
 
 
-# ----------------------------------------------------------------------------- inspection
-
-
-def test_batch_composition_and_figures(documents, tiny_tokenizer, tmp_path):
-    splits = build_lm_datasets(documents, tiny_tokenizer, context_length=32, stride=16, validation_fraction=0, cache_dir=tmp_path)
-    windows = splits["train"]
-    indices = [0, 1, 2, len(windows) - 1]
-    table = batch_composition(windows, indices, tiny_tokenizer)
-    assert table["window"].tolist() == indices
-    assert table["doc_id"].tolist()[:3] == [0, 0, 0] and table["offset"].tolist()[:3] == [0, 16, 32]
-    eos = tiny_tokenizer.eos_token_id
-    assert table["boundaries"].tolist() == [int((np.array(windows[i]["input_ids"][:-1]) == eos).sum()) for i in indices]
-    batch_png = save_figure(batch_composition_figure(table, 32), tmp_path / "figures" / "batch.png")
-
-    tokens = tokenize_documents(load_corpus(documents, cache_dir=tmp_path), tiny_tokenizer)
-    counts = token_frequencies(tokens, len(tiny_tokenizer))
-    stream = np.concatenate(encode_reference(tiny_tokenizer, documents))
-    np.testing.assert_array_equal(counts, np.bincount(stream, minlength=len(tiny_tokenizer)))
-    assert counts[eos] == 30  # one <|endoftext|> per non-blank document
-    freq_png = save_figure(token_frequencies_figure(counts, tiny_tokenizer), tmp_path / "figures" / "freq.png")
-    for png in (batch_png, freq_png):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["batch.png", "freq.png"]  # no temp files left
+# ----------------------------------------------------------------------------- the embedded corpus, held-out records
 
 
 def test_embedded_corpus_is_cpython_documentation(tiny_tokenizer, tmp_path):
@@ -401,3 +347,12 @@ def test_embedded_corpus_is_cpython_documentation(tiny_tokenizer, tmp_path):
     corpus = load_corpus(EMBEDDED_CORPUS, cache_dir=tmp_path)
     assert corpus[0]["text"] == docs[0]
     assert len(set(corpus["doc_id"])) == len(docs)
+
+
+def test_split_indices_is_seeded_disjoint_and_complete():
+    kept, held = split_indices(50, 0.2, seed=3)
+    assert len(held) == 10 and len(kept) == 40 and sorted(kept + held) == list(range(50))
+    assert split_indices(50, 0.2, seed=3) == (kept, held) and split_indices(50, 0.2, seed=4) != (kept, held)
+    assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # at least one held out
+    with pytest.raises(ValueError, match="at least 2"):
+        split_indices(1, 0.5, seed=0)

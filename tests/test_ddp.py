@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from test_pretrain import SCRIPT, SUBPROCESS_ENV, corpus_file, read_metrics, script_flags, tokenizer_dir  # noqa: F401
+from helpers.processes import SUBPROCESS_ENV
+from helpers.runs import PRETRAIN_SCRIPT, read_metrics, script_flags
 
 STEPS = 20
 # Same global batch: 1 process x 8 windows = 2 processes x 4 windows. The seedable sampler gives
@@ -51,13 +51,13 @@ def _files(output_dir: Path) -> list[str]:
 def runs(corpus_file, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     one = root / "one"
-    _run([sys.executable, str(SCRIPT), *script_flags(one, corpus_file, tokenizer_dir, root / "cache", per_device_batch_size=8, **COMMON)], root / "one.log")
+    _run([sys.executable, str(PRETRAIN_SCRIPT), *script_flags(one, corpus_file, tokenizer_dir, root / "cache", per_device_batch_size=8, **COMMON)], root / "one.log")
     two = root / "two"
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
     ]
-    output = _run([*launch, str(SCRIPT), *script_flags(two, corpus_file, tokenizer_dir, root / "cache", per_device_batch_size=4, **COMMON)], root / "two.log")
+    output = _run([*launch, str(PRETRAIN_SCRIPT), *script_flags(two, corpus_file, tokenizer_dir, root / "cache", per_device_batch_size=4, **COMMON)], root / "two.log")
     return one, two, output
 
 

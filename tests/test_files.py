@@ -1,4 +1,4 @@
-"""Crash-safe files: atomic writes, whole-folder swaps, and figures written 0644."""
+"""modeling_minigpt/files.py: crash-safe files: atomic writes, whole-folder swaps, and figures written 0644."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from modeling_minigpt.files import TEMPORARY_PATTERNS, atomic_write_text, pyplot, replace_dir, save_figure, staging_dir
+from modeling_minigpt.files import (
+    TEMPORARY_PATTERNS,
+    atomic_write_text,
+    pyplot,
+    replace_dir,
+    save_figure,
+    staging_dir,
+)
 
 
 def test_atomic_write_leaves_old_content_when_the_writer_fails(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Instruction data: loading/validation, the loss mask, truncation, collate, and the model's loss."""
+"""training/instruct_data.py: loading/validation, the loss mask, truncation, and the model's loss."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from training.instruct_data import (
     encode_prompt,
     format_loss_mask,
     load_instruction_records,
-    loss_mask_tokens,
     loss_mask_figure,
+    loss_mask_tokens,
     render_example,
 )
 from training.tasks import generate_tasks
@@ -139,18 +139,6 @@ def test_build_dataset_when_everything_is_skipped(tiny_tokenizer):
 def test_build_dataset_reports_bad_record_index(tiny_tokenizer):
     with pytest.raises(InstructionDataError, match=r"^record 1: 'output' is missing"):
         build_instruction_dataset([NO_INPUT, {"instruction": "x"}], tiny_tokenizer)
-
-
-def test_collate_pads_right_to_the_longest_in_batch():
-    batch = [
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-        {"input_ids": [1, 2, 3, 4, 9], "labels": [-100, -100, 3, 4, 9]},
-    ]
-    out = collate_instruction_batch(batch, pad_token_id=99)
-    assert out["input_ids"].tolist() == [[5, 6, 7, 99, 99], [1, 2, 3, 4, 9]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 3, 4, 9]]
-    assert all(t.dtype == torch.long for t in out.values())
 
 
 # ------------------------------------------------------------------------- the model's loss

@@ -1,4 +1,4 @@
-"""Model cards: rendered from the template, written atomically, reloaded by `ModelCard.load` intact."""
+"""training/model_card.py: model cards rendered from the template, written atomically, reloaded by `ModelCard.load` intact."""
 
 from __future__ import annotations
 

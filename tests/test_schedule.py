@@ -1,13 +1,12 @@
-"""The learning-rate schedule (a pure function of the step) and the optimizer's decay groups."""
+"""training/schedule.py: the learning-rate schedule, a pure function of the step (or of the clock)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-import torch
 
-from training.loop import LoopArguments, build_optimizer
+from training.loop import LoopArguments
 from training.schedule import learning_rate, lr_at_step
 
 SCHEDULE = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
@@ -69,27 +68,3 @@ def test_bad_schedule_arguments(kwargs, message):
         lr_at_step(0, **kwargs)
 
 
-def test_weight_decay_only_on_matrices():
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    decayed, plain = optimizer.param_groups
-    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert {tuple(p.shape) for p in decayed["params"]} == {(10, 4), (4, 4)}
-    assert sorted(tuple(p.shape) for p in plain["params"]) == [(4,), (4,), (4,)]  # bias, LN weight, LN bias
-    assert optimizer.defaults["betas"] == (0.9, 0.95)
-
-
-def test_frozen_parameters_are_left_out():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    model[0].requires_grad_(False)  # e.g. a frozen backbone under a classification head
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1)
-    assert [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]] == [(2, 4), (2,)]
-
-
-def test_tied_weights_are_optimized_once():
-    embedding = torch.nn.Embedding(10, 4)
-    head = torch.nn.Linear(4, 10, bias=False)
-    head.weight = embedding.weight
-    model = torch.nn.ModuleDict({"wte": embedding, "head": head})
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1)
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == 1

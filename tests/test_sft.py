@@ -1,5 +1,5 @@
-"""Instruction fine-tuning: generation for exact match, the whole job (full and LoRA), resume
-after SIGKILL, and the command line. Tiny models (2 layers, 32 dims) on the embedded tasks."""
+"""training/sft.py: generation for exact match, the whole job (full and LoRA), resume after SIGKILL.
+Tiny models (2 layers, 32 dims) on the embedded tasks."""
 
 from __future__ import annotations
 
@@ -9,38 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import launch, sigkill_after_step
+from helpers.runs import read_metrics, save_tiny_base
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from processes import launch, sigkill_after_step
-from test_pretrain import read_metrics
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
-from training.cli import parse_config_args
 from training.instruct_data import encode_prompt
-from training.lora import LoraArguments
 from training.loop import LoopArguments
-from training.data import split_indices
-from training.evaluate import exact_match_summary, score_generations
+from training.lora import LoraArguments
 from training.run import RunFolderError
 from training.sft import SFTArguments, _decode_answer, generate_answers, run_sft
 from training.tasks import make_task_splits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "sft.py"
-
-
-def save_tiny_base(folder: Path, tokenizer, seed: int = 0, context_length: int = 192, drop_rate: float = 0.0) -> Path:
-    """A randomly initialised 2-layer MiniGPT saved with `tokenizer`: the 'pretrained' input folder."""
-    torch.manual_seed(seed)
-    config = MiniGPTConfig.from_preset(
-        "tiny", vocab_size=len(tokenizer), context_length=context_length, emb_dim=32, n_heads=2, n_layers=2, drop_rate=drop_rate,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    MiniGPTForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -62,15 +46,6 @@ def tiny_sft(base: Path, out: Path, lora: dict | None = None, **overrides):
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def test_split_indices_is_seeded_disjoint_and_complete():
-    kept, held = split_indices(50, 0.2, seed=3)
-    assert len(held) == 10 and len(kept) == 40 and sorted(kept + held) == list(range(50))
-    assert split_indices(50, 0.2, seed=3) == (kept, held) and split_indices(50, 0.2, seed=4) != (kept, held)
-    assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # at least one held out
-    with pytest.raises(ValueError, match="at least 2"):
-        split_indices(1, 0.5, seed=0)
 
 
 def test_answer_stops_at_the_first_eos(tiny_tokenizer):
@@ -99,19 +74,6 @@ def test_left_padded_batch_gives_the_answers_of_one_by_one_generation(base_dir, 
     assert batched[0] == tiny_tokenizer.decode(ids[0, prompt_len:])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_answers(model, tiny_tokenizer, records, max_new_tokens=192)
-
-
-def test_generations_are_scored_per_record_and_per_kind():
-    records = [
-        {"instruction": "Add 2 and 3.", "input": "", "output": "5", "kind": "add"},
-        {"instruction": "Add 1 and 1.", "input": "", "output": "2", "kind": "add"},
-        {"instruction": "Repeat this phrase: cat dog", "input": "", "output": "cat dog", "kind": "repeat"},
-        {"instruction": "Sort.", "input": "3, 1", "output": "1, 3", "kind": "sort"},
-    ]
-    rows = score_generations(records, ["5\n", "3", "cat dog", "1,3"])
-    assert [r["exact_match"] for r in rows] == [True, False, True, False]
-    assert rows[3] == {"instruction": "Sort.", "input": "3, 1", "expected": "1, 3", "generated": "1,3", "exact_match": False, "kind": "sort"}
-    assert exact_match_summary(rows) == {"val_exact_match": 0.5, "exact_match_add": 0.5, "exact_match_repeat": 1.0, "exact_match_sort": 0.0}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -228,20 +190,7 @@ def test_alpaca_file_with_seeded_heldout_split(base_dir, tmp_path):
     assert len(rows) == 6 and "kind" not in rows[0] and set(result.after) == {"val_loss", "val_exact_match"}
 
 
-def test_config_file_then_flags(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("model_path: base\nmax_steps: 7\nlora_r: 2\nmask_prompt: false\n")
-    sft, lora, loop = parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config), "--max_steps", "9", "--output_dir", "o"])
-    assert (sft.model_path, sft.mask_prompt, lora.lora_r, loop.max_steps, loop.output_dir) == ("base", False, 2, 9, "o")
-    config.write_text("max_step: 7\n")
-    with pytest.raises(ValueError, match=r"unknown keys \['max_step'\]"):
-        parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config)])
-
-
 # ----------------------------------------------------------------------------- resume after SIGKILL
-
-
-
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Embedded instruction tasks: determinism, correct answers, disjoint splits, exact match."""
+"""training/tasks.py: the embedded instruction tasks: determinism, correct answers, disjoint splits."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from training.evaluate import exact_match, exact_match_accuracy
 from training.tasks import (
     FIELD_KEYS,
     TASK_KINDS,
@@ -126,15 +125,3 @@ def test_draw_distinct_raises_instead_of_looping_forever():
         generate_tasks(5001, seed=0, kinds=["add"])  # 50 * 50 pairs x 2 phrasings
 
 
-def test_exact_match_strips_only_surrounding_whitespace():
-    assert exact_match(" 79\n", "79")
-    assert exact_match("tree oak", "tree oak ")
-    assert not exact_match("79.", "79")
-    assert not exact_match("Tree oak", "tree oak")
-    assert not exact_match("tree  oak", "tree oak")
-    assert not exact_match("12,17", "12, 17")
-    assert exact_match_accuracy(["79", " a b", "x"], ["79", "a b", "y"]) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="2 predictions for 3 expected"):
-        exact_match_accuracy(["a", "b"], ["a", "b", "c"])
-    with pytest.raises(ValueError, match="at least one"):
-        exact_match_accuracy([], [])

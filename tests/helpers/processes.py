@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from test_pretrain import SUBPROCESS_ENV
+# One thread per process: bit-exact comparisons need the same reduction order in every run,
+# and on a busy 2-core machine two OpenMP threads per process are ~20x slower, not faster.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def launch(script: Path, flags: list[str], log: Path) -> subprocess.Popen:
