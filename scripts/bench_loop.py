@@ -6,11 +6,11 @@
 Both loops train the same model on the same random token windows with the same gradient
 accumulation. The bare loop slices a pre-built tensor and calls forward, backward, step and
 zero_grad, nothing else. `train_loop` adds everything a real run has: a shuffled DataLoader
-over a `datasets.Dataset` with `collate_windows`, Accelerate's accumulate/clip/reduce, the learning-rate schedule, the NaN check, tqdm,
-metrics.jsonl and TensorBoard logging every `--log_every` steps. The variants alternate
-(A B A B ...), and the overhead is the median over pairs of the ratio of neighbouring segments,
-so that load from other processes, which drifts over minutes, hits both sides of each ratio
-alike. Goal: overhead under 5 %.
+over a `datasets.Dataset` with `collate_windows`, Accelerate's accumulate/clip/reduce, the
+learning-rate schedule, the NaN check, tqdm, metrics.jsonl and TensorBoard logging every
+`--log_every` steps. The variants alternate (A B A B ...), and the overhead is the median over
+pairs of the ratio of neighbouring segments, so that load from other processes, which drifts
+over minutes, hits both sides of each ratio alike. Goal: overhead under 5 %.
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ from accelerate.utils import set_seed
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from training.cli import parse_config_args
 from training.collate import collate_windows
-from training.loop import LoopArguments, MetricsLog, TrainState, build_optimizer, make_accelerator, make_train_dataloader, train_loop
+from training.loop import (
+    LoopArguments,
+    MetricsLog,
+    TrainState,
+    build_optimizer,
+    make_accelerator,
+    make_train_dataloader,
+    train_loop,
+)
 
 
 @dataclass
@@ -51,13 +59,20 @@ class BenchArguments:
 def build_model(args: BenchArguments) -> MiniGPTForCausalLM:
     set_seed(0)
     config = MiniGPTConfig.from_preset(
-        "tiny", vocab_size=args.vocab_size, context_length=args.context_length, emb_dim=args.emb_dim,
-        n_heads=args.n_heads, n_layers=args.n_layers, drop_rate=0.0,
+        "tiny",
+        vocab_size=args.vocab_size,
+        context_length=args.context_length,
+        emb_dim=args.emb_dim,
+        n_heads=args.n_heads,
+        n_layers=args.n_layers,
+        drop_rate=0.0,
     )
     return MiniGPTForCausalLM(config)
 
 
-def bare_segment(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, args: BenchArguments) -> float:
+def bare_segment(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, args: BenchArguments
+) -> float:
     """Seconds for `args.steps` optimizer steps of the plainest possible loop."""
     model.train()
     start = time.perf_counter()
@@ -74,11 +89,20 @@ def bare_segment(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windo
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
-    windows = torch.randint(0, args.vocab_size, (512, args.context_length + 1), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(
+        0, args.vocab_size, (512, args.context_length + 1), generator=torch.Generator().manual_seed(0)
+    )
     with tempfile.TemporaryDirectory() as out:
         loop_args = LoopArguments(
-            output_dir=out, max_steps=1, per_device_batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation,
-            warmup_steps=10, log_every=args.log_every, eval_every=10**9, save_every=10**9, report_to="tensorboard",
+            output_dir=out,
+            max_steps=1,
+            per_device_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.accumulation,
+            warmup_steps=10,
+            log_every=args.log_every,
+            eval_every=10**9,
+            save_every=10**9,
+            report_to="tensorboard",
         )
         accelerator = make_accelerator(loop_args)
         loop_model = build_model(args)
@@ -103,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             train_loop(accelerator, loop_model, optimizer, loader, segment_args, state, metrics)
             return state.train_seconds - before
 
-        print(f"model {args.n_layers} x {args.emb_dim}, context {args.context_length}, vocab {args.vocab_size}; "
-              f"batch {args.batch_size} x {args.accumulation} accumulation; torch threads {torch.get_num_threads()}; "
-              f"load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"model {args.n_layers} x {args.emb_dim}, context {args.context_length}, vocab {args.vocab_size}; "
+            f"batch {args.batch_size} x {args.accumulation} accumulation; torch threads {torch.get_num_threads()}; "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
         bare_segment(bare_model, bare_optimizer, windows, dataclasses.replace(args, steps=3))  # warm-up
         loop_segment(3)
         times: dict[str, list[float]] = {"bare": [], "train_loop": []}
@@ -117,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.steps * args.accumulation * args.batch_size * args.context_length
     for name, seconds in times.items():
         median = statistics.median(seconds)
-        print(f"{name:<11} {args.steps / median:7.2f} steps/s  {tokens / median:9,.0f} tokens/s  "
-              f"(segments: {', '.join(f'{s:.2f}' for s in seconds)} s)")
-    ratios = [loop / bare for loop, bare in zip(times["train_loop"], times["bare"])]
-    print(f"train_loop overhead vs bare loop: {statistics.median(ratios) - 1:+.1%} "
-          f"(median of {len(ratios)} paired segments; pairs range {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%}; goal: < 5%)")
+        print(
+            f"{name:<11} {args.steps / median:7.2f} steps/s  {tokens / median:9,.0f} tokens/s  "
+            f"(segments: {', '.join(f'{s:.2f}' for s in seconds)} s)"
+        )
+    ratios = [loop / bare for loop, bare in zip(times["train_loop"], times["bare"], strict=True)]
+    print(
+        f"train_loop overhead vs bare loop: {statistics.median(ratios) - 1:+.1%} "
+        f"(median of {len(ratios)} paired segments; pairs range {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%}; "
+        "goal: < 5%)"
+    )
     return 0
 
 

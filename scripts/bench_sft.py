@@ -36,17 +36,29 @@ ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), 
 
 @dataclass
 class BenchArguments:
-    work_dir: str = field(default="runs/bench_sft", metadata={"help": "Folder for the corpus, the base model and both SFT runs."})
-    base_model: str | None = field(default=None, metadata={"help": "An existing model folder (with tokenizer) to fine-tune; skips pretraining."})
+    work_dir: str = field(
+        default="runs/bench_sft", metadata={"help": "Folder for the corpus, the base model and both SFT runs."}
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "An existing model folder (with tokenizer) to fine-tune; skips pretraining."}
+    )
     pretrain_seconds: float = field(default=180, metadata={"help": "Pretraining wall-clock budget in seconds."})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary trained on the corpus."})
     emb_dim: int = field(default=128, metadata={"help": "Model width."})
     n_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
     n_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    context_length: int = field(default=128, metadata={"help": "Context length in tokens (prompts + answers are < 100)."})
-    sft_steps: int | None = field(default=None, metadata={"help": "SFT optimizer steps (default: the config's max_steps)."})
-    num_heldout_tasks: int | None = field(default=None, metadata={"help": "Held-out task records (default: the config's)."})
-    sft_config: str = field(default=str(SFT_CONFIG), metadata={"help": f"SFT YAML config (default: {SFT_CONFIG.relative_to(REPO_ROOT)})."})
+    context_length: int = field(
+        default=128, metadata={"help": "Context length in tokens (prompts + answers are < 100)."}
+    )
+    sft_steps: int | None = field(
+        default=None, metadata={"help": "SFT optimizer steps (default: the config's max_steps)."}
+    )
+    num_heldout_tasks: int | None = field(
+        default=None, metadata={"help": "Held-out task records (default: the config's)."}
+    )
+    sft_config: str = field(
+        default=str(SFT_CONFIG), metadata={"help": f"SFT YAML config (default: {SFT_CONFIG.relative_to(REPO_ROOT)})."}
+    )
 
 
 def run(command: list[str], log: Path) -> float:
@@ -57,7 +69,9 @@ def run(command: list[str], log: Path) -> float:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=ENV).returncode
     seconds = time.perf_counter() - start
     if code != 0:
-        sys.exit(f"command failed (exit {code}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        sys.exit(
+            f"command failed (exit {code}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:])
+        )
     print(f"  done in {seconds:.0f} s (log: {log})", flush=True)
     return seconds
 
@@ -69,21 +83,68 @@ def pretrain_base(args: BenchArguments, work_dir: Path) -> tuple[Path, float]:
     atomic_write_text(corpus, "\n\n".join(topics[k] for k in sorted(topics)))
     out = work_dir / "pretrain"
     command = [
-        sys.executable, "scripts/pretrain.py", "--train_file", str(corpus), "--split_by", "characters", "--validation_fraction", "0.05",
-        "--tokenizer_vocab_size", str(args.vocab_size), "--preset", "tiny", "--context_length", str(args.context_length),
-        "--emb_dim", str(args.emb_dim), "--n_layers", str(args.n_layers), "--n_heads", str(args.n_heads), "--drop_rate", "0.0",
+        sys.executable,
+        "scripts/pretrain.py",
+        "--train_file",
+        str(corpus),
+        "--split_by",
+        "characters",
+        "--validation_fraction",
+        "0.05",
+        "--tokenizer_vocab_size",
+        str(args.vocab_size),
+        "--preset",
+        "tiny",
+        "--context_length",
+        str(args.context_length),
+        "--emb_dim",
+        str(args.emb_dim),
+        "--n_layers",
+        str(args.n_layers),
+        "--n_heads",
+        str(args.n_heads),
+        "--drop_rate",
+        "0.0",
         # A time budget rather than a step count: the cosine decay follows the steps that fit.
-        "--max_time_seconds", str(args.pretrain_seconds), "--max_steps", "100000", "--per_device_batch_size", "16",
-        "--learning_rate", "2e-3", "--min_learning_rate", "2e-4", "--warmup_steps", "20", "--eval_every", "100000",
-        "--save_every", "100000", "--report_to", "none", "--output_dir", str(out), "--overwrite",
+        "--max_time_seconds",
+        str(args.pretrain_seconds),
+        "--max_steps",
+        "100000",
+        "--per_device_batch_size",
+        "16",
+        "--learning_rate",
+        "2e-3",
+        "--min_learning_rate",
+        "2e-4",
+        "--warmup_steps",
+        "20",
+        "--eval_every",
+        "100000",
+        "--save_every",
+        "100000",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(out),
+        "--overwrite",
     ]
     seconds = run(command, work_dir / "pretrain.log")
     return out / "model", seconds
 
 
 def sft(args: BenchArguments, base: Path, out: Path, mask_prompt: bool) -> tuple[dict, float]:
-    command = [sys.executable, "scripts/sft.py", args.sft_config, "--model_path", str(base), "--output_dir", str(out), "--overwrite",
-               "--mask_prompt", str(mask_prompt).lower()]
+    command = [
+        sys.executable,
+        "scripts/sft.py",
+        args.sft_config,
+        "--model_path",
+        str(base),
+        "--output_dir",
+        str(out),
+        "--overwrite",
+        "--mask_prompt",
+        str(mask_prompt).lower(),
+    ]
     if args.sft_steps is not None:
         command += ["--max_steps", str(args.sft_steps)]
     if args.num_heldout_tasks is not None:
@@ -99,7 +160,9 @@ def table(masked: dict, unmasked: dict) -> str:
     lines = ["| metric | untuned base | SFT, loss on response only | SFT, loss on all tokens |", "|---|---|---|---|"]
     for key in keys:
         name = names.get(key, f"exact match: {key.removeprefix('exact_match_')}")
-        lines.append(f"| {name} | {masked['before'][key]:.3f} | {masked['after'][key]:.3f} | {unmasked['after'][key]:.3f} |")
+        lines.append(
+            f"| {name} | {masked['before'][key]:.3f} | {masked['after'][key]:.3f} | {unmasked['after'][key]:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -114,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     masked, masked_seconds = sft(args, base, work_dir / "sft_masked", mask_prompt=True)
     unmasked, unmasked_seconds = sft(args, base, work_dir / "sft_unmasked", mask_prompt=False)
     if masked["before"] != unmasked["before"]:
-        sys.exit("the two runs measured different 'before' numbers: they did not start from the same base and held-out set")
+        sys.exit(
+            "the two runs measured different 'before' numbers: they did not start from the same base and held-out set"
+        )
 
     summary = {
         "base_model": str(base),
@@ -125,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     atomic_write_json(work_dir / "bench_sft.json", summary)
     print(f"\nbase: {base}" + (f" (pretrained in {pretrain_seconds:.0f} s)" if pretrain_seconds else ""))
-    print(f"SFT: {masked['steps']} steps each; {masked['heldout_records']} held-out records; "
-          f"{masked['train_seconds']:.0f} s (masked) and {unmasked['train_seconds']:.0f} s (unmasked) of training\n")
+    print(
+        f"SFT: {masked['steps']} steps each; {masked['heldout_records']} held-out records; "
+        f"{masked['train_seconds']:.0f} s (masked) and {unmasked['train_seconds']:.0f} s (unmasked) of training\n"
+    )
     print(table(masked, unmasked))
     print(f"\nwritten: {work_dir / 'bench_sft.json'}; generations in {work_dir}/sft_*/heldout_generations.json")
     return 0

@@ -24,10 +24,11 @@ from accelerate import PartialState
 
 from training.classify import ClassifyArguments, run_classification
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.lora import LoraArguments
 from training.loop import LoopArguments, NonFiniteLossError
+from training.lora import LoraArguments
 
 ARGUMENTS = (ClassifyArguments, LoraArguments, LoopArguments)
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[ClassifyArguments, LoraArguments, LoopArguments]:
     """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(error)
     if PartialState().is_main_process:
         test = f", test {result.test.accuracy:.3f}" if result.test else ""
-        print(f"done: {result.steps} steps; accuracy validation {result.validation.accuracy:.3f}{test}; model in {result.model_dir}")
+        accuracy = f"accuracy validation {result.validation.accuracy:.3f}{test}"
+        print(f"done: {result.steps} steps; {accuracy}; model in {result.model_dir}")
     return 0
 
 

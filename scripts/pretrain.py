@@ -22,6 +22,7 @@ from training.pretrain import DataArguments, ModelArguments, run_pretraining
 
 ARGUMENTS = (ModelArguments, DataArguments, LoopArguments)
 
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoopArguments]:
     """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""
     return parse_config_args(ARGUMENTS, argv, __doc__.split("\n\n")[0])

@@ -26,7 +26,11 @@ from training.generate import greedy_generate
 
 @dataclass
 class ReportArguments:
-    out: str = field(metadata={"help": "The quickstart's output folder (default runs/quickstart); may also be given first, without --out."})
+    out: str = field(
+        metadata={
+            "help": "The quickstart's output folder (default runs/quickstart); may also be given first, without --out."
+        }
+    )
     elapsed_seconds: float | None = field(default=None, metadata={"help": "Wall time so far, for the summary."})
     generations: int = field(default=3, metadata={"help": "Held-out instructions to generate for."})
 
@@ -75,10 +79,14 @@ def report(args: ReportArguments) -> int:
         messages = [{"role": "user", "content": row["instruction"]}]
         if row.get("input"):
             messages.append({"role": "input", "content": row["input"]})
-        prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+        prompts.append(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
     special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     answers = greedy_generate(model, prompts, 24, **special)
-    generations = [(row, tokenizer.decode(new, skip_special_tokens=True)) for row, new in zip(heldout, answers)]
+    generations = [
+        (row, tokenizer.decode(new, skip_special_tokens=True)) for row, new in zip(heldout, answers, strict=True)
+    ]
     pretrained = AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", trust_remote_code=True).eval()
     prompt = tokenizer("The for statement")["input_ids"]
     [free] = greedy_generate(pretrained, [prompt], 30, **special)
@@ -91,7 +99,9 @@ def report(args: ReportArguments) -> int:
     from modeling_minigpt.visualize import plot_attention
     from training.instruct_data import loss_mask_figure, render_example
 
-    plot_attention(pretrained, tokenizer, "The for statement is used to iterate", figures / "attention_layer0_head0.png")
+    plot_attention(
+        pretrained, tokenizer, "The for statement is used to iterate", figures / "attention_layer0_head0.png"
+    )
     record = {k: heldout[0][k] for k in ("instruction", "input")} | {"output": heldout[0]["expected"]}
     save_figure(loss_mask_figure(tokenizer, render_example(tokenizer, record)), figures / "sft_loss_mask.png")
 
@@ -106,7 +116,10 @@ def report(args: ReportArguments) -> int:
     def metrics_line(m: dict) -> str:
         ci = m.get("bits_per_byte_ci")
         band = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        return f"loss {m['loss']:.3f} nats/token   perplexity {m['perplexity']:8.1f}   bits/byte {m['bits_per_byte']:.3f}{band}"
+        return (
+            f"loss {m['loss']:.3f} nats/token   perplexity {m['perplexity']:8.1f}   "
+            f"bits/byte {m['bits_per_byte']:.3f}{band}"
+        )
 
     em_before = (sft.get("before") or {}).get("val_exact_match")
     em_after = sft["after"]["val_exact_match"]
@@ -130,8 +143,13 @@ def report(args: ReportArguments) -> int:
         lines.append(f"  {mark}{row['instruction']!r}{shown_input}\n      -> {text!r}  (expected {row['expected']!r})")
     lines.append(f"  pretrained model, free text: {free_text!r}")
     lines.append("figures:")
-    for path in [out / "tokenizer" / "merge_trace.png", out / "pretrain" / "loss_curve.png", out / "sft" / "loss_curve.png",
-                 figures / "attention_layer0_head0.png", figures / "sft_loss_mask.png"]:
+    for path in [
+        out / "tokenizer" / "merge_trace.png",
+        out / "pretrain" / "loss_curve.png",
+        out / "sft" / "loss_curve.png",
+        figures / "attention_layer0_head0.png",
+        figures / "sft_loss_mask.png",
+    ]:
         lines.append(f"  {path}{'' if path.is_file() else '  (missing)'}")
     lines.append(f"Hub-ready folder (weights, code, tokenizer + chat template, model card): {final_dir}")
     if args.elapsed_seconds is not None:

@@ -1,9 +1,9 @@
 """Instruction fine-tuning (SFT) of a saved MiniGPT (or converted GPT-2) folder.
 
     python scripts/sft.py scripts/configs/sft_tasks.yaml --model_path runs/pretrain_pydoc/model
-    python scripts/sft.py scripts/configs/sft_tasks.yaml --model_path ... --mask_prompt false   # loss on every token
-    python scripts/sft.py scripts/configs/sft_lora.yaml --model_path ...                        # LoRA, merged for export
-    python scripts/sft.py run.yaml --train_file my_alpaca.json --resume                         # continue a run
+    python scripts/sft.py scripts/configs/sft_tasks.yaml --model_path ... --mask_prompt false  # loss on every token
+    python scripts/sft.py scripts/configs/sft_lora.yaml --model_path ...                       # LoRA, merged for export
+    python scripts/sft.py run.yaml --train_file my_alpaca.json --resume                        # continue a run
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --mixed_precision no --dynamo_backend no --main_process_port 29521 scripts/sft.py run.yaml
 
@@ -21,11 +21,12 @@ import sys
 from accelerate import PartialState
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.lora import LoraArguments
 from training.loop import LoopArguments, NonFiniteLossError
+from training.lora import LoraArguments
 from training.sft import SFTArguments, run_sft
 
 ARGUMENTS = (SFTArguments, LoraArguments, LoopArguments)
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[SFTArguments, LoraArguments, LoopArguments]:
     """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""

@@ -1,7 +1,8 @@
 """Train a byte-level BPE tokenizer and save it for AutoTokenizer.from_pretrained.
 
     python scripts/train_tokenizer.py --files ../shared/data/tinyshakespeare.txt --vocab_size 4096 --output_dir runs/tok
-    python scripts/train_tokenizer.py --dataset data/wiki_saved --text_column text --vocab_size 16384 --output_dir runs/tok
+    python scripts/train_tokenizer.py --dataset data/wiki_saved --text_column text --vocab_size 16384 \\
+        --output_dir runs/tok
     python scripts/train_tokenizer.py config.yaml --vocab_size 8192     # flags override the file
 
 Writes to output_dir: tokenizer.json, tokenizer_config.json, chat_template.jinja (the Alpaca
@@ -30,13 +31,17 @@ class TokenizerArguments:
     output_dir: str = field(metadata={"help": "Folder to save the tokenizer in (created; other files in it are kept)."})
     files: list[str] = field(
         default_factory=list,
-        metadata={"help": "UTF-8 text files to train on. With neither --files nor --dataset: the embedded corpus "
-                  "(CPython's own documentation, pydoc_data.topics, ~465k characters)."},
+        metadata={
+            "help": "UTF-8 text files to train on. With neither --files nor --dataset: the embedded corpus "
+            "(CPython's own documentation, pydoc_data.topics, ~465k characters)."
+        },
     )
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Instead of --files: a .json/.jsonl/.csv/.parquet/.arrow file, a folder written by "
-                  "Dataset.save_to_disk (its 'train' split), a folder of .txt or data files, or a dataset name."},
+        metadata={
+            "help": "Instead of --files: a .json/.jsonl/.csv/.parquet/.arrow file, a folder written by "
+            "Dataset.save_to_disk (its 'train' split), a folder of .txt or data files, or a dataset name."
+        },
     )
     text_column: str = field(default="text", metadata={"help": "Column holding the text when --dataset holds rows."})
     vocab_size: int = field(default=8192, metadata={"help": "Total vocabulary: 256 bytes + special tokens + merges."})
@@ -49,7 +54,9 @@ class TokenizerArguments:
     trace_word: str = field(
         default=" tokenization", metadata={"help": "Word whose BPE merge trace is drawn to merge_trace.png."}
     )
-    merges_table: int = field(default=50, metadata={"help": "Rows of merges_table.md (0: skip; replays the corpus in Python)."})
+    merges_table: int = field(
+        default=50, metadata={"help": "Rows of merges_table.md (0: skip; replays the corpus in Python)."}
+    )
     no_progress: bool = field(default=False, metadata={"help": "Hide the trainer's progress bars."})
 
 
@@ -85,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             text_column=args.text_column,
         )
         seconds = time.perf_counter() - start
-        table = write_views(tokenizer, source, args.output_dir, trace_word=args.trace_word,
-                            merges_table_rows=args.merges_table, text_column=args.text_column)
+        table = write_views(
+            tokenizer,
+            source,
+            args.output_dir,
+            trace_word=args.trace_word,
+            merges_table_rows=args.merges_table,
+            text_column=args.text_column,
+        )
     except USER_ERRORS as error:
         return report_error(error)
     if table is not None:

@@ -13,7 +13,9 @@ from training.sft import SFTArguments
 def test_config_file_then_flags(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model_path: base\nmax_steps: 7\nlora_r: 2\nmask_prompt: false\n")
-    sft, lora, loop = parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config), "--max_steps", "9", "--output_dir", "o"])
+    sft, lora, loop = parse_config_args(
+        (SFTArguments, LoraArguments, LoopArguments), [str(config), "--max_steps", "9", "--output_dir", "o"]
+    )
     assert (sft.model_path, sft.mask_prompt, lora.lora_r, loop.max_steps, loop.output_dir) == ("base", False, 2, 9, "o")
     config.write_text("max_step: 7\n")
     with pytest.raises(ValueError, match=r"unknown keys \['max_step'\]"):

@@ -29,8 +29,9 @@ def test_sources_files_strings_and_dataset_learn_the_same_merges(pydoc_text, tmp
     path.write_text("\n\n".join(docs), encoding="utf-8")
     from_file = train_bpe(path, 400, show_progress=False)
     from_strings = train_bpe(["\n\n".join(docs)], 400, show_progress=False)
-    from_dataset = train_bpe(datasets.Dataset.from_dict({"body": ["\n\n".join(docs)]}), 400,
-                             text_column="body", show_progress=False)
+    from_dataset = train_bpe(
+        datasets.Dataset.from_dict({"body": ["\n\n".join(docs)]}), 400, text_column="body", show_progress=False
+    )
     from_generator = train_bpe((text for text in ["\n\n".join(docs)]), 400, show_progress=False)
     assert learned_merges(from_file) == learned_merges(from_strings) == learned_merges(from_dataset)
     assert learned_merges(from_generator) == learned_merges(from_file)
@@ -53,7 +54,9 @@ def test_sources_of_the_wrong_type_are_named():
     with pytest.raises(TypeError, match="item 1 of the source is a int"):
         train_bpe(["fine", 3], 300, show_progress=False)
     with pytest.raises(TypeError, match=r"DatasetDict with splits \['train'\]"):
-        train_bpe(datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}), 300, show_progress=False)
+        train_bpe(
+            datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}), 300, show_progress=False
+        )
     with pytest.raises(ValueError, match=r"text_column='body' is not a column.*\['text'\]"):
         train_bpe(datasets.Dataset.from_dict({"text": ["a b"]}), 300, text_column="body", show_progress=False)
 
@@ -93,7 +96,9 @@ def test_a_record_file_is_the_same_texts_for_tokenizer_training_pretraining_and_
     texts = [pydoc_text[i : i + 3000] for i in range(0, 30_000, 3000)]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
-    assert learned_merges(train_bpe(path, 400, show_progress=False)) == learned_merges(train_bpe(texts, 400, show_progress=False))
+    assert learned_merges(train_bpe(path, 400, show_progress=False)) == learned_merges(
+        train_bpe(texts, 400, show_progress=False)
+    )
     assert load_corpus(path, cache_dir=tmp_path / "cache")["text"] == texts
     assert [record["text"] for _, record in read_records(str(path))] == texts
 
@@ -105,7 +110,9 @@ def test_a_folder_of_text_files_is_its_files_in_sorted_order(pydoc_text, tmp_pat
         (folder / name).write_text(pydoc_text[start : start + 9000], encoding="utf-8")
     opened = open_source(folder)
     assert opened.files == (folder / "a.txt", folder / "b" / "2.txt")
-    assert learned_merges(train_bpe(folder, 350, show_progress=False)) == learned_merges(train_bpe(list(opened.files), 350, show_progress=False))
+    assert learned_merges(train_bpe(folder, 350, show_progress=False)) == learned_merges(
+        train_bpe(list(opened.files), 350, show_progress=False)
+    )
 
 
 def test_a_saved_dataset_dict_opens_as_its_split_and_names_the_missing_one(tmp_path):

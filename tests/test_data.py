@@ -75,7 +75,9 @@ def test_sliding_windows_of_a_short_stream_is_empty():
 
 def test_windows_cover_the_eos_joined_stream_across_block_boundaries(documents, tiny_tokenizer, tmp_path, small_blocks):
     L, stride = 16, 5
-    splits = build_lm_datasets(documents, tiny_tokenizer, context_length=L, stride=stride, validation_fraction=0, cache_dir=tmp_path)
+    splits = build_lm_datasets(
+        documents, tiny_tokenizer, context_length=L, stride=stride, validation_fraction=0, cache_dir=tmp_path
+    )
     reference = encode_reference(tiny_tokenizer, documents)
     stream = np.concatenate(reference)
     expected = sliding_windows(stream, L, stride)
@@ -84,8 +86,8 @@ def test_windows_cover_the_eos_joined_stream_across_block_boundaries(documents, 
 
     # doc_id / offset locate each window: blank documents 3 and 4 are skipped but keep their ids
     doc_ids = [i for i, d in enumerate(documents) if d.strip()]
-    doc_start = dict(zip(doc_ids, np.concatenate([[0], np.cumsum([len(r) for r in reference])[:-1]])))
-    positions = [doc_start[d] + o for d, o in zip(windows["doc_id"], windows["offset"])]
+    doc_start = dict(zip(doc_ids, np.concatenate([[0], np.cumsum([len(r) for r in reference])[:-1]]), strict=False))
+    positions = [doc_start[d] + o for d, o in zip(windows["doc_id"], windows["offset"], strict=True)]
     assert positions == list(range(0, stride * len(expected), stride))
     assert 3 not in windows["doc_id"] and 4 not in windows["doc_id"]
 
@@ -130,7 +132,9 @@ def test_gpt2_windows_of_the_verdict_equal_the_books(shared_data, tmp_path):
     verdict = shared_data / "the-verdict.txt"
     ids = gpt2_tiktoken_encoding(gpt2 / "encoder.json", gpt2 / "vocab.bpe").encode(verdict.read_text(encoding="utf-8"))
     assert len(ids) == 5145
-    splits = build_lm_datasets(verdict, tokenizer, context_length=256, stride=128, validation_fraction=0, cache_dir=tmp_path)
+    splits = build_lm_datasets(
+        verdict, tokenizer, context_length=256, stride=128, validation_fraction=0, cache_dir=tmp_path
+    )
     batch = collate_windows(list(splits["train"]))
     inputs, targets = book_windows(ids + [tokenizer.eos_token_id], 256, 128)  # ours ends the document with eos
     np.testing.assert_array_equal(batch["input_ids"].numpy(), inputs)
@@ -155,7 +159,9 @@ def test_tokenizing_in_several_processes_gives_the_same_windows(pydoc_text, tiny
     if child.is_alive():
         os.killpg(child.pid, signal.SIGKILL)
         child.join()
-        pytest.fail("build_lm_datasets(num_proc=2) hung: a forked worker waited on a thread pool inherited from its parent")
+        pytest.fail(
+            "build_lm_datasets(num_proc=2) hung: a forked worker waited on a thread pool inherited from its parent"
+        )
     assert child.exitcode == 0
     assert pickle.loads(result.read_bytes()) == expected
 
@@ -188,7 +194,9 @@ def test_a_second_run_reads_the_cache_instead_of_tokenizing(documents, tiny_toke
 
 def stream_identities(tokenizer, documents: list[str], doc_order: list[int]):
     """The token stream of documents `doc_order`: (ids, doc_id of each token, offset in its doc)."""
-    reference = dict(zip([i for i, d in enumerate(documents) if d.strip()], encode_reference(tokenizer, documents)))
+    reference = dict(
+        zip([i for i, d in enumerate(documents) if d.strip()], encode_reference(tokenizer, documents), strict=True)
+    )
     ids = np.concatenate([reference[d] for d in doc_order])
     doc = np.concatenate([np.full(len(reference[d]), d) for d in doc_order])
     offset = np.concatenate([np.arange(len(reference[d])) for d in doc_order])
@@ -203,22 +211,28 @@ def covered_tokens(windows, tokenizer, documents, doc_order, L) -> set[tuple[int
     span = np.array([start_of[d] for d in w["doc_id"]])[:, None] + w["offset"][:, None] + np.arange(L + 1)  # (W, L+1)
     np.testing.assert_array_equal(w["input_ids"], ids[span])
     positions = np.unique(span)
-    return set(zip(doc[positions].tolist(), offset[positions].tolist()))
+    return set(zip(doc[positions].tolist(), offset[positions].tolist(), strict=True))
 
 
 @pytest.mark.parametrize("split_by", ["tokens", "documents"])
 def test_no_validation_token_is_inside_a_training_window(split_by, documents, tiny_tokenizer, tmp_path, small_blocks):
     L = 16
     splits = build_lm_datasets(
-        documents, tiny_tokenizer, context_length=L, stride=4, validation_fraction=0.2, split_by=split_by, cache_dir=tmp_path
+        documents,
+        tiny_tokenizer,
+        context_length=L,
+        stride=4,
+        validation_fraction=0.2,
+        split_by=split_by,
+        cache_dir=tmp_path,
     )
     doc_ids = [i for i, d in enumerate(documents) if d.strip()]
     if split_by == "tokens":
         train_order = validation_order = doc_ids
     else:
         held_out = is_validation_document(np.array(doc_ids), 0.2)
-        train_order = [d for d, v in zip(doc_ids, held_out) if not v]
-        validation_order = [d for d, v in zip(doc_ids, held_out) if v]
+        train_order = [d for d, v in zip(doc_ids, held_out, strict=True) if not v]
+        validation_order = [d for d, v in zip(doc_ids, held_out, strict=True) if v]
         assert validation_order == [9, 14, 19, 24, 29]  # every 5th (4 is blank), spread out, not the tail
     train = covered_tokens(splits["train"], tiny_tokenizer, documents, train_order, L)
     validation = covered_tokens(splits["validation"], tiny_tokenizer, documents, validation_order, L)
@@ -227,8 +241,8 @@ def test_no_validation_token_is_inside_a_training_window(split_by, documents, ti
     if split_by == "tokens":  # exactly the last 20 % of the stream is held out
         _, doc, offset = stream_identities(tiny_tokenizer, documents, doc_ids)
         cut = len(doc) - round(0.2 * len(doc))
-        assert train <= set(zip(doc[:cut].tolist(), offset[:cut].tolist()))
-        assert validation <= set(zip(doc[cut:].tolist(), offset[cut:].tolist()))
+        assert train <= set(zip(doc[:cut].tolist(), offset[:cut].tolist(), strict=True))
+        assert validation <= set(zip(doc[cut:].tolist(), offset[cut:].tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -259,7 +273,9 @@ def test_streaming_gives_the_same_windows(source_kind, documents, tiny_tokenizer
 def assert_nothing_half_written(cache_dir: Path) -> None:
     """No partial dataset (datasets builds in `*.incomplete` folders, maps into `tmp*` files);
     empty `.lock` files are left by every run, finished or not."""
-    leftovers = [p for p in cache_dir.rglob("*") if p.suffix != ".lock" and ("incomplete" in p.name or p.name.startswith("tmp"))]
+    leftovers = [
+        p for p in cache_dir.rglob("*") if p.suffix != ".lock" and ("incomplete" in p.name or p.name.startswith("tmp"))
+    ]
     assert not leftovers, leftovers
 
 
@@ -268,7 +284,10 @@ def assert_nothing_half_written(cache_dir: Path) -> None:
     [
         (b"", "empty or whitespace-only"),
         (b"  \n\n\t \n", "empty or whitespace-only"),
-        (b"Hello there.\nSome more text; a short file.\n", r"corpus .*bad\.txt has 29 tokens, fewer than one window of .* = 65"),
+        (
+            b"Hello there.\nSome more text; a short file.\n",
+            r"corpus .*bad\.txt has 29 tokens, fewer than one window of .* = 65",
+        ),
         (b"caf\xc3\xa9 ok\nthen \xff\xfe bad\n", r"bad\.txt: not valid UTF-8 at byte offset 14 \(line 2\)"),
     ],
     ids=["empty", "whitespace", "shorter-than-a-window", "not-utf8"],
@@ -279,7 +298,9 @@ def test_bad_corpus_files_stop_with_a_clear_message(content, message, streaming,
     path.write_bytes(content)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=message):
-        build_lm_datasets(path, tiny_tokenizer, context_length=64, streaming=streaming, validation_fraction=0, cache_dir=cache)
+        build_lm_datasets(
+            path, tiny_tokenizer, context_length=64, streaming=streaming, validation_fraction=0, cache_dir=cache
+        )
     if cache.exists():
         assert_nothing_half_written(cache)
         if "29 tokens" not in message:  # reading failed: no dataset at all was written
@@ -292,12 +313,28 @@ def test_bad_corpus_files_stop_with_a_clear_message(content, message, streaming,
         ([], {}, "empty or whitespace-only"),
         (["", " \n"], {}, "empty or whitespace-only"),
         (["fine text", 42], {}, "document 1 of the texts is a int, not a str"),
-        (["some text " * 200], {"validation_fraction": 0.01}, r"validation range \(last 12 tokens\) has 12 tokens, fewer than"),
+        (
+            ["some text " * 200],
+            {"validation_fraction": 0.01},
+            r"validation range \(last 12 tokens\) has 12 tokens, fewer than",
+        ),
         (["some text " * 200], {"stride": 65}, r"stride must be in \[1, context_length=64\]"),
         (["some text " * 200], {"split_by": "tokens", "streaming": True}, "needs the corpus length"),
-        (["some text " * 200], {"vocab_size": 50257}, "the tokenizer has 512 tokens but the model's vocab_size is 50257"),
+        (
+            ["some text " * 200],
+            {"vocab_size": 50257},
+            "the tokenizer has 512 tokens but the model's vocab_size is 50257",
+        ),
     ],
-    ids=["no-documents", "blank-documents", "not-a-string", "validation-too-short", "stride", "streaming-token-split", "vocab"],
+    ids=[
+        "no-documents",
+        "blank-documents",
+        "not-a-string",
+        "validation-too-short",
+        "stride",
+        "streaming-token-split",
+        "vocab",
+    ],
 )
 def test_bad_texts_and_settings_stop_with_a_clear_message(source, kwargs, message, tiny_tokenizer, tmp_path):
     with pytest.raises(DataError, match=message):
@@ -307,7 +344,11 @@ def test_bad_texts_and_settings_stop_with_a_clear_message(source, kwargs, messag
 
 def test_a_missing_corpus_file_is_named(tiny_tokenizer, tmp_path):
     (tmp_path / "there.txt").write_text("Some text. " * 100, encoding="utf-8")
-    for source in (tmp_path / "missing.txt", str(tmp_path / "missing.txt"), [tmp_path / "there.txt", tmp_path / "missing.txt"]):
+    for source in (
+        tmp_path / "missing.txt",
+        str(tmp_path / "missing.txt"),
+        [tmp_path / "there.txt", tmp_path / "missing.txt"],
+    ):
         with pytest.raises(DataError, match=r"corpus file .*missing\.txt does not exist"):
             build_lm_datasets(source, tiny_tokenizer, context_length=8, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
@@ -315,7 +356,9 @@ def test_a_missing_corpus_file_is_named(tiny_tokenizer, tmp_path):
 
 def test_a_missing_text_column_lists_the_columns(tiny_tokenizer, tmp_path):
     table = datasets.Dataset.from_dict({"body": ["text"], "id": [1]})
-    with pytest.raises(DataError, match=r"text_column='text' is not a column of the dataset; its columns are \['body', 'id'\]"):
+    with pytest.raises(
+        DataError, match=r"text_column='text' is not a column of the dataset; its columns are \['body', 'id'\]"
+    ):
         build_lm_datasets(table, tiny_tokenizer, context_length=8, cache_dir=tmp_path)
 
 

@@ -204,7 +204,7 @@ def test_loss_is_token_weighted_not_a_mean_of_batch_means():
     with torch.no_grad():
         batch_losses = [model(**b).loss.item() for b in _batches(ids, "shift_labels")]
         batch_tokens = [int((b["shift_labels"] != IGNORE_INDEX).sum()) for b in _batches(ids, "shift_labels")]
-    token_weighted = sum(l * n for l, n in zip(batch_losses, batch_tokens)) / sum(batch_tokens)
+    token_weighted = sum(loss * n for loss, n in zip(batch_losses, batch_tokens, strict=True)) / sum(batch_tokens)
     assert shifted.loss == pytest.approx(token_weighted, rel=1e-5)
     assert abs(shifted.loss - sum(batch_losses) / 2) > 1e-4  # the naive mean differs here
 
@@ -295,8 +295,12 @@ def test_accuracy_and_confusion_matrix_count_every_example():
     predicted = [0, 0, 1, 2, 2, 2, 1]
     true = [0, 1, 1, 2, 0, 2, 1]
     batches = [
-        {"input_ids": torch.tensor([[p, 9]]), "attention_mask": torch.ones(1, 2, dtype=torch.long), "labels": torch.tensor([t])}
-        for p, t in zip(predicted, true)
+        {
+            "input_ids": torch.tensor([[p, 9]]),
+            "attention_mask": torch.ones(1, 2, dtype=torch.long),
+            "labels": torch.tensor([t]),
+        }
+        for p, t in zip(predicted, true, strict=True)
     ]
     report = evaluate_classifier(FixedLogits(), batches, ["a", "b", "c"])
     assert report.accuracy == pytest.approx(5 / 7)
@@ -314,8 +318,20 @@ def test_generations_are_scored_per_record_and_per_kind():
     ]
     rows = score_generations(records, ["5\n", "3", "cat dog", "1,3"])
     assert [r["exact_match"] for r in rows] == [True, False, True, False]
-    assert rows[3] == {"instruction": "Sort.", "input": "3, 1", "expected": "1, 3", "generated": "1,3", "exact_match": False, "kind": "sort"}
-    assert exact_match_summary(rows) == {"val_exact_match": 0.5, "exact_match_add": 0.5, "exact_match_repeat": 1.0, "exact_match_sort": 0.0}
+    assert rows[3] == {
+        "instruction": "Sort.",
+        "input": "3, 1",
+        "expected": "1, 3",
+        "generated": "1,3",
+        "exact_match": False,
+        "kind": "sort",
+    }
+    assert exact_match_summary(rows) == {
+        "val_exact_match": 0.5,
+        "exact_match_add": 0.5,
+        "exact_match_repeat": 1.0,
+        "exact_match_sort": 0.0,
+    }
 
 
 def test_exact_match_strips_only_surrounding_whitespace():

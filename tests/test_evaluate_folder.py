@@ -8,12 +8,12 @@ import json
 import os
 import re
 import runpy
-import socket
 import subprocess
 import sys
 
 import pytest
 from helpers.models import tiny_model
+from helpers.processes import two_cpu_processes
 
 from modeling_minigpt import MiniGPTForCausalLM
 from training.evaluate import (
@@ -120,15 +120,8 @@ def test_script_under_accelerate_launch_with_two_processes(
     text_file = tmp_path / "text.txt"
     text_file.write_text(text, encoding="utf-8")
     out = tmp_path / "metrics.json"
-    with socket.socket() as probe:  # a free port, so concurrent runs do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        evaluate_script.__file__, "--model", str(saved_model), "--text-file", str(text_file),
-        "--stride", "16", "--batch-size", "4", "--output-json", str(out),
-    ]
+    flags = ["--model", str(saved_model), "--text-file", str(text_file), "--stride", "16", "--batch-size", "4"]
+    command = two_cpu_processes(evaluate_script.__file__, *flags, "--output-json", str(out))
     # Without the CPU flag, --multi_gpu on a CPU machine starts two independent processes.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -380,8 +380,16 @@ def test_save_finetuned_writes_adapter_and_a_merged_folder_that_loads_fresh(tmp_
 
     merged = save_finetuned(model, tiny_tokenizer, tmp_path / "model", tmp_path / "adapter")
     assert type(merged) is MiniGPTForCausalLM
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "adapter"))
-    assert {"config.json", "modeling_minigpt.py", "attention.py", "configuration_minigpt.py", "chat_template.jinja"} <= set(os.listdir(tmp_path / "model"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(
+        os.listdir(tmp_path / "adapter")
+    )
+    assert {
+        "config.json",
+        "modeling_minigpt.py",
+        "attention.py",
+        "configuration_minigpt.py",
+        "chat_template.jinja",
+    } <= set(os.listdir(tmp_path / "model"))
 
     # The adapter alone, on a freshly loaded base.
     reloaded = PeftModel.from_pretrained(MiniGPTForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
@@ -392,7 +400,10 @@ def test_save_finetuned_writes_adapter_and_a_merged_folder_that_loads_fresh(tmp_
     torch.save(ids, tmp_path / "ids.pt")
     subprocess.run(
         [sys.executable, "-c", FRESH_LOAD, str(tmp_path / "model"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ""},
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": ""},
     )
     out = torch.load(tmp_path / "out.pt")
     assert out["module"].startswith("transformers_modules.") and out["has_template"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers.models import tiny_model
+
 from training.generate import eval_mode, greedy_generate
 
 

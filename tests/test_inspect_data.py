@@ -20,7 +20,9 @@ from training.inspect_data import (
 
 
 def test_batch_composition_and_figures(documents, tiny_tokenizer, tmp_path):
-    splits = build_lm_datasets(documents, tiny_tokenizer, context_length=32, stride=16, validation_fraction=0, cache_dir=tmp_path)
+    splits = build_lm_datasets(
+        documents, tiny_tokenizer, context_length=32, stride=16, validation_fraction=0, cache_dir=tmp_path
+    )
     windows = splits["train"]
     indices = [0, 1, 2, len(windows) - 1]
     table = batch_composition(windows, indices, tiny_tokenizer)

@@ -122,8 +122,10 @@ def test_build_dataset_truncates_and_skips_with_counts(tiny_tokenizer):
     assert (stats.records, stats.examples, stats.truncated, stats.skipped) == (5, 3, 2, 2)
     assert "2 truncated" in str(stats) and "2 skipped" in str(stats)  # WITH_INPUT's prompt is longer too
     assert dataset.column_names == ["input_ids", "labels"]
-    assert dataset[0] == {"input_ids": render_example(tiny_tokenizer, NO_INPUT).input_ids,
-                          "labels": render_example(tiny_tokenizer, NO_INPUT).labels}
+    assert dataset[0] == {
+        "input_ids": render_example(tiny_tokenizer, NO_INPUT).input_ids,
+        "labels": render_example(tiny_tokenizer, NO_INPUT).labels,
+    }
     for row in dataset.select([1, 2]):
         assert len(row["input_ids"]) == max_length
         assert row["labels"][-1] != tiny_tokenizer.eos_token_id  # the cut response does not learn to stop
@@ -161,7 +163,7 @@ def test_model_loss_is_mean_cross_entropy_over_response_tokens(tiny_tokenizer):
 
     # By hand, from the prompt lengths alone (not from the labels): token t is predicted at t-1.
     losses = []
-    for row, (record, example) in enumerate(zip(records, examples)):
+    for row, (record, example) in enumerate(zip(records, examples, strict=True)):
         n_prompt = len(encode(tiny_tokenizer, format_prompt(record["instruction"], record.get("input"))))
         for t in range(n_prompt, len(example.input_ids)):
             losses.append(-log_probs[row, t - 1, example.input_ids[t]])
@@ -174,7 +176,9 @@ def test_model_loss_is_mean_cross_entropy_over_response_tokens(tiny_tokenizer):
     batch = collate_instruction_batch([vars(e) for e in unmasked], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         loss_all = model(**batch).loss.double()
-    by_hand = [-log_probs[row, t - 1, e.input_ids[t]] for row, e in enumerate(unmasked) for t in range(1, len(e.input_ids))]
+    by_hand = [
+        -log_probs[row, t - 1, e.input_ids[t]] for row, e in enumerate(unmasked) for t in range(1, len(e.input_ids))
+    ]
     torch.testing.assert_close(loss_all, torch.stack(by_hand).mean(), rtol=1e-5, atol=1e-6)
     assert abs(float(loss_all) - float(out.loss)) > 1e-3
 
@@ -186,7 +190,9 @@ def test_load_json_jsonl_dataset_and_list(tmp_path):
     records = [WITH_INPUT, NO_INPUT, {**NO_INPUT, "input": None, "extra": 1}]
     expected = [WITH_INPUT, {**NO_INPUT, "input": ""}, {**NO_INPUT, "input": ""}]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n")
+    (tmp_path / "data.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n"
+    )
 
     assert load_instruction_records(tmp_path / "data.json") == expected
     assert load_instruction_records(str(tmp_path / "data.jsonl")) == expected

@@ -34,14 +34,27 @@ from training.loop import (
 def _tiny_setup(output_dir: Path, **loop_overrides):
     """A 2-layer model with dropout on random windows: (accelerator, model, optimizer, loader, args, state, metrics)."""
     args = LoopArguments(
-        output_dir=str(output_dir), max_steps=16, per_device_batch_size=4, gradient_accumulation_steps=2,
-        warmup_steps=3, log_every=1, eval_every=100, save_every=3, keep_last=3, report_to="none", **loop_overrides,
+        output_dir=str(output_dir),
+        max_steps=16,
+        per_device_batch_size=4,
+        gradient_accumulation_steps=2,
+        warmup_steps=3,
+        log_every=1,
+        eval_every=100,
+        save_every=3,
+        keep_last=3,
+        report_to="none",
+        **loop_overrides,
     )
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     windows = [{"input_ids": row} for row in torch.randint(0, 97, (44, 17), generator=torch.Generator().manual_seed(0))]
-    loader = make_train_dataloader(windows, args.per_device_batch_size, collate_windows, args.seed)  # 11 micro-batches/epoch
-    config = MiniGPTConfig.from_preset("tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.2)
+    loader = make_train_dataloader(
+        windows, args.per_device_batch_size, collate_windows, args.seed
+    )  # 11 micro-batches/epoch
+    config = MiniGPTConfig.from_preset(
+        "tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.2
+    )
     model = MiniGPTForCausalLM(config)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -104,7 +117,9 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path)
         loss = model(**batch).loss
         return loss * float("nan") if state.step + 1 == 8 else loss
 
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step 8: loss=nan.*last good checkpoint: .*step_6"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite training loss at step 8: loss=nan.*last good checkpoint: .*step_6"
+    ):
         train_loop(*setup, loss_fn=loss_fn)
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 6]
     assert max(r["step"] for r in read_metrics(tmp_path)) == 7

@@ -50,7 +50,11 @@ def test_only_adapter_parameters_train():
 
 def test_classification_lora_also_trains_the_head():
     torch.manual_seed(0)
-    model = apply_lora(MiniGPTForSequenceClassification(tiny_config(num_labels=3)), LoraArguments(lora_target_modules=["W_query"]), task_type="SEQ_CLS")
+    model = apply_lora(
+        MiniGPTForSequenceClassification(tiny_config(num_labels=3)),
+        LoraArguments(lora_target_modules=["W_query"]),
+        task_type="SEQ_CLS",
+    )
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert [n for n in trainable if "lora_" not in n] == ["base_model.model.score.modules_to_save.default.weight"]
     assert len([n for n in trainable if "lora_" in n]) == 2 * 2
@@ -61,7 +65,9 @@ def test_unknown_target_module_lists_the_linear_layers():
         apply_lora(MiniGPTForCausalLM(tiny_config()), LoraArguments(lora_target_modules=["W_query", "c_attn"]))
 
 
-@pytest.mark.parametrize("kwargs", [{"lora_r": 0}, {"lora_alpha": 0}, {"lora_dropout": 1.0}, {"lora_target_modules": []}])
+@pytest.mark.parametrize(
+    "kwargs", [{"lora_r": 0}, {"lora_alpha": 0}, {"lora_dropout": 1.0}, {"lora_target_modules": []}]
+)
 def test_invalid_lora_arguments_name_the_flag(kwargs):
     with pytest.raises(ValueError, match="--" + next(iter(kwargs))):
         LoraArguments(**kwargs)
@@ -77,5 +83,3 @@ def test_merged_logits_equal_the_adapted_model():
         merged = model.merge_and_unload()(input_ids=ids).logits
     assert type(merged) is torch.Tensor and not torch.allclose(adapted, base, atol=1e-3)  # the adapter matters
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
-
-

@@ -81,7 +81,13 @@ def test_final_model_loads_with_auto_classes_in_a_fresh_process(finished_run, tm
         "ids = tokenizer('The return statement', return_tensors='pt').input_ids\n"
         "torch.save({'logits': model(ids).logits, 'vocab': len(tokenizer), 'cls': type(model).__name__}, sys.argv[1])\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env=SUBPROCESS_ENV, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out.pt")],
+        check=True,
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        timeout=300,
+    )
     loaded = torch.load(tmp_path / "out.pt")
     assert loaded["cls"] == "MiniGPTForCausalLM" and loaded["vocab"] == 400
 
@@ -165,9 +171,15 @@ def test_resume_with_another_model_shape_or_tokenizer(finished_run, corpus_file,
 
 def test_overwrite_replaces_a_run(corpus_file, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
-    run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=2, eval_every=2, save_every=2))
+    run_pretraining(
+        *tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=2, eval_every=2, save_every=2)
+    )
     (out / "checkpoints" / "step_999").mkdir()  # something only the old run had
-    run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=3, eval_every=3, save_every=3, overwrite=True))
+    run_pretraining(
+        *tiny_args(
+            out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=3, eval_every=3, save_every=3, overwrite=True
+        )
+    )
     assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [3]
     assert not (out / "checkpoints" / "step_999").exists()
     assert max(r["step"] for r in read_metrics(out)) == 3
@@ -190,7 +202,14 @@ def test_script_help_lists_every_group(script, capsys):
         script.parse_args(["--help"])
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--n_layers", "--train_file", "--tokenizer_path", "--max_time_seconds", "--gradient_accumulation_steps", "--resume"):
+    for flag in (
+        "--n_layers",
+        "--train_file",
+        "--tokenizer_path",
+        "--max_time_seconds",
+        "--gradient_accumulation_steps",
+        "--resume",
+    ):
         assert flag in help_text
 
 
@@ -198,7 +217,13 @@ def test_script_yaml_config_with_overrides(script, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("train_file: a.txt\nn_layers: 3\nlearning_rate: 1e-3\nmax_steps: 7\noutput_dir: runs/x\n")
     model, data, loop = script.parse_args([str(config), "--max_steps", "9", "--resume"])
-    assert (model.n_layers, data.train_file, loop.learning_rate, loop.max_steps, loop.resume) == (3, "a.txt", 1e-3, 9, True)
+    assert (model.n_layers, data.train_file, loop.learning_rate, loop.max_steps, loop.resume) == (
+        3,
+        "a.txt",
+        1e-3,
+        9,
+        True,
+    )
     config.write_text("train_file: a.txt\nn_layer: 3\n")
     with pytest.raises(ValueError, match=r"unknown keys \['n_layer'\]"):
         script.parse_args([str(config)])
@@ -216,8 +241,17 @@ def test_script_reports_bad_input_as_one_line(script, tmp_path, corpus_file, cap
 
 def test_time_budget_stops_on_time_and_decays_to_the_floor(corpus_file, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
-    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=10**6, max_time_seconds=4.0,
-                     eval_every=10**6, save_every=10**6, log_every=5)
+    args = tiny_args(
+        out,
+        corpus_file,
+        tokenizer_dir,
+        tmp_path / "cache",
+        max_steps=10**6,
+        max_time_seconds=4.0,
+        eval_every=10**6,
+        save_every=10**6,
+        log_every=5,
+    )
     result = run_pretraining(*args)
     assert 4.0 <= result.train_seconds < 4.0 + 2.0  # stops at the first step past the budget
     train = [r for r in read_metrics(out) if "train_loss" in r]
@@ -227,7 +261,7 @@ def test_time_budget_stops_on_time_and_decays_to_the_floor(corpus_file, tokenize
     assert peak == pytest.approx(3e-3, rel=0.05)
     # After warmup the cosine runs over the clock: it only goes down, and ends at the floor.
     assert lrs[-1] < 3e-4 + 0.05 * (3e-3 - 3e-4)
-    assert all(a >= b for a, b in zip(lrs[lrs.index(peak):], lrs[lrs.index(peak) + 1 :]))
+    assert all(a >= b for a, b in zip(lrs[lrs.index(peak) :], lrs[lrs.index(peak) + 1 :], strict=False))
 
 
 # ----------------------------------------------------------------------------- SIGKILL, in a real process
@@ -243,7 +277,11 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, corpus_file, 
     common = dict(max_steps=steps, gradient_accumulation_steps=2, save_every=15, eval_every=40, keep_last=2)
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
     # The uninterrupted run goes alongside the one that gets killed (one thread each).
-    reference = launch(PRETRAIN_SCRIPT, script_flags(reference_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common), tmp_path / "reference.log")
+    reference = launch(
+        PRETRAIN_SCRIPT,
+        script_flags(reference_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common),
+        tmp_path / "reference.log",
+    )
     flags = script_flags(killed_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common)
     victim = launch(PRETRAIN_SCRIPT, flags, tmp_path / "killed.log")
     killed_at = sigkill_after_step(victim, killed_out, 40, tmp_path / "killed.log")
@@ -259,7 +297,9 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, corpus_file, 
     expected = load_file(reference_out / "model" / "model.safetensors")
     actual = load_file(killed_out / "model" / "model.safetensors")
     assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ from the uninterrupted run"
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
+        "resumed weights differ from the uninterrupted run"
+    )
     # The log continues without gaps or repeats, with exactly the uninterrupted run's numbers.
     assert logged_losses(killed_out) == logged_losses(reference_out)
     assert [r["step"] for r in read_metrics(killed_out) if "train_loss" in r] == list(range(1, steps + 1))

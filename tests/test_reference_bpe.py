@@ -22,9 +22,10 @@ def assert_same_training(texts, vocab_size, min_frequency=2):
     reference = train_reference_bpe(texts, vocab_size, min_frequency=min_frequency)
     assert reference.reused == []
     merges = learned_merges(library)
-    first_difference = next((i for i, (a, b) in enumerate(zip(merges, reference.merges)) if a != b), None)
+    first_difference = next((i for i, (a, b) in enumerate(zip(merges, reference.merges, strict=False)) if a != b), None)
     assert first_difference is None, (
-        f"merge {first_difference}: library {merges[first_difference]} vs reference {reference.merges[first_difference]}"
+        f"merge {first_difference}: library {merges[first_difference]} "
+        f"vs reference {reference.merges[first_difference]}"
     )
     assert merges == reference.merges
     assert library.backend_tokenizer.get_vocab(with_added_tokens=False) == reference.vocab

@@ -21,7 +21,10 @@ def test_a_missing_or_empty_folder_is_usable_and_claiming_it_records_the_run(tmp
     (tmp_path / "empty").mkdir()
     check_run_folder(tmp_path / "empty", FINGERPRINT, resume=False, overwrite=False)
     start_run_folder(tmp_path / "new", FINGERPRINT, {"loop": {"seed": 1}}, overwrite=False)
-    assert json.loads((tmp_path / "new" / "run_config.json").read_text()) == {"fingerprint": FINGERPRINT, "config": {"loop": {"seed": 1}}}
+    assert json.loads((tmp_path / "new" / "run_config.json").read_text()) == {
+        "fingerprint": FINGERPRINT,
+        "config": {"loop": {"seed": 1}},
+    }
 
 
 def test_a_folder_holding_a_run_needs_resume_with_the_same_fingerprint_or_overwrite(tmp_path):
@@ -49,6 +52,8 @@ def test_a_folder_of_other_files_is_never_used(tmp_path):
 
 def test_the_fingerprint_binds_the_optimisation_but_not_the_cadence():
     fast = LoopArguments(output_dir="a", learning_rate=1e-3, log_every=1, eval_every=5, save_every=5)
-    slow_logs = LoopArguments(output_dir="b", learning_rate=1e-3, log_every=50, eval_every=100, save_every=100, resume=True)
+    slow_logs = LoopArguments(
+        output_dir="b", learning_rate=1e-3, log_every=50, eval_every=100, save_every=100, resume=True
+    )
     assert run_fingerprint(fast, model=1) == run_fingerprint(slow_logs, model=1)
     assert run_fingerprint(fast, model=1) != run_fingerprint(LoopArguments(output_dir="a", learning_rate=2e-3), model=1)

@@ -16,7 +16,7 @@ def test_warmup_is_linear_and_starts_above_zero():
     lrs = [lr_at_step(s, **SCHEDULE) for s in range(10)]
     assert lrs[0] == pytest.approx(1e-4)  # max_lr / warmup_steps: the first update already moves
     assert lrs[9] == pytest.approx(1e-3)
-    assert all(b - a == pytest.approx(1e-4) for a, b in zip(lrs, lrs[1:]))
+    assert all(b - a == pytest.approx(1e-4) for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 def test_cosine_midpoint_end_and_floor():
@@ -30,7 +30,7 @@ def test_cosine_midpoint_end_and_floor():
 
 def test_decay_is_monotone_after_warmup():
     lrs = [lr_at_step(s, **SCHEDULE) for s in range(10, 120)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     assert lrs[0] > lrs[-1]
 
 
@@ -47,12 +47,19 @@ def test_loop_schedule_by_steps_or_by_time():
     assert [learning_rate(by_steps, s, elapsed_seconds=999.0) for s in (0, 60, 110)] == [
         lr_at_step(s, **SCHEDULE) for s in (0, 60, 110)
     ]  # the clock plays no part
-    by_time = LoopArguments(output_dir="x", learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=10**9, max_time_seconds=100.0)
+    by_time = LoopArguments(
+        output_dir="x",
+        learning_rate=1e-3,
+        min_learning_rate=1e-4,
+        warmup_steps=10,
+        max_steps=10**9,
+        max_time_seconds=100.0,
+    )
     assert learning_rate(by_time, 4, elapsed_seconds=50.0) == pytest.approx(5e-4)  # warmup counts steps
     assert learning_rate(by_time, 500, elapsed_seconds=50.0) == pytest.approx(5.5e-4)  # half the budget: midpoint
     assert learning_rate(by_time, 10**6, elapsed_seconds=100.0) == pytest.approx(1e-4)
     lrs = [learning_rate(by_time, 10 + t, elapsed_seconds=float(t)) for t in range(101)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 @pytest.mark.parametrize(
@@ -66,5 +73,3 @@ def test_loop_schedule_by_steps_or_by_time():
 def test_bad_schedule_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         lr_at_step(0, **kwargs)
-
-

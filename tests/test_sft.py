@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.processes import launch, sigkill_after_step
-from helpers.runs import read_metrics, save_tiny_base
+from helpers.runs import argument_groups, read_metrics, save_tiny_base
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,16 +33,23 @@ def base_dir(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 TINY_SFT = dict(num_train_tasks=48, num_heldout_tasks=8, max_new_tokens=6, eval_batch_size=8)
-TINY_LOOP = dict(max_steps=6, per_device_batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2,
-                 log_every=1, eval_every=100, save_every=100, report_to="none")
+TINY_LOOP = dict(
+    max_steps=6,
+    per_device_batch_size=8,
+    learning_rate=3e-3,
+    min_learning_rate=3e-4,
+    warmup_steps=2,
+    log_every=1,
+    eval_every=100,
+    save_every=100,
+    report_to="none",
+)
 
 
 def tiny_sft(base: Path, out: Path, lora: dict | None = None, **overrides):
-    """(SFTArguments, LoraArguments, LoopArguments) for a tiny run; overrides go to the group with that field."""
-    groups = {SFTArguments: dict(TINY_SFT, model_path=str(base)), LoraArguments: dict(lora or {}), LoopArguments: dict(TINY_LOOP, output_dir=str(out))}
-    for key, value in overrides.items():
-        groups[next(cls for cls in groups if key in cls.__dataclass_fields__)][key] = value
-    return tuple(cls(**values) for cls, values in groups.items())
+    """(SFTArguments, LoraArguments, LoopArguments) for a tiny run."""
+    defaults = {SFTArguments: dict(TINY_SFT, model_path=str(base)), LoraArguments: lora or {}}
+    return argument_groups({**defaults, LoopArguments: dict(TINY_LOOP, output_dir=str(out))}, overrides)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -99,7 +106,9 @@ def test_generations_file_has_one_row_per_heldout_record(full_run):
     _, out = full_run
     rows = json.loads((out / "heldout_generations.json").read_text())
     _, heldout = make_task_splits(48, 8, seed=0)
-    assert [(r["instruction"], r["input"], r["expected"]) for r in rows] == [(h["instruction"], h["input"], h["output"]) for h in heldout]
+    assert [(r["instruction"], r["input"], r["expected"]) for r in rows] == [
+        (h["instruction"], h["input"], h["output"]) for h in heldout
+    ]
     assert all(set(r) == {"instruction", "input", "expected", "generated", "exact_match", "kind"} for r in rows)
 
 
@@ -128,7 +137,16 @@ def test_unmasked_run_trains_on_prompts_but_scores_responses_only(full_run, base
 
 def test_lora_run_saves_an_adapter_and_the_merged_model(base_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "lora"
-    result = run_sft(*tiny_sft(base_dir, out, lora=dict(lora_r=4, lora_dropout=0.0), finetune="lora", learning_rate=1e-2, eval_before_training=False))
+    result = run_sft(
+        *tiny_sft(
+            base_dir,
+            out,
+            lora=dict(lora_r=4, lora_dropout=0.0),
+            finetune="lora",
+            learning_rate=1e-2,
+            eval_before_training=False,
+        )
+    )
     assert result.adapter_dir == out / "adapter" and result.before is None
     base = load_file(base_dir / "model.safetensors")
     merged = load_file(out / "model" / "model.safetensors")
@@ -138,7 +156,9 @@ def test_lora_run_saves_an_adapter_and_the_merged_model(base_dir, tiny_tokenizer
     merged_model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(merged_model(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            merged_model(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_converted_gpt2_folder_whose_pad_is_eos(shared_data, tmp_path):
@@ -185,7 +205,16 @@ def test_alpaca_file_with_seeded_heldout_split(base_dir, tmp_path):
     _, records = make_task_splits(0, 30, seed=5)
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output")} for r in records]))
-    result = run_sft(*tiny_sft(base_dir, tmp_path / "out", train_file=str(data), validation_fraction=0.2, max_steps=2, eval_before_training=False))
+    result = run_sft(
+        *tiny_sft(
+            base_dir,
+            tmp_path / "out",
+            train_file=str(data),
+            validation_fraction=0.2,
+            max_steps=2,
+            eval_before_training=False,
+        )
+    )
     rows = json.loads((tmp_path / "out" / "heldout_generations.json").read_text())
     assert len(rows) == 6 and "kind" not in rows[0] and set(result.after) == {"val_loss", "val_exact_match"}
 
@@ -198,10 +227,32 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_tokenizer, tmp_pat
     steps = 30
     base = save_tiny_base(tmp_path / "base", tiny_tokenizer, drop_rate=0.1)  # dropout: the RNG state must resume too
     flags = [
-        "--model_path", str(base), "--num_train_tasks", "64", "--num_heldout_tasks", "4", "--max_new_tokens", "4",
-        "--max_steps", str(steps), "--per_device_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--learning_rate", "3e-3", "--warmup_steps", "5", "--log_every", "1", "--save_every", "5", "--eval_every", "15",
-        "--report_to", "none",
+        "--model_path",
+        str(base),
+        "--num_train_tasks",
+        "64",
+        "--num_heldout_tasks",
+        "4",
+        "--max_new_tokens",
+        "4",
+        "--max_steps",
+        str(steps),
+        "--per_device_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "5",
+        "--log_every",
+        "1",
+        "--save_every",
+        "5",
+        "--eval_every",
+        "15",
+        "--report_to",
+        "none",
     ]
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
     reference = launch(SCRIPT, [*flags, "--output_dir", str(reference_out)], tmp_path / "reference.log")
@@ -214,10 +265,17 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_tokenizer, tmp_pat
     resumed_from = int((tmp_path / "resumed.log").read_text().split("resuming from step ")[1].split()[0])
     assert 10 <= resumed_from <= killed_at < steps and resumed_from % 5 == 0
 
-    expected, actual = load_file(reference_out / "model" / "model.safetensors"), load_file(killed_out / "model" / "model.safetensors")
+    expected, actual = (
+        load_file(reference_out / "model" / "model.safetensors"),
+        load_file(killed_out / "model" / "model.safetensors"),
+    )
     assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ from the uninterrupted run"
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
+        "resumed weights differ from the uninterrupted run"
+    )
     keep = ("step", "train_loss", "grad_norm", "val_loss", "val_exact_match")
     log = lambda out: [{k: r[k] for k in keep if k in r} for r in read_metrics(out)]  # noqa: E731
     assert log(killed_out) == log(reference_out)
-    assert json.loads((killed_out / "heldout_generations.json").read_text()) == json.loads((reference_out / "heldout_generations.json").read_text())
+    assert json.loads((killed_out / "heldout_generations.json").read_text()) == json.loads(
+        (reference_out / "heldout_generations.json").read_text()
+    )

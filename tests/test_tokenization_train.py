@@ -32,12 +32,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def test_trained_tokenizer_is_fast_tokenizer_with_special_roles(tiny_tokenizer):
     assert isinstance(tiny_tokenizer, PreTrainedTokenizerFast)
     assert len(tiny_tokenizer) == 512
-    assert (tiny_tokenizer.eos_token, tiny_tokenizer.bos_token, tiny_tokenizer.pad_token) == (EOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+    assert (tiny_tokenizer.eos_token, tiny_tokenizer.bos_token, tiny_tokenizer.pad_token) == (
+        EOS_TOKEN,
+        EOS_TOKEN,
+        PAD_TOKEN,
+    )
     # Declared order: eos is id 0, pad id 1; then the byte alphabet.
     assert (tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id) == (0, 1)
     # Special tokens are atomic and nothing is added implicitly.
     assert tiny_tokenizer.encode(f"a{EOS_TOKEN}{EOS_TOKEN}b{PAD_TOKEN}") == [
-        tiny_tokenizer.convert_tokens_to_ids("a"), 0, 0, tiny_tokenizer.convert_tokens_to_ids("b"), 1
+        tiny_tokenizer.convert_tokens_to_ids("a"),
+        0,
+        0,
+        tiny_tokenizer.convert_tokens_to_ids("b"),
+        1,
     ]
 
 
@@ -119,8 +127,9 @@ def test_special_token_split_by_pre_tokenization_is_reported(tiny_tokenizer):
 
 
 def test_extra_special_tokens_are_atomic(pydoc_text):
-    tokenizer = train_bpe([pydoc_text[:20_000]], 300, special_tokens=[EOS_TOKEN, PAD_TOKEN, "<|im_start|>"],
-                          show_progress=False)
+    tokenizer = train_bpe(
+        [pydoc_text[:20_000]], 300, special_tokens=[EOS_TOKEN, PAD_TOKEN, "<|im_start|>"], show_progress=False
+    )
     assert tokenizer.encode("a<|im_start|>b")[1] == tokenizer.convert_tokens_to_ids("<|im_start|>") == 2
 
 
@@ -137,12 +146,31 @@ def test_train_script_help_and_run(tmp_path, pydoc_text, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     help_text = capsys.readouterr().out
-    assert exit_info.value.code == 0 and "--vocab_size" in help_text and "--output_dir" in help_text and "--files" in help_text
+    assert (
+        exit_info.value.code == 0
+        and "--vocab_size" in help_text
+        and "--output_dir" in help_text
+        and "--files" in help_text
+    )
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(pydoc_text[:20_000], encoding="utf-8")
     out = tmp_path / "tok"
-    assert script.main(["--files", str(corpus), "--vocab_size", "300", "--output_dir", str(out), "--no_progress",
-                        "--merges_table", "5"]) == 0
+    assert (
+        script.main(
+            [
+                "--files",
+                str(corpus),
+                "--vocab_size",
+                "300",
+                "--output_dir",
+                str(out),
+                "--no_progress",
+                "--merges_table",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert len(AutoTokenizer.from_pretrained(out)) == 300
     assert (out / "merges_table.md").read_text().count("\n| ") == 6 and (out / "token_boundaries.html").is_file()
     assert script.main(["--files", str(tmp_path / "missing.txt"), "--output_dir", str(out)]) == 1

@@ -42,9 +42,10 @@ from modeling_minigpt.files import atomic_write_text
 if TYPE_CHECKING:
     import datasets
 
-PathLike = Union[str, os.PathLike]
-# What `open_source` accepts (see the module docstring).
-Source = Union[PathLike, Iterable[Union[str, os.PathLike]], "datasets.Dataset", "datasets.IterableDataset", "OpenedSource"]
+PathLike = str | os.PathLike
+# What `open_source` accepts (see the module docstring). `Union`, because `|` does not take the
+# string forward references of `datasets`, which is imported only when a source needs it.
+Source = Union[PathLike, Iterable[str | os.PathLike], "datasets.Dataset", "datasets.IterableDataset", "OpenedSource"]  # noqa: UP007
 
 # Files are read in pieces of about this many characters (1 MiB of ASCII), so a 20 MB file
 # never sits in memory as one string and the tokenizer can work on pieces in parallel.
@@ -99,7 +100,7 @@ def write_embedded_corpus(out_dir: PathLike, validation_every: int = 10) -> tupl
     held_out = [d for i, d in enumerate(documents) if i % validation_every == validation_every - 1]
     kept = [d for i, d in enumerate(documents) if i % validation_every != validation_every - 1]
     paths = out_dir / "train.txt", out_dir / "validation.txt"
-    for path, docs in zip(paths, (kept, held_out)):
+    for path, docs in zip(paths, (kept, held_out), strict=True):
         atomic_write_text(path, "\n\n".join(docs))
     return paths
 
@@ -180,7 +181,9 @@ def _open_folder(path: Path, split: str, streaming: bool, cache_dir: PathLike | 
     if files and all(p.suffix == ".txt" for p in files):
         return OpenedSource(files=tuple(check_file(p, what) for p in files))
     try:
-        return OpenedSource(dataset=datasets.load_dataset(str(path), split=split, streaming=streaming, cache_dir=_str(cache_dir)))
+        return OpenedSource(
+            dataset=datasets.load_dataset(str(path), split=split, streaming=streaming, cache_dir=_str(cache_dir))
+        )
     except Exception as error:  # no data files, unknown format, bad split: one message
         raise DataError(
             f"{what} {path} is not a regular file, and as a folder it is neither a save_to_disk folder, nor a "
@@ -231,7 +234,9 @@ def describe_source(source: Source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     if isinstance(source, OpenedSource):
-        return describe_source(source.files if source.files else source.texts if source.dataset is None else source.dataset)
+        return describe_source(
+            source.files if source.files else source.texts if source.dataset is None else source.dataset
+        )
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], os.PathLike):
         return describe_files(source)
     if _is_dataset(source):
@@ -323,7 +328,7 @@ def read_utf8_chunks(path: Path, chunk_chars: int = FILE_CHUNK_CHARS) -> Iterato
             except UnicodeDecodeError as error:
                 raise DataError(
                     f"{path}: not valid UTF-8 at byte offset {offset + error.start} (line {line_number}): "
-                    f"{error.reason} ({raw[error.start:error.end]!r}). Text files must be UTF-8; "
+                    f"{error.reason} ({raw[error.start : error.end]!r}). Text files must be UTF-8; "
                     "re-encode it, e.g. `iconv -f latin1 -t utf-8`."
                 ) from None
             offset += len(raw)
@@ -339,10 +344,7 @@ def read_utf8_chunks(path: Path, chunk_chars: int = FILE_CHUNK_CHARS) -> Iterato
 
 def _safe_cut(previous_line: str, line: str) -> bool:
     return (
-        len(previous_line) >= 2
-        and previous_line.endswith("\n")
-        and previous_line[-2].isalnum()
-        and line[:1].isalnum()
+        len(previous_line) >= 2 and previous_line.endswith("\n") and previous_line[-2].isalnum() and line[:1].isalnum()
     )
 
 
@@ -375,7 +377,9 @@ def read_records(source: Any, error: type[ValueError] = DataError, split: str = 
             ".jsonl, .csv, .parquet, .arrow, a save_to_disk folder or a dataset name"
         )
     if opened.dataset is None:
-        raise error(f"cannot read records from {type(source).__name__}: pass a path, a datasets.Dataset or a list of dicts")
+        raise error(
+            f"cannot read records from {type(source).__name__}: pass a path, a datasets.Dataset or a list of dicts"
+        )
     return [(f"dataset record {i}", row) for i, row in enumerate(opened.dataset.to_list())]
 
 

@@ -12,8 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -105,7 +106,9 @@ def train_bpe(
     if tokenizer.get_vocab_size() < vocab_size:
         logger.warning(
             "BPE stopped at %d tokens (asked for %d): no remaining pair occurs %d+ times in the corpus",
-            tokenizer.get_vocab_size(), vocab_size, min_frequency,
+            tokenizer.get_vocab_size(),
+            vocab_size,
+            min_frequency,
         )
 
     hf_tokenizer = wrap_tokenizer(tokenizer, special_tokens, max_length)
@@ -201,10 +204,12 @@ def check_round_trip(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -
         ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
         back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if back != text:
-            at = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+            at = next(
+                (i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b), min(len(text), len(back))
+            )
             raise RuntimeError(
                 f"round trip failed on sample {index} at character {at}: "
-                f"{text[max(0, at - 20):at + 20]!r} came back as {back[max(0, at - 20):at + 20]!r}"
+                f"{text[max(0, at - 20) : at + 20]!r} came back as {back[max(0, at - 20) : at + 20]!r}"
             )
 
 

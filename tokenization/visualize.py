@@ -17,9 +17,10 @@ from __future__ import annotations
 import functools
 import html
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerFast
 
@@ -107,7 +108,7 @@ def merge_trace(tokenizer: PreTrainedTokenizerFast, text: str) -> list[WordTrace
 def _trace_word(word: str, ranks: dict[Pair, int]) -> Iterable[MergeStep]:
     parts = list(word)
     while len(parts) > 1:
-        candidates = [(ranks[pair], i) for i, pair in enumerate(zip(parts, parts[1:])) if pair in ranks]
+        candidates = [(ranks[pair], i) for i, pair in enumerate(zip(parts, parts[1:], strict=False)) if pair in ranks]
         if not candidates:
             return
         rank, i = min(candidates)
@@ -151,7 +152,9 @@ def merge_trace_figure(traces: Sequence[WordTrace], max_words: int = 6) -> Figur
     figure, axes = plt.subplots(figsize=(1.2 + 0.55 * width + 3.2, 0.32 * rows + 0.4))
     y = 0.0
     for trace in words:
-        axes.text(0, y, drawable(f"word {readable(trace.word)!r}"), fontsize=10, fontweight="bold", va="center", family=FONT)
+        axes.text(
+            0, y, drawable(f"word {readable(trace.word)!r}"), fontsize=10, fontweight="bold", va="center", family=FONT
+        )
         y += 1
         states = [(trace.start, None)] + [(s.parts, s) for s in trace.steps]
         for parts, step in states:
@@ -159,13 +162,28 @@ def merge_trace_figure(traces: Sequence[WordTrace], max_words: int = 6) -> Figur
             for index, part in enumerate(parts):
                 merged = step is not None and index == step.position
                 axes.add_patch(
-                    Rectangle((x, y - 0.4), len(part) - 0.08, 0.8, facecolor=HIGHLIGHT if merged else "#dbe7f7",
-                              edgecolor="#4a5a70", linewidth=0.6)
+                    Rectangle(
+                        (x, y - 0.4),
+                        len(part) - 0.08,
+                        0.8,
+                        facecolor=HIGHLIGHT if merged else "#dbe7f7",
+                        edgecolor="#4a5a70",
+                        linewidth=0.6,
+                    )
                 )
-                axes.text(x + (len(part) - 0.08) / 2, y, drawable(readable(part)), ha="center", va="center",
-                          fontsize=8, family=FONT)
+                axes.text(
+                    x + (len(part) - 0.08) / 2,
+                    y,
+                    drawable(readable(part)),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    family=FONT,
+                )
                 x += len(part)
-            label = "bytes" if step is None else f"rank {step.rank}: {readable(step.pair[0])} + {readable(step.pair[1])}"
+            label = (
+                "bytes" if step is None else f"rank {step.rank}: {readable(step.pair[0])} + {readable(step.pair[1])}"
+            )
             label = drawable(label)
             axes.text(width + 0.4, y, label, va="center", fontsize=8, family=FONT, color="#333333")
             y += 1
@@ -191,7 +209,10 @@ def merge_table(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], n: int
     the trainer chose them by; `tokenizers` does not report them."""
     merges = learned_merges(tokenizer)[:n]
     counts = replay_merge_counts(merges, texts, special_tokens_of(tokenizer))
-    return [MergeRow(rank, left, right, left + right, count) for rank, ((left, right), count) in enumerate(zip(merges, counts))]
+    return [
+        MergeRow(rank, left, right, left + right, count)
+        for rank, ((left, right), count) in enumerate(zip(merges, counts, strict=True))
+    ]
 
 
 def format_merge_table(rows: Sequence[MergeRow]) -> str:
@@ -215,7 +236,7 @@ def token_spans(tokenizer: PreTrainedTokenizerFast, text: str) -> list[TokenSpan
     encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     spans = []
     shown = 0
-    for token_id, token, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets):
+    for token_id, token, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets, strict=True):
         start = max(start, shown)
         end = max(end, start)
         spans.append(TokenSpan(token_id, token, start, end))
@@ -234,11 +255,11 @@ def token_boundaries_html(tokenizer: PreTrainedTokenizerFast, text: str, title: 
         body.append(f'<span style="background:{colour}" title="{tip}">{shown}</span>')
     ratio = len(text) / max(len(spans), 1)
     return (
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title></head>\n<body style=\"font-family:sans-serif\">\n"
+        '<!doctype html>\n<html><head><meta charset="utf-8">'
+        f'<title>{html.escape(title)}</title></head>\n<body style="font-family:sans-serif">\n'
         f"<h3>{html.escape(title)}</h3><p>{len(spans):,} tokens for {len(text):,} characters "
         f"({ratio:.2f} characters per token). Hover a token for its id.</p>\n"
-        "<pre style=\"white-space:pre-wrap;font-size:14px;line-height:1.7\">" + "".join(body) + "</pre>\n</body></html>\n"
+        '<pre style="white-space:pre-wrap;font-size:14px;line-height:1.7">' + "".join(body) + "</pre>\n</body></html>\n"
     )
 
 
@@ -268,7 +289,9 @@ def token_boundaries_figure(
     return figure
 
 
-def _layout(text: str, spans: Sequence[TokenSpan], columns: int, max_lines: int) -> list[tuple[int, int, str, int, bool]]:
+def _layout(
+    text: str, spans: Sequence[TokenSpan], columns: int, max_lines: int
+) -> list[tuple[int, int, str, int, bool]]:
     """(row, column, shown char, token index, starts token) for each character cell."""
     cells = []
     row = column = 0

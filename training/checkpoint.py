@@ -48,7 +48,9 @@ def latest_checkpoint(checkpoints_root: str | os.PathLike[str]) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_root: str | os.PathLike[str], step: int, keep_last: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints_root: str | os.PathLike[str], step: int, keep_last: int
+) -> Path:
     """`accelerator.save_state` into `.tmp-step_N`, mark it complete, rename to `step_N`, keep the last K.
 
     Must be called on every process: each writes its own RNG state file into the folder; the

@@ -20,15 +20,17 @@ and a confusion matrix on the validation and test splits (`final_metrics.json`, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoModelForSequenceClassification
 
+import training.run as lifecycle
 from training.classify_data import (
     TOPIC_WORDS,
     ClassificationData,
@@ -40,9 +42,8 @@ from training.classify_data import (
 from training.collate import collate_classification_batch
 from training.data import split_indices
 from training.evaluate import ClassificationReport, evaluate_classifier
-from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 from training.loop import LoopArguments, make_train_dataloader
-import training.run as lifecycle
+from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 
 
 @dataclass
@@ -51,29 +52,68 @@ class ClassifyArguments(lifecycle.BaseModelArguments):
 
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Text/label records: .csv, .json (array), .jsonl or .parquet, a datasets save_to_disk folder (of a "
-                  "DatasetDict: its 'train' split) or a dataset name. Default: the embedded topic demo (no download)."},
+        metadata={
+            "help": "Text/label records: .csv, .json (array), .jsonl or .parquet, a datasets save_to_disk folder (of a "
+            "DatasetDict: its 'train' split) or a dataset name. Default: the embedded topic demo (no download)."
+        },
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Validation records (a DatasetDict folder: its 'validation' split). Default: hold out --validation_fraction of the training records."})
-    test_file: str | None = field(default=None, metadata={"help": "Test records (a DatasetDict folder: its 'test' split). Default: hold out --test_fraction of the training records (0 = no test split)."})
+    validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Validation records (a DatasetDict folder: its 'validation' split). "
+            "Default: hold out --validation_fraction of the training records."
+        },
+    )
+    test_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Test records (a DatasetDict folder: its 'test' split). "
+            "Default: hold out --test_fraction of the training records (0 = no test split)."
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    label_column: str = field(default="label", metadata={"help": "Column holding the label (a name, or an integer read as its name)."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of the training records held out for validation (seeded) without --validation_file."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Share of the training records held out for testing (seeded) without --test_file."})
-    num_demo_examples: int = field(default=1000, metadata={"help": "Embedded demo: number of records before the splits."})
+    label_column: str = field(
+        default="label", metadata={"help": "Column holding the label (a name, or an integer read as its name)."}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of the training records held out for validation (seeded) without --validation_file."},
+    )
+    test_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Share of the training records held out for testing (seeded) without --test_file."},
+    )
+    num_demo_examples: int = field(
+        default=1000, metadata={"help": "Embedded demo: number of records before the splits."}
+    )
     demo_label_weights: str | None = field(
         default=None,
-        metadata={"help": f"Embedded demo: relative label frequencies, e.g. 'animals=8,food=1,weather=1' (labels: {', '.join(TOPIC_WORDS)}). Default: equal."},
+        metadata={
+            "help": "Embedded demo: relative label frequencies, e.g. 'animals=8,food=1,weather=1' "
+            f"(labels: {', '.join(TOPIC_WORDS)}). Default: equal."
+        },
     )
     data_seed: int = field(default=0, metadata={"help": "Seed of the demo data and of the held-out splits."})
     finetune: Literal["last_block", "full", "lora"] = field(
         default="last_block",
-        metadata={"help": "last_block: the book's recipe (train the last block, final norm and head); full: every weight; lora: adapters + head."},
+        metadata={
+            "help": "last_block: the book's recipe (train the last block, final norm and head); "
+            "full: every weight; lora: adapters + head."
+        },
     )
-    balanced_sampling: bool = field(default=False, metadata={"help": "Draw training examples so every class is equally likely (with replacement)."})
-    max_length: int | None = field(default=None, metadata={"help": "Tokens per text; longer texts keep their first tokens. Default: the model's context length."})
+    balanced_sampling: bool = field(
+        default=False, metadata={"help": "Draw training examples so every class is equally likely (with replacement)."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per text; longer texts keep their first tokens. Default: the model's context length."
+        },
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Texts per evaluation batch, per process."})
-    eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the untrained head first (logged at step 0)."})
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate the untrained head first (logged at step 0)."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("validation_fraction", "test_fraction"):
@@ -82,7 +122,10 @@ class ClassifyArguments(lifecycle.BaseModelArguments):
         if self.validation_file is None and self.validation_fraction == 0:
             raise ValueError("--validation_fraction must be > 0 without a --validation_file")
         if self.validation_fraction + self.test_fraction >= 1:
-            raise ValueError(f"--validation_fraction + --test_fraction must be < 1, got {self.validation_fraction + self.test_fraction}")
+            raise ValueError(
+                "--validation_fraction + --test_fraction must be < 1, "
+                f"got {self.validation_fraction + self.test_fraction}"
+            )
         if self.num_demo_examples < 3 or self.eval_batch_size < 1:
             raise ValueError("--num_demo_examples must be >= 3 and --eval_batch_size >= 1")
 
@@ -134,13 +177,19 @@ def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
         description = Path(args.train_file).name
     label2id = data.label2id
 
-    held = {name: getattr(args, f"{name}_fraction") for name in ("validation", "test") if getattr(args, f"{name}_file") is None}
+    held = {
+        name: getattr(args, f"{name}_fraction")
+        for name in ("validation", "test")
+        if getattr(args, f"{name}_file") is None
+    }
     held = {name: fraction for name, fraction in held.items() if fraction > 0}
     remaining = list(range(len(data.dataset)))
     taken: dict[str, list[int]] = {}
     for offset, (name, fraction) in enumerate(held.items()):
         # Fractions are of the whole training file; each split is drawn from what is left.
-        kept, out = split_indices(len(remaining), fraction * len(data.dataset) / len(remaining), args.data_seed + offset)
+        kept, out = split_indices(
+            len(remaining), fraction * len(data.dataset) / len(remaining), args.data_seed + offset
+        )
         taken[name] = [remaining[i] for i in out]
         remaining = [remaining[i] for i in kept]
 
@@ -154,7 +203,9 @@ def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
 
     if held:
         description += " with " + ", ".join(f"{fraction:.0%} held out for {name}" for name, fraction in held.items())
-    return ClassificationSplits(ClassificationData(data.dataset.select(remaining), label2id), part("validation"), part("test"), description)
+    return ClassificationSplits(
+        ClassificationData(data.dataset.select(remaining), label2id), part("validation"), part("test"), description
+    )
 
 
 class EpochBalancedSampler(Sampler[int]):
@@ -177,15 +228,20 @@ class EpochBalancedSampler(Sampler[int]):
         return iter(balanced_sampler(self.labels, seed=self.seed + self.epoch))
 
 
-def make_classification_loader(
-    dataset: Any, batch_size: int, collate: Any, seed: int, balanced: bool
-) -> DataLoader:
+def make_classification_loader(dataset: Any, batch_size: int, collate: Any, seed: int, balanced: bool) -> DataLoader:
     """The training loader: the loop's shuffled loader, or class-balanced draws."""
     if not balanced:
         return make_train_dataloader(dataset, batch_size, collate, seed)
     sampler = EpochBalancedSampler(dataset["labels"], seed)
     # Its own generator, for the reason given in `make_train_dataloader`.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -218,17 +274,19 @@ class ClassificationResult:
     steps: int
 
 
-def run_classification(cls_args: ClassifyArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> ClassificationResult:
+def run_classification(
+    cls_args: ClassifyArguments, lora_args: LoraArguments, loop_args: LoopArguments
+) -> ClassificationResult:
     """Fine-tune a classifier, evaluate on validation and test, save; resumes with `loop_args.resume`."""
     run = lifecycle.open_run("classify", "Classification", loop_args)
     tokenizer = lifecycle.load_base_tokenizer(cls_args)
     splits = load_classification_splits(cls_args)
     labels = [name for name, _ in sorted(splits.label2id.items(), key=lambda item: item[1])]
-    model = lifecycle.load_base_model(  # the seed: the new head (and LoRA's A matrices) start the same in every rerun
-        cls_args, AutoModelForSequenceClassification, tokenizer, loop_args.seed, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id=splits.label2id, pad_token_id=tokenizer.pad_token_id,
-    )
-    max_length = min(cls_args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    # The seed: the new head (and LoRA's A matrices) start the same in every rerun.
+    head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=splits.label2id)
+    head["pad_token_id"] = tokenizer.pad_token_id
+    model = lifecycle.load_base_model(cls_args, AutoModelForSequenceClassification, tokenizer, loop_args.seed, **head)
+    max_length = lifecycle.max_length_for(model, cls_args.max_length)
     with run.accelerator.main_process_first():
         train_set, validation_set, test_set = (
             tokenize_classification_dataset(data.dataset, tokenizer, max_length) if data is not None else None
@@ -236,10 +294,11 @@ def run_classification(cls_args: ClassifyArguments, lora_args: LoraArguments, lo
         )
     model = set_trainable(model, cls_args.finetune, lora_args)
     collate = partial(collate_classification_batch, pad_token_id=tokenizer.pad_token_id)
+    batch_size, seed = loop_args.per_device_batch_size, loop_args.seed
     prepared = lifecycle.prepare(
         run,
         model,
-        make_classification_loader(train_set, loop_args.per_device_batch_size, collate, loop_args.seed, cls_args.balanced_sampling),
+        make_classification_loader(train_set, batch_size, collate, seed, cls_args.balanced_sampling),
         DataLoader(validation_set, batch_size=cls_args.eval_batch_size, collate_fn=collate),
         fingerprint=_fingerprint(cls_args, lora_args, loop_args, tokenizer, max_length, labels),
         config={"classify": asdict(cls_args), "lora": asdict(lora_args), "loop": asdict(loop_args)},
@@ -250,64 +309,108 @@ def run_classification(cls_args: ClassifyArguments, lora_args: LoraArguments, lo
     evaluation = lifecycle.LastEvaluation(scores)
     after = lifecycle.train(prepared, evaluation)
     validation = evaluation.detail if after is not None else scores(prepared.model)[1]  # the loop's final evaluation
-    test = None
-    if test_set is not None:
-        test_loader = run.accelerator.prepare(DataLoader(test_set, batch_size=cls_args.eval_batch_size, collate_fn=collate))
-        test = evaluate_classifier(prepared.model, test_loader, labels, run.accelerator)
-    final = {"before": before, "validation": validation.to_dict(), "test": test.to_dict() if test else None,
-             "steps": prepared.state.step, "tokens_seen": prepared.state.tokens_seen, "train_seconds": prepared.state.train_seconds}
-    lifecycle.finish(prepared, tokenizer, card=_model_card(prepared, cls_args, splits, validation),
-           json_files={run.layout.final_metrics: final}, report=_report(before, validation, test))
-    adapter_dir = run.layout.adapter if cls_args.finetune == "lora" else None
-    return ClassificationResult(run.layout.root, run.layout.model, adapter_dir, before, validation, test, prepared.state.step)
+    test = _test_report(prepared, test_set, collate, labels, cls_args.eval_batch_size)
+    final = {"before": before, "validation": validation.to_dict(), "test": test.to_dict() if test else None}
+    model_dir, adapter_dir = lifecycle.finish(
+        prepared,
+        tokenizer,
+        card=_model_card(prepared, cls_args, splits, validation),
+        json_files={run.layout.final_metrics: {**final, **lifecycle.run_totals(prepared)}},
+        report=_report(before, validation, test),
+    )
+    return ClassificationResult(run.layout.root, model_dir, adapter_dir, before, validation, test, prepared.state.step)
 
 
-def validation_scores(prepared: lifecycle.PreparedRun, labels: Sequence[str], model: torch.nn.Module) -> tuple[dict[str, float], ClassificationReport]:
+def _test_report(
+    prepared: lifecycle.PreparedRun, test_set: Any, collate: Any, labels: Sequence[str], batch_size: int
+) -> ClassificationReport | None:
+    """The trained classifier's report on the test split, if there is one."""
+    if test_set is None:
+        return None
+    accelerator = prepared.run.accelerator
+    test_loader = accelerator.prepare(DataLoader(test_set, batch_size=batch_size, collate_fn=collate))
+    return evaluate_classifier(prepared.model, test_loader, labels, accelerator)
+
+
+def validation_scores(
+    prepared: lifecycle.PreparedRun, labels: Sequence[str], model: torch.nn.Module
+) -> tuple[dict[str, float], ClassificationReport]:
     """(logged numbers, full report) of `model` on the validation set."""
     report = evaluate_classifier(model, prepared.eval_loader, labels, prepared.run.accelerator)
     return {"val_loss": report.loss, "val_accuracy": report.accuracy}, report
 
 
 def _fingerprint(
-    cls_args: ClassifyArguments, lora_args: LoraArguments, loop_args: LoopArguments, tokenizer: Any, max_length: int,
+    cls_args: ClassifyArguments,
+    lora_args: LoraArguments,
+    loop_args: LoopArguments,
+    tokenizer: Any,
+    max_length: int,
     labels: list[str],
 ) -> dict[str, Any]:
+    files = ("train_file", "validation_file", "test_file")
+    settings = ("text_column", "label_column", "validation_fraction", "test_fraction", "num_demo_examples")
     data = {
-        **{name: lifecycle.file_identity(getattr(cls_args, name)) for name in ("train_file", "validation_file", "test_file")},
-        **{k: getattr(cls_args, k) for k in ("text_column", "label_column", "validation_fraction", "test_fraction",
-                                              "num_demo_examples", "demo_label_weights", "data_seed")},
+        **{name: lifecycle.file_identity(getattr(cls_args, name)) for name in files},
+        **{k: getattr(cls_args, k) for k in (*settings, "demo_label_weights", "data_seed")},
         "labels": labels,
     }
-    training = {"max_length": max_length, "finetune": cls_args.finetune, "balanced_sampling": cls_args.balanced_sampling,
-                "lora": asdict(lora_args) if cls_args.finetune == "lora" else None}
-    return lifecycle.run_fingerprint(loop_args, **lifecycle.base_fingerprint(cls_args, tokenizer), data=data, training=training)
+    return lifecycle.fine_tuning_fingerprint(
+        cls_args, tokenizer, loop_args, lora_args, max_length, data, balanced_sampling=cls_args.balanced_sampling
+    )
 
 
-def _summary(cls_args: ClassifyArguments, splits: ClassificationSplits, labels: list[str], model: torch.nn.Module, num_processes: int) -> str:
+def _summary(
+    cls_args: ClassifyArguments,
+    splits: ClassificationSplits,
+    labels: list[str],
+    model: torch.nn.Module,
+    num_processes: int,
+) -> str:
     trainable, total = trainable_parameter_counts(model)
     parts = (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
     counts = ", ".join(f"{name}: {len(data.dataset)}" for name, data in parts if data)
-    return (f"data: {splits.description}\n  labels: {labels}\n  records: {counts}\n"
-            f"trainable parameters ({cls_args.finetune}): {trainable:,} of {total:,} ({trainable / total:.2%}); processes: {num_processes}")
+    return (
+        f"data: {splits.description}\n  labels: {labels}\n  records: {counts}\n"
+        f"trainable parameters ({cls_args.finetune}): {trainable:,} of {total:,} ({trainable / total:.2%}); "
+        f"processes: {num_processes}"
+    )
 
 
-def _report(before: dict[str, float] | None, validation: ClassificationReport, test: ClassificationReport | None) -> str:
+def _report(
+    before: dict[str, float] | None, validation: ClassificationReport, test: ClassificationReport | None
+) -> str:
     lines = [f"\nbefore training: validation accuracy {before['val_accuracy']:.4f}"] if before else []
     for name, report in (("validation", validation), ("test", test)):
         if report is not None:
-            lines.append(f"\n{name}: accuracy {report.accuracy:.4f} ({report.n_examples} texts), loss {report.loss:.4f}\n{report.format_confusion()}")
+            scores = f"accuracy {report.accuracy:.4f} ({report.n_examples} texts), loss {report.loss:.4f}"
+            lines.append(f"\n{name}: {scores}\n{report.format_confusion()}")
     return "\n".join(lines) + "\n"  # a blank line before "model saved to"
 
 
 def _model_card(
-    prepared: lifecycle.PreparedRun, cls_args: ClassifyArguments, splits: ClassificationSplits, validation: ClassificationReport
+    prepared: lifecycle.PreparedRun,
+    cls_args: ClassifyArguments,
+    splits: ClassificationSplits,
+    validation: ClassificationReport,
 ) -> dict[str, Any]:
-    method = {"last_block": "last block + final norm + head trained (the rest frozen)", "full": "full fine-tuning",
-              "lora": "LoRA adapters + head, merged"}[cls_args.finetune]
+    method = {
+        "last_block": "last block + final norm + head trained (the rest frozen)",
+        "full": "full fine-tuning",
+        "lora": "LoRA adapters + head, merged",
+    }[cls_args.finetune]
     data = f"{splits.description}; labels {', '.join(validation.labels)}; {method}" + (
-        "; class-balanced sampling" if cls_args.balanced_sampling else "")
-    evaluation = {"dataset_name": f"validation split of {splits.description} (accuracy {validation.accuracy:.3f})",
-                  "val_loss": validation.loss}
-    return {"training_info": lifecycle.training_info(prepared, data), "eval_results": evaluation, "base_model": cls_args.model_path,
-            "pipeline_tag": "text-classification",
-            "tags": ["text-classification"], "example_prompt": splits.validation.dataset[0]["text"]}
+        "; class-balanced sampling" if cls_args.balanced_sampling else ""
+    )
+    evaluation = {
+        "dataset_name": f"validation split of {splits.description} (accuracy {validation.accuracy:.3f})",
+        "val_loss": validation.loss,
+    }
+    return {
+        "training_info": lifecycle.training_info(prepared, data),
+        "eval_results": evaluation,
+        "base_model": cls_args.model_path,
+        "pipeline_tag": "text-classification",
+        "tags": ["text-classification"],
+        "example_prompt": splits.validation.dataset[0]["text"],
+    }

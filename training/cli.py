@@ -8,15 +8,18 @@ with bad input reported as one `error: ...` line on stderr and exit code 1, neve
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
 
 
-def parse_config_args(argument_classes: Sequence[type], argv: Sequence[str] | None, description: str | None = None) -> tuple[Any, ...]:
+def parse_config_args(
+    argument_classes: Sequence[type], argv: Sequence[str] | None, description: str | None = None
+) -> tuple[Any, ...]:
     """Typed dataclasses from CLI flags, optionally after a leading YAML/JSON file of defaults.
 
     `script.py run.yaml --max_steps 10`: the file's keys must be flags of `argument_classes`

@@ -43,10 +43,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence, Union
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -69,8 +70,8 @@ from tokenization.corpus import (
 )
 from tokenization.load import check_tokenizer, load_tokenizer, short_hash, tokenizer_fingerprint
 
-PathLike = Union[str, os.PathLike]
-AnyDataset = Union[Dataset, IterableDataset]
+PathLike = str | os.PathLike
+AnyDataset = Dataset | IterableDataset
 
 # Part of every cache fingerprint: bump it when a change alters what a stage produces.
 PIPELINE_VERSION = "data-v1"
@@ -178,7 +179,11 @@ def load_corpus(
     dataset = opened.dataset
     if opened.files:
         generator = _file_documents
-        gen_kwargs = {"paths": tuple(map(str, opened.files)), "doc_separator": doc_separator, "chunk_chars": chunk_chars}
+        gen_kwargs = {
+            "paths": tuple(map(str, opened.files)),
+            "doc_separator": doc_separator,
+            "chunk_chars": chunk_chars,
+        }
         # Like make: a file whose size and modification time are unchanged is not read again.
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in opened.files]
         fingerprint = short_hash("files", stats, doc_separator, chunk_chars)
@@ -289,7 +294,12 @@ def tokenize_documents(
         return documents.with_format("arrow").map(_tokenize_batch, **kwargs).with_format(None)
     fingerprint = short_hash(documents._fingerprint, tokenizer_fingerprint(tokenizer), "tokenize", PIPELINE_VERSION)
     tokens = documents.with_format("arrow").map(
-        _tokenize_batch, **kwargs, num_proc=num_proc, new_fingerprint=fingerprint, writer_batch_size=256, desc="Tokenizing"
+        _tokenize_batch,
+        **kwargs,
+        num_proc=num_proc,
+        new_fingerprint=fingerprint,
+        writer_batch_size=256,
+        desc="Tokenizing",
     )
     return tokens.with_format(None)
 
@@ -299,7 +309,7 @@ def _tokenize_batch(pieces: pa.Table, tokenizer: PreTrainedTokenizerBase, eos_id
     last piece. Arrow in and out: `datasets` would otherwise walk every id in Python."""
     ids = encode_batch_fast(tokenizer, pieces.column("text").to_pylist())
     doc_ends = pieces.column("doc_end").to_pylist()
-    ids = [[*piece, eos_id] if doc_end else piece for piece, doc_end in zip(ids, doc_ends)]
+    ids = [[*piece, eos_id] if doc_end else piece for piece, doc_end in zip(ids, doc_ends, strict=True)]
     return pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "doc_id": pieces.column("doc_id")})
 
 
@@ -392,7 +402,9 @@ def window_dataset(
         tokens._fingerprint, "blocks", context_length, stride, windows_per_block, token_range, PIPELINE_VERSION
     )
     with _reraise_data_errors():
-        blocks = Dataset.from_generator(_token_blocks, gen_kwargs=gen_kwargs, cache_dir=_str(cache_dir), fingerprint=fingerprint)
+        blocks = Dataset.from_generator(
+            _token_blocks, gen_kwargs=gen_kwargs, cache_dir=_str(cache_dir), fingerprint=fingerprint
+        )
     windows = blocks.with_format("arrow").map(
         _windows_of_blocks, **map_kwargs, new_fingerprint=short_hash(fingerprint, "windows"), desc="Cutting windows"
     )
@@ -490,10 +502,14 @@ def _windows_of_blocks(blocks: pa.Table, context_length: int, stride: int) -> pa
         starts = blocks.column("start")[row].as_py() + stride * np.arange(len(windows))  # (W,)
         doc = np.searchsorted(doc_starts, starts, side="right") - 1  # (W,) index into the block's docs
         parts.append((windows, doc_ids[doc], starts - doc_starts[doc]))
-    windows, doc_id, offset = (np.concatenate(column) for column in zip(*parts))  # every block has a window
+    windows, doc_id, offset = (
+        np.concatenate(column) for column in zip(*parts, strict=True)
+    )  # every block has a window
     return pa.table(
         {
-            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1), pa.int32()), context_length + 1),
+            "input_ids": pa.FixedSizeListArray.from_arrays(
+                pa.array(windows.reshape(-1), pa.int32()), context_length + 1
+            ),
             "doc_id": pa.array(doc_id, pa.int64()),
             "offset": pa.array(offset, pa.int64()),
         }
@@ -576,9 +592,14 @@ def build_lm_datasets(
     else:
         cut = n_tokens - round(validation_fraction * n_tokens)
         splits = {
-            "train": window_dataset(tokens, **window, token_range=(0, cut), name=f"the training range (first {cut} tokens)"),
+            "train": window_dataset(
+                tokens, **window, token_range=(0, cut), name=f"the training range (first {cut} tokens)"
+            ),
             "validation": window_dataset(
-                tokens, **window, token_range=(cut, n_tokens), name=f"the validation range (last {n_tokens - cut} tokens)"
+                tokens,
+                **window,
+                token_range=(cut, n_tokens),
+                name=f"the validation range (last {n_tokens - cut} tokens)",
             ),
         }
     if streaming:

@@ -28,9 +28,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import asdict, dataclass
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -446,7 +447,7 @@ class MetricsReport:
         alpha: float = 0.05,
         context_length: int | None = None,
         stride: int | None = None,
-    ) -> "MetricsReport":
+    ) -> MetricsReport:
         """Derive every metric from the per-window sums; bootstrap when asked and W >= 2."""
         report = cls(
             loss=result.loss,
@@ -552,7 +553,13 @@ class ClassificationReport:
         return sum(map(sum, self.confusion))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "accuracy": self.accuracy, "n_examples": self.n_examples, "labels": self.labels, "confusion_matrix": self.confusion}
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "n_examples": self.n_examples,
+            "labels": self.labels,
+            "confusion_matrix": self.confusion,
+        }
 
     def format_confusion(self) -> str:
         """The confusion matrix as a text table: rows are true labels, columns predictions."""
@@ -560,7 +567,10 @@ class ClassificationReport:
         first = max(len(corner), *(len(name) for name in self.labels)) + 2
         width = max(6, *(len(name) for name in self.labels)) + 2
         head = corner.ljust(first) + "".join(name.rjust(width) for name in self.labels)
-        rows = [name.ljust(first) + "".join(str(count).rjust(width) for count in row) for name, row in zip(self.labels, self.confusion)]
+        rows = [
+            name.ljust(first) + "".join(str(count).rjust(width) for count in row)
+            for name, row in zip(self.labels, self.confusion, strict=True)
+        ]
         return "\n".join([head, *rows])
 
 
@@ -574,7 +584,9 @@ def evaluate_classifier(
     with eval_mode(model):
         for batch in dataloader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, num_labels)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits  # (B, num_labels)
             row = {
                 "loss": F.cross_entropy(logits.float(), batch["labels"], reduction="none"),
                 "predicted": logits.argmax(dim=-1),
@@ -616,7 +628,7 @@ def exact_match_accuracy(predictions: Sequence[str], expected: Sequence[str]) ->
         raise ValueError(f"{len(predictions)} predictions for {len(expected)} expected answers")
     if not predictions:
         raise ValueError("exact_match_accuracy needs at least one prediction")
-    return sum(exact_match(p, e) for p, e in zip(predictions, expected)) / len(predictions)
+    return sum(exact_match(p, e) for p, e in zip(predictions, expected, strict=True)) / len(predictions)
 
 
 def score_generations(records: Sequence[Mapping[str, str]], answers: Sequence[str]) -> list[dict[str, Any]]:

@@ -71,7 +71,11 @@ def load_documents(args: EvaluateArguments) -> tuple[list[str], str]:
     if args.text_file is not None:
         source, flag, where = Path(args.text_file), "--text-file", args.text_file
     else:
-        source, flag, where = args.dataset, "--dataset", f"{args.dataset} (split {args.split!r}, column {args.text_column!r})"
+        source, flag, where = (
+            args.dataset,
+            "--dataset",
+            f"{args.dataset} (split {args.split!r}, column {args.text_column!r})",
+        )
     rows = load_corpus(source, text_column=args.text_column, split=args.split, streaming=True, what=flag)
     documents = ["".join(row["text"] for row in doc) for _, doc in groupby(rows, key=itemgetter("doc_id"))]
     return documents, where

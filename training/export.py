@@ -49,7 +49,9 @@ def check_model_folder(path: str | os.PathLike[str] | None, what: str = "model f
     if not folder.is_dir():
         raise DataFileNotFoundError(f"{what} {folder} does not exist (or is not a folder)")
     if not (folder / "config.json").is_file():
-        raise DataFileNotFoundError(f"{what} {folder} has no config.json: it is not a saved model folder (save_pretrained writes one)")
+        raise DataFileNotFoundError(
+            f"{what} {folder} has no config.json: it is not a saved model folder (save_pretrained writes one)"
+        )
     return folder
 
 
@@ -86,7 +88,7 @@ def is_peft_model(model: Any) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def merge_lora(model: "PeftModel") -> PreTrainedModel:
+def merge_lora(model: PeftModel) -> PreTrainedModel:
     """The base model with every adapter update added into its weights (PEFT removed).
 
     This consumes `model`: save the adapter first if you want it. The result is an ordinary
@@ -96,7 +98,7 @@ def merge_lora(model: "PeftModel") -> PreTrainedModel:
 
 
 def save_finetuned(
-    model: "PreTrainedModel | PeftModel",
+    model: PreTrainedModel | PeftModel,
     tokenizer: Any,
     model_dir: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str],

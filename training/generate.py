@@ -51,7 +51,10 @@ def greedy_generate(
     """
     context_length = model.config.max_position_embeddings
     if not 0 < max_new_tokens < context_length:
-        raise ValueError(f"max_new_tokens must be in [1, {context_length - 1}] for a {context_length}-token context, got {max_new_tokens}")
+        raise ValueError(
+            f"max_new_tokens must be in [1, {context_length - 1}] for a {context_length}-token context, "
+            f"got {max_new_tokens}"
+        )
     room = context_length - max_new_tokens
     device = next(model.parameters()).device
     indices = list(range(len(prompts)))

@@ -14,7 +14,8 @@ token (windows overlap when stride < context_length, so they would count some to
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -59,10 +60,14 @@ def batch_composition_figure(table: pd.DataFrame, context_length: int) -> Figure
     colours = plt.get_cmap("tab20")
     for row in table.itertuples():
         colour = colours(docs.index(row.doc_id) % 20)
-        ax.barh(row.row, context_length + 1, left=row.offset, height=0.7, color=colour, edgecolor="black", linewidth=0.4)
+        ax.barh(
+            row.row, context_length + 1, left=row.offset, height=0.7, color=colour, edgecolor="black", linewidth=0.4
+        )
         end = row.offset + context_length + 1
         ax.text(end, row.row, f"  doc {row.doc_id}, tokens {row.offset}-{end - 1}", ha="left", va="center", fontsize=8)
-    ax.set_yticks(table["row"], [f"row {r} (window {w})" for r, w in zip(table["row"], table["window"])], fontsize=8)
+    ax.set_yticks(
+        table["row"], [f"row {r} (window {w})" for r, w in zip(table["row"], table["window"], strict=True)], fontsize=8
+    )
     ax.invert_yaxis()
     ax.set_xlim(0, (table["offset"].max() + context_length + 1) * 1.3)  # room for the labels
     ax.set_xlabel("token offset within the document")
@@ -85,7 +90,9 @@ def token_frequencies(tokens: AnyDataset, vocab_size: int, max_tokens: int | Non
     return counts
 
 
-def token_frequencies_figure(counts: np.ndarray, tokenizer: PreTrainedTokenizerBase | None = None, top_k: int = 20) -> Figure:
+def token_frequencies_figure(
+    counts: np.ndarray, tokenizer: PreTrainedTokenizerBase | None = None, top_k: int = 20
+) -> Figure:
     """Rank-frequency of the ids on log-log axes (with Zipf's 1/rank for reference) and a bar
     chart of the `top_k` most frequent tokens (their share of all tokens)."""
     plt = pyplot()

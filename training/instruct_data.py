@@ -25,22 +25,22 @@ Conventions
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import datasets
 
 from modeling_minigpt.files import pyplot
 from tokenization.alpaca import format_example, format_prompt
 from tokenization.corpus import read_records
-from training.collate import IGNORE_INDEX
 from tokenization.pretokenize import readable
+from training.collate import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
-
 
 
 class InstructionDataError(ValueError):
@@ -72,7 +72,9 @@ def validate_instruction_record(record: Any, where: str) -> dict[str, str]:
     Other keys are dropped.
     """
     if not isinstance(record, Mapping):
-        raise InstructionDataError(f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}")
+        raise InstructionDataError(
+            f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}"
+        )
     return {
         "instruction": _string_field(record, "instruction", where, required=True),
         "input": _string_field(record, "input", where, required=False),
@@ -145,7 +147,10 @@ def render_examples(
     pairs = [format_example(record) for record in records]
     prompt_ids = _encode(tokenizer, [prompt for prompt, _ in pairs])
     response_ids = _encode(tokenizer, [response for _, response in pairs])
-    return [assemble_example(p, r, eos_token_id, max_length, mask_prompt) for p, r in zip(prompt_ids, response_ids)]
+    return [
+        assemble_example(p, r, eos_token_id, max_length, mask_prompt)
+        for p, r in zip(prompt_ids, response_ids, strict=True)
+    ]
 
 
 def render_example(
@@ -199,7 +204,7 @@ def build_instruction_dataset(
     rows = load_instruction_records(records)
 
     def render_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        records = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         # A batched map may return fewer rows than it got: skipped examples simply vanish.
         kept = [e for e in render_examples(tokenizer, records, max_length, mask_prompt) if e is not None]
         return {
@@ -209,7 +214,9 @@ def build_instruction_dataset(
         }
 
     string = datasets.Value("string")
-    source = datasets.Dataset.from_list(rows, features=datasets.Features(instruction=string, input=string, output=string))
+    source = datasets.Dataset.from_list(
+        rows, features=datasets.Features(instruction=string, input=string, output=string)
+    )
     dataset = source.map(
         render_batch,
         batched=True,
@@ -248,7 +255,10 @@ def loss_mask_tokens(tokenizer: Any, example: RenderedExample | Mapping[str, Any
     """
     ids, labels = _as_ids_and_labels(example)
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    return [(readable(tok), i > 0 and label != IGNORE_INDEX) for i, (tok, label) in enumerate(zip(tokens, labels))]
+    return [
+        (readable(tok), i > 0 and label != IGNORE_INDEX)
+        for i, (tok, label) in enumerate(zip(tokens, labels, strict=True))
+    ]
 
 
 def format_loss_mask(tokenizer: Any, example: RenderedExample | Mapping[str, Any], color: bool = True) -> str:
@@ -306,13 +316,20 @@ def loss_mask_figure(tokenizer: Any, example: RenderedExample | Mapping[str, Any
     ax.set_ylim(n_lines, 0)
     ax.axis("off")
     colours = {True: "#7fd17f", False: "#e3e3e3"}
-    for (text, loss), (x0, line, width) in zip(tokens, boxes):
-        ax.add_patch(Rectangle((x0, line + 0.1), width, 0.8, facecolor=colours[loss], edgecolor="#777777", linewidth=0.5))
-        ax.text(x0 + width / 2, line + 0.5, text, ha="center", va="center", family="DejaVu Sans Mono", fontsize=font_size)
+    for (text, loss), (x0, line, width) in zip(tokens, boxes, strict=True):
+        ax.add_patch(
+            Rectangle((x0, line + 0.1), width, 0.8, facecolor=colours[loss], edgecolor="#777777", linewidth=0.5)
+        )
+        ax.text(
+            x0 + width / 2, line + 0.5, text, ha="center", va="center", family="DejaVu Sans Mono", fontsize=font_size
+        )
     n_loss = sum(loss for _, loss in tokens)
     fig.text(0.0, 1.0, f"{len(tokens)} tokens, {n_loss} carry loss", va="top", fontsize=font_size + 1)
     fig.legend(
-        handles=[Patch(facecolor=colours[True], label="loss (response + eos)"), Patch(facecolor=colours[False], label="no loss")],
+        handles=[
+            Patch(facecolor=colours[True], label="loss (response + eos)"),
+            Patch(facecolor=colours[False], label="no loss"),
+        ],
         loc="upper right",
         bbox_to_anchor=(1.0, 1.0),
         ncol=2,

@@ -19,10 +19,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -45,43 +46,78 @@ EvalFn = Callable[[torch.nn.Module], Mapping[str, float | str]]
 class LoopArguments:
     """Optimisation, logging and checkpointing settings shared by every training script."""
 
-    output_dir: str | None = field(default=None, metadata={"help": "Run folder: checkpoints, logs, metrics, final model. Required."})
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train (each = accumulation x batch). With --max_time_seconds, an upper bound."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Run folder: checkpoints, logs, metrics, final model. Required."}
+    )
+    max_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "Optimizer steps to train (each = accumulation x batch). With --max_time_seconds, an upper bound."
+        },
+    )
     max_time_seconds: float | None = field(
         default=None,
-        metadata={"help": "Wall-clock training budget in seconds (evaluations included). The cosine decay then runs "
-                  "over the budget instead of max_steps; such runs resume, but not bit-exactly."},
+        metadata={
+            "help": "Wall-clock training budget in seconds (evaluations included). The cosine decay then runs "
+            "over the budget instead of max_steps; such runs resume, but not bit-exactly."
+        },
     )
     per_device_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch on each process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate, reached after warmup."})
-    min_learning_rate: float = field(default=1e-4, metadata={"help": "Floor of the cosine decay (often learning_rate / 10)."})
+    min_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Floor of the cosine decay (often learning_rate / 10)."}
+    )
     warmup_steps: int = field(default=100, metadata={"help": "Optimizer steps of linear warmup."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay, applied to matrices only (>= 2-D)."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW decoupled weight decay, applied to matrices only (>= 2-D)."}
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 rather than 0.999: steadier for small-batch LM training)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 disables clipping."})
+    adam_beta2: float = field(
+        default=0.95, metadata={"help": "AdamW beta2 (0.95 rather than 0.999: steadier for small-batch LM training)."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 disables clipping."}
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
-        default="no", metadata={"help": "Autocast dtype. Keep 'no' on CPU: bf16 matmuls measured ~35x slower than fp32 here."}
+        default="no",
+        metadata={"help": "Autocast dtype. Keep 'no' on CPU: bf16 matmuls measured ~35x slower than fp32 here."},
     )
     seed: int = field(default=1337, metadata={"help": "Seeds weights init, dropout and the data order."})
     log_every: int = field(default=10, metadata={"help": "Log the mean training loss every N steps."})
-    eval_every: int = field(default=200, metadata={"help": "Evaluate (and write a sample) every N steps and at the end."})
+    eval_every: int = field(
+        default=200, metadata={"help": "Evaluate (and write a sample) every N steps and at the end."}
+    )
     save_every: int = field(default=200, metadata={"help": "Checkpoint every N steps and at the end."})
     keep_last: int = field(default=2, metadata={"help": "Checkpoints kept on disk (older ones are deleted)."})
-    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest complete checkpoint."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue the run in output_dir from its latest complete checkpoint."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Delete the run already in output_dir and start again."})
-    report_to: Literal["tensorboard", "none"] = field(default="tensorboard", metadata={"help": "Accelerate tracker (logs go to output_dir/logs)."})
+    report_to: Literal["tensorboard", "none"] = field(
+        default="tensorboard", metadata={"help": "Accelerate tracker (logs go to output_dir/logs)."}
+    )
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "log_every", "eval_every", "save_every", "keep_last")
+        positive = (
+            "max_steps",
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_last",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_time_seconds is not None and self.max_time_seconds <= 0:
             raise ValueError(f"--max_time_seconds must be > 0, got {self.max_time_seconds}")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise ValueError(f"need 0 <= --min_learning_rate <= --learning_rate, got {self.min_learning_rate} and {self.learning_rate}")
+            raise ValueError(
+                "need 0 <= --min_learning_rate <= --learning_rate, "
+                f"got {self.min_learning_rate} and {self.learning_rate}"
+            )
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
 
@@ -139,7 +175,9 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.fspath(RunLayout(Path(args.output_dir)).logs)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.fspath(RunLayout(Path(args.output_dir)).logs)
+        ),
     )
 
 
@@ -201,7 +239,9 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike[s
     return step
 
 
-def start_trackers(accelerator: Accelerator, project_name: str, config: Mapping[str, Any], resume_step: int | None) -> None:
+def start_trackers(
+    accelerator: Accelerator, project_name: str, config: Mapping[str, Any], resume_step: int | None
+) -> None:
     """Start the Accelerate trackers; a resumed run purges TensorBoard events after its checkpoint."""
     scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
     init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
@@ -244,7 +284,9 @@ def _micro_batches(accelerator: Accelerator, dataloader: DataLoader, state: Trai
     per_epoch = len(dataloader)
     while True:
         dataloader.set_epoch(state.epoch)  # the shuffled order is a function of (seed, epoch)
-        loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+        loader = (
+            accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+        )
         for batch in loader:
             state.batches_in_epoch += 1
             if state.batches_in_epoch == per_epoch:
@@ -289,7 +331,10 @@ class _LogWindow:
 
     def flush(self, tokens_seen: int) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.start - self.pause_seconds, 1e-9)
-        values = {"train_loss": self.loss_sum / self.steps, "tokens_per_second": (tokens_seen - self.tokens_start) / seconds}
+        values = {
+            "train_loss": self.loss_sum / self.steps,
+            "tokens_per_second": (tokens_seen - self.tokens_start) / seconds,
+        }
         self._reset(tokens_seen)
         return values
 
@@ -326,8 +371,12 @@ def train_loop(
     timed = args.max_time_seconds is not None
     clock = _Clock(accelerator, state, synchronized=timed)
     progress = tqdm(  # mininterval: redrawing costs ~3 ms, noticeable next to a small model's step
-        total=None if timed else args.max_steps, initial=state.step, unit="step", mininterval=1.0,
-        disable=not accelerator.is_main_process, dynamic_ncols=True,
+        total=None if timed else args.max_steps,
+        initial=state.step,
+        unit="step",
+        mininterval=1.0,
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
     )
     window = _LogWindow(state.tokens_seen)
     evaluation = None
@@ -355,7 +404,8 @@ def train_loop(
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
             last = latest_checkpoint(checkpoints_root)
             raise NonFiniteLossError(
-                f"non-finite training loss at step {state.step + 1}: loss={step_loss.item()}, grad_norm={grad_norm.item()}. "
+                f"non-finite training loss at step {state.step + 1}: "
+                f"loss={step_loss.item()}, grad_norm={grad_norm.item()}. "
                 f"Stopped before updating the weights; last good checkpoint: {last or 'none yet'}"
             )
         optimizer.step()
@@ -371,9 +421,18 @@ def train_loop(
         # a resumed run logs exactly the same entries as an uninterrupted one.
         if done or save_now or state.step % args.log_every == 0:
             values = window.flush(state.tokens_seen)
-            log_metrics(accelerator, metrics, state.step, {
-                "tokens": state.tokens_seen, **values, "lr": lr, "grad_norm": grad_norm.item(), "elapsed_seconds": elapsed,
-            })
+            log_metrics(
+                accelerator,
+                metrics,
+                state.step,
+                {
+                    "tokens": state.tokens_seen,
+                    **values,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "elapsed_seconds": elapsed,
+                },
+            )
             progress.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         with window.paused():  # evaluation and checkpoints do not count against tokens_per_second
             if eval_fn is not None and (done or state.step % args.eval_every == 0):

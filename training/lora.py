@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import PreTrainedModel
 
-
 if TYPE_CHECKING:
     from peft import PeftModel
 
@@ -32,11 +31,15 @@ class LoraArguments:
     """LoRA settings; used only when the job's fine-tuning mode is "lora"."""
 
     lora_r: int = field(default=8, metadata={"help": "Rank of the low-rank update (default: 8)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Scale: the update is multiplied by alpha / r (default: 16)."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "Scale: the update is multiplied by alpha / r (default: 16)."}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter's input (default: 0.05)."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Linear layers to adapt, by module name (default: W_query W_key W_value out_proj fc_in fc_out)."},
+        metadata={
+            "help": "Linear layers to adapt, by module name (default: W_query W_key W_value out_proj fc_in fc_out)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -52,12 +55,14 @@ class LoraArguments:
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct last names of the model's linear layers (what `target_modules` matches)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
 
 
 def apply_lora(
     model: PreTrainedModel, args: LoraArguments, task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"
-) -> "PeftModel":
+) -> PeftModel:
     """`model` wrapped with LoRA adapters on `args.lora_target_modules`; only adapters train.
 
     With task_type "SEQ_CLS" PEFT also trains (a copy of) the classification head, which it
@@ -69,7 +74,9 @@ def apply_lora(
     available = linear_module_names(model)
     unknown = [name for name in args.lora_target_modules if name not in available]
     if unknown:
-        raise ValueError(f"LoRA target modules {unknown} are not linear layers of this model; its linear layers are {available}")
+        raise ValueError(
+            f"LoRA target modules {unknown} are not linear layers of this model; its linear layers are {available}"
+        )
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from modeling_minigpt.files import pyplot
 
@@ -29,7 +30,7 @@ def loss_curve_figure(
     for key, style in ((train_key, {"lw": 1.0, "alpha": 0.8}), (val_key, {"lw": 1.8, "marker": "o", "ms": 3})):
         points = [(r["tokens"], r[key]) for r in records if key in r and "tokens" in r]
         if points:
-            ax.plot(*zip(*points), label=key.replace("_", " "), **style)
+            ax.plot(*zip(*points, strict=True), label=key.replace("_", " "), **style)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title or "Loss")

@@ -14,6 +14,7 @@ holds another run) runs before the first byte is written to the output folder.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+import training.run as lifecycle
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from tokenization import EMBEDDED_CORPUS, train_bpe
 from tokenization.corpus import DataError, open_source, read_text
@@ -35,7 +37,6 @@ from training.generate import greedy_generate
 from training.layout import RunLayout
 from training.loop import LoopArguments, make_train_dataloader
 from training.model_card import EvalInfo
-import training.run as lifecycle
 
 # Model fields a run may set; anything not given comes from the preset.
 _SHAPE_FIELDS = ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
@@ -45,13 +46,20 @@ _SHAPE_FIELDS = ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate"
 class ModelArguments:
     """The model's shape: a preset plus any overridden field."""
 
-    preset: str = field(default="tiny", metadata={"help": "MiniGPTConfig preset to start from (tiny, gpt2-small, ...)."})
-    vocab_size: int | None = field(
-        default=None, metadata={"help": "Vocabulary size; default: the tokenizer's. If given, it must equal the tokenizer's."}
+    preset: str = field(
+        default="tiny", metadata={"help": "MiniGPTConfig preset to start from (tiny, gpt2-small, ...)."}
     )
-    context_length: int | None = field(default=None, metadata={"help": "Tokens the model reads at once (T). Default: the preset's."})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Vocabulary size; default: the tokenizer's. If given, it must equal the tokenizer's."},
+    )
+    context_length: int | None = field(
+        default=None, metadata={"help": "Tokens the model reads at once (T). Default: the preset's."}
+    )
     emb_dim: int | None = field(default=None, metadata={"help": "Width of the residual stream. Default: the preset's."})
-    n_heads: int | None = field(default=None, metadata={"help": "Attention heads (must divide emb_dim). Default: the preset's."})
+    n_heads: int | None = field(
+        default=None, metadata={"help": "Attention heads (must divide emb_dim). Default: the preset's."}
+    )
     n_layers: int | None = field(default=None, metadata={"help": "Transformer blocks. Default: the preset's."})
     drop_rate: float | None = field(default=None, metadata={"help": "Dropout probability. Default: the preset's."})
 
@@ -62,25 +70,46 @@ class DataArguments:
 
     train_file: str = field(
         default=EMBEDDED_CORPUS,
-        metadata={"help": "Training text: a UTF-8 file, a folder of .txt files, a .jsonl/.csv/.parquet file or save_to_disk "
-                  "folder with a 'text' column, or a dataset name. "
-                  f"Default {EMBEDDED_CORPUS!r}: CPython's own documentation (pydoc_data.topics, ~465k characters)."},
+        metadata={
+            "help": "Training text: a UTF-8 file, a folder of .txt files, a .jsonl/.csv/.parquet file or save_to_disk "
+            "folder with a 'text' column, or a dataset name. "
+            f"Default {EMBEDDED_CORPUS!r}: CPython's own documentation (pydoc_data.topics, ~465k characters)."
+        },
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Held-out text file. Default: hold out part of train_file."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train_file held out (at its end) when there is no validation_file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Held-out text file. Default: hold out part of train_file."}
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of train_file held out (at its end) when there is no validation_file."}
+    )
     split_by: Literal["characters", "tokens", "documents"] = field(
         default="tokens",
-        metadata={"help": "How validation_fraction is cut: the last characters of a single text file (read into memory), "
-                  "the last tokens of the stream, or every n-th document."},
+        metadata={
+            "help": "How validation_fraction is cut: the last characters of a single text file (read into memory), "
+            "the last tokens of the stream, or every n-th document."
+        },
     )
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Folder of a saved tokenizer. Default: train a byte-level BPE on the training text."})
-    tokenizer_vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size of the BPE trained when no tokenizer_path is given."})
-    stride: int | None = field(default=None, metadata={"help": "Tokens between training window starts. Default: context_length (no overlap)."})
+    tokenizer_path: str | None = field(
+        default=None,
+        metadata={"help": "Folder of a saved tokenizer. Default: train a byte-level BPE on the training text."},
+    )
+    tokenizer_vocab_size: int = field(
+        default=1024, metadata={"help": "Vocabulary size of the BPE trained when no tokenizer_path is given."}
+    )
+    stride: int | None = field(
+        default=None, metadata={"help": "Tokens between training window starts. Default: context_length (no overlap)."}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Windows per evaluation batch, per process."})
-    eval_batches: int = field(default=20, metadata={"help": "Batches per process for the periodic evaluation (the final one uses all)."})
-    sample_prompt: str = field(default="", metadata={"help": "Prompt of the sample generated at each evaluation; empty: start of a document."})
+    eval_batches: int = field(
+        default=20, metadata={"help": "Batches per process for the periodic evaluation (the final one uses all)."}
+    )
+    sample_prompt: str = field(
+        default="", metadata={"help": "Prompt of the sample generated at each evaluation; empty: start of a document."}
+    )
     sample_tokens: int = field(default=48, metadata={"help": "Tokens generated (greedily) for the sample."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches the tokenized windows. Default: its own cache."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where `datasets` caches the tokenized windows. Default: its own cache."}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.validation_fraction < 1:
@@ -125,32 +154,26 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
     with run.accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
         data = _build_data(data_args, tokenizer, model_config.context_length)
     set_seed(loop_args.seed)  # the same initial weights on every process and in every rerun
+    config = {"model": model_config.to_diff_dict(), "model_args": asdict(model_args), "data": asdict(data_args)}
     prepared = lifecycle.prepare(
         run,
         MiniGPTForCausalLM(model_config),
         make_train_dataloader(data.train, loop_args.per_device_batch_size, collate_windows, loop_args.seed),
         DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows),
         fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
-        config={"model": model_config.to_diff_dict(), "model_args": asdict(model_args), "data": asdict(data_args), "loop": asdict(loop_args)},
-        summary=f"processes: {run.accelerator.num_processes}; training windows: {len(data.train):,}; validation windows: {len(data.validation):,}",
+        config={**config, "loop": asdict(loop_args)},
+        summary=f"processes: {run.accelerator.num_processes}; training windows: {len(data.train):,}; "
+        f"validation windows: {len(data.validation):,}",
     )
     if run.is_main and data_args.tokenizer_path is None:
         save_atomically(tokenizer, run.layout.tokenizer)
-
-    def eval_fn(model: torch.nn.Module) -> dict[str, float | str]:
-        result = evaluate_loss(model, prepared.eval_loader, run.accelerator, max_batches=data_args.eval_batches)
-        values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
-        if run.is_main:
-            values["sample"] = generate_sample(run.accelerator.unwrap_model(model), tokenizer, data_args.sample_prompt, data_args.sample_tokens)
-        return values
-
-    lifecycle.train(prepared, eval_fn)
-    report = final_evaluation(run.accelerator, prepared.model, tokenizer, prepared.eval_loader, data.validation_text, model_config.context_length)
+    lifecycle.train(prepared, partial(periodic_evaluation, prepared, tokenizer, data_args))
+    report = final_evaluation(prepared, tokenizer, data.validation_text, model_config.context_length)
     result = _result(prepared, report, training_chars_per_token(data.train, tokenizer))
-    training = {"preset": model_args.preset, **lifecycle.training_info(prepared, f"{data.train_description} ({len(data.train):,} windows)",
-                                                             tokens_per_sequence=model_config.context_length)}
     lifecycle.finish(
-        prepared, tokenizer, card={"training_info": training, "eval_results": eval_info(data.validation_description, report)},
+        prepared,
+        tokenizer,
+        card=_model_card(prepared, model_args, data, report, model_config.context_length),
         json_files={run.layout.final_metrics: _result_summary(result)},
         report=f"\nfinal validation ({data.validation_description}):\n{report.to_text()}\n"
         f"{result.steps} steps, {result.tokens_seen:,} tokens in {result.train_seconds:.1f} s (evaluations included): "
@@ -162,7 +185,9 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
 # ----------------------------------------------------------------------------- inputs
 
 
-def _tokenizer(accelerator: Accelerator, data_args: DataArguments, layout: RunLayout, resume: bool) -> PreTrainedTokenizerBase:
+def _tokenizer(
+    accelerator: Accelerator, data_args: DataArguments, layout: RunLayout, resume: bool
+) -> PreTrainedTokenizerBase:
     """The given tokenizer; on resume, the one this run trained; otherwise a BPE trained in memory.
 
     Training happens on every process (it is deterministic; checked below) so nothing needs to
@@ -235,18 +260,29 @@ def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, co
     name = _source_name(data_args.train_file)
     if data_args.validation_file is not None:
         validation_text = read_text(data_args.validation_file, what="--validation_file")
-        train = build_lm_datasets(train_file, tokenizer, stride=data_args.stride, validation_fraction=0, **common)["train"]
+        train = build_lm_datasets(train_file, tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
+            "train"
+        ]
         validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
         return _Data(train, validation, validation_text, name, Path(data_args.validation_file).name)
     if not 0 < data_args.validation_fraction < 1:
-        raise DataError(f"--validation_fraction must be in (0, 1) without a --validation_file, got {data_args.validation_fraction}")
+        raise DataError(
+            f"--validation_fraction must be in (0, 1) without a --validation_file, got {data_args.validation_fraction}"
+        )
     if data_args.split_by == "characters":
         train_text, validation_text = _character_split(data_args)
-        train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)["train"]
+        train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
+            "train"
+        ]
         validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
         return _Data(train, validation, validation_text, *_split_descriptions(data_args, name))
     splits = build_lm_datasets(
-        train_file, tokenizer, stride=data_args.stride, validation_fraction=data_args.validation_fraction, split_by=data_args.split_by, **common
+        train_file,
+        tokenizer,
+        stride=data_args.stride,
+        validation_fraction=data_args.validation_fraction,
+        split_by=data_args.split_by,
+        **common,
     )
     return _Data(splits["train"], splits["validation"], None, *_split_descriptions(data_args, name))
 
@@ -255,18 +291,41 @@ def _split_descriptions(data_args: DataArguments, name: str) -> tuple[str, str]:
     """(training data, validation data) in words, for the printout and the model card."""
     held_out, unit = data_args.validation_fraction, data_args.split_by
     if unit == "documents":
-        return f"{name} without the held-out {held_out:.0%} of its documents", f"{held_out:.0%} of the documents of {name} (held out)"
+        return (
+            f"{name} without the held-out {held_out:.0%} of its documents",
+            f"{held_out:.0%} of the documents of {name} (held out)",
+        )
     return f"first {1 - held_out:.0%} of the {unit} of {name}", f"last {held_out:.0%} of the {unit} of {name}"
 
 
 # ----------------------------------------------------------------------------- evaluation and output
 
 
-def generate_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
+def periodic_evaluation(
+    prepared: lifecycle.PreparedRun,
+    tokenizer: PreTrainedTokenizerBase,
+    data_args: DataArguments,
+    model: torch.nn.Module,
+) -> dict[str, float | str]:
+    """The loop's evaluation: loss and perplexity on the first `eval_batches` validation batches, and a sample."""
+    accelerator = prepared.run.accelerator
+    result = evaluate_loss(model, prepared.eval_loader, accelerator, max_batches=data_args.eval_batches)
+    values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        values["sample"] = generate_sample(unwrapped, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+    return values
+
+
+def generate_sample(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int
+) -> str:
     """Greedy continuation of `prompt` (of a document start when empty), special tokens shown."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [tokenizer.eos_token_id]
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - 1)
-    [new] = greedy_generate(model, [ids], max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    [new] = greedy_generate(
+        model, [ids], max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     return prompt + tokenizer.decode(new, skip_special_tokens=False)
 
 
@@ -280,10 +339,8 @@ def training_chars_per_token(windows: Any, tokenizer: PreTrainedTokenizerBase, m
 
 
 def final_evaluation(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
+    prepared: lifecycle.PreparedRun,
     tokenizer: PreTrainedTokenizerBase,
-    val_loader: DataLoader,
     validation_text: str | None,
     context_length: int,
 ) -> MetricsReport:
@@ -293,22 +350,44 @@ def final_evaluation(
     the last one moved to end at the text's end), every character exactly once, each token with
     on average half a window of context, as during training. Otherwise all validation windows.
     """
+    model, accelerator = prepared.model, prepared.run.accelerator
     if validation_text is not None:
-        return evaluate_texts(model, tokenizer, [validation_text], context_length=context_length, stride=context_length, accelerator=accelerator)
-    result = evaluate_loss(model, val_loader, accelerator, byte_table=token_byte_table(tokenizer))
+        window = dict(context_length=context_length, stride=context_length)
+        return evaluate_texts(model, tokenizer, [validation_text], **window, accelerator=accelerator)
+    result = evaluate_loss(model, prepared.eval_loader, accelerator, byte_table=token_byte_table(tokenizer))
     return MetricsReport.from_result(result, context_length=context_length, stride=context_length)
 
 
 def eval_info(dataset_name: str, report: MetricsReport) -> EvalInfo:
     """What the model card says about the final evaluation."""
-    evaluation: EvalInfo = {"dataset_name": dataset_name, "val_loss": report.loss, "perplexity": report.perplexity, "num_tokens": report.n_tokens}
+    evaluation: EvalInfo = {
+        "dataset_name": dataset_name,
+        "val_loss": report.loss,
+        "perplexity": report.perplexity,
+        "num_tokens": report.n_tokens,
+    }
     if report.loss_ci:
-        evaluation.update(val_loss_ci=tuple(report.loss_ci), perplexity_ci=tuple(report.perplexity_ci), confidence_level=report.confidence)
+        evaluation.update(
+            val_loss_ci=tuple(report.loss_ci),
+            perplexity_ci=tuple(report.perplexity_ci),
+            confidence_level=report.confidence,
+        )
     if report.bits_per_byte is not None:
         evaluation["bits_per_byte"] = report.bits_per_byte
     if report.bits_per_byte_ci:
         evaluation["bits_per_byte_ci"] = tuple(report.bits_per_byte_ci)
     return evaluation
+
+
+def _model_card(
+    prepared: lifecycle.PreparedRun, model_args: ModelArguments, data: _Data, report: MetricsReport, context_length: int
+) -> dict[str, Any]:
+    data_in_words = f"{data.train_description} ({len(data.train):,} windows)"
+    training = lifecycle.training_info(prepared, data_in_words, tokens_per_sequence=context_length)
+    return {
+        "training_info": {"preset": model_args.preset, **training},
+        "eval_results": eval_info(data.validation_description, report),
+    }
 
 
 def _result(prepared: lifecycle.PreparedRun, report: MetricsReport, chars_per_token: float) -> PretrainResult:

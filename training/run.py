@@ -1,13 +1,14 @@
 """The run lifecycle every job shares: open → prepare → evaluate before → train → finish.
 
-A job (pretraining, SFT, classification; a DPO job would be one more module) reads as
+A job (pretraining, SFT, classification; a DPO job would be one more module) imports this module
+as `lifecycle` and reads as
 
-    run = open_run("sft", "SFT", loop_args)        # the Accelerator and the run folder's layout
-    ... its own inputs: load and check everything, build the datasets ...
-    prepared = prepare(run, model, train_loader, eval_loader, fingerprint=..., config=..., summary=...)
-    before = evaluate_before(prepared, evaluate, enabled)
-    after = train(prepared, eval_fn)               # train_loop; the final evaluation's values
-    finish(prepared, tokenizer, card=..., json_files=..., report=...)
+    run = lifecycle.open_run("sft", "SFT", loop_args)   # the Accelerator and the run folder's layout
+    ... its own inputs: load and check everything, build the model and the datasets ...
+    prepared = lifecycle.prepare(run, model, train_loader, eval_loader, fingerprint=..., config=..., summary=...)
+    before = lifecycle.evaluate_before(prepared, scores, enabled)   # step 0, on a fresh run
+    after = lifecycle.train(prepared, eval_fn)          # train_loop; the final evaluation's values
+    model_dir, adapter_dir = lifecycle.finish(prepared, tokenizer, card=..., json_files=..., report=...)
 
 Nothing is written into the output folder before `prepare`: every input is checked first, and
 `prepare` is the one place that decides whether the folder may hold this run (`check_run_folder`)
@@ -17,7 +18,7 @@ the shared ending: the loss curve, the model folder with its card (and a LoRA ad
 results, the report and a clean shutdown of every process.
 
 Fine-tuning jobs start from a saved folder: `BaseModelArguments`, `load_base_tokenizer`,
-`load_base_model` and `base_fingerprint` are theirs.
+`load_base_model`, `max_length_for` and `fine_tuning_fingerprint` are theirs.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from training.export import check_model_folder, is_peft_model, save_finetuned
 from training.generate import eval_mode
 from training.layout import RunLayout, describe_run_files
 from training.loop import (
-    LossFn,
     LoopArguments,
+    LossFn,
     MetricsLog,
     TrainState,
     build_optimizer,
@@ -149,12 +150,24 @@ def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
 def model_identity(model_dir: Path) -> dict[str, Any]:
     """What identifies a saved base model: its config and weight files."""
     weights = sorted(p.name for p in model_dir.glob("*.safetensors")) or sorted(p.name for p in model_dir.glob("*.bin"))
-    return {"config": file_identity(model_dir / "config.json"), "weights": [file_identity(model_dir / w) for w in weights]}
+    return {
+        "config": file_identity(model_dir / "config.json"),
+        "weights": [file_identity(model_dir / w) for w in weights],
+    }
 
 
 def optimization_fingerprint(loop_args: LoopArguments) -> dict[str, Any]:
     """The loop settings a resumed run must keep (logging, eval and checkpoint cadence may change)."""
-    not_binding = {"output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "overwrite", "report_to"}
+    not_binding = {
+        "output_dir",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "keep_last",
+        "resume",
+        "overwrite",
+        "report_to",
+    }
     return {k: v for k, v in asdict(loop_args).items() if k not in not_binding}
 
 
@@ -173,7 +186,10 @@ class BaseModelArguments:
 
     model_path: str = field(
         default=None,
-        metadata={"help": "Saved causal LM folder to start from (MiniGPT, or GPT-2 converted by scripts/convert_gpt2.py). Required."},
+        metadata={
+            "help": "Saved causal LM folder to start from (MiniGPT, or GPT-2 converted by "
+            "scripts/convert_gpt2.py). Required."
+        },
     )
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder. Default: the model folder."})
 
@@ -201,18 +217,40 @@ def load_base_model(
     MiniGPT folder loads with this package's classes and the fine-tuned folder carries its code.
     """
     set_seed(seed)
-    model = auto_class.from_pretrained(check_model_folder(args.model_path, "--model_path"), trust_remote_code=True, **kwargs)
+    model = auto_class.from_pretrained(
+        check_model_folder(args.model_path, "--model_path"), trust_remote_code=True, **kwargs
+    )
     check_tokenizer(tokenizer, model.config.vocab_size)
     return model
 
 
-def base_fingerprint(args: BaseModelArguments, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """The base model and tokenizer parts of a fine-tuning run's fingerprint."""
+def max_length_for(model: Any, requested: int | None) -> int:
+    """Tokens per example: `requested`, at most the model's context length (its default)."""
+    context_length = model.config.max_position_embeddings
+    return min(requested or context_length, context_length)
+
+
+def fine_tuning_fingerprint(
+    args: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    loop_args: LoopArguments,
+    lora_args: Any,
+    max_length: int,
+    data: dict[str, Any],
+    **training: Any,
+) -> dict[str, Any]:
+    """A fine-tuning run's fingerprint: the base model of `args` (the job's BaseModelArguments, with
+    its `finetune` mode) and the tokenizer, the job's `data`, and how it trains (`max_length`, the
+    mode, the LoRA settings of a LoRA run, the job's own `training` settings)."""
     model_dir = Path(args.model_path)
-    return {
-        "base_model": {"path": str(model_dir.resolve()), **model_identity(model_dir)},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-    }
+    lora = asdict(lora_args) if args.finetune == "lora" else None
+    return run_fingerprint(
+        loop_args,
+        base_model={"path": str(model_dir.resolve()), **model_identity(model_dir)},
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        data=data,
+        training={"max_length": max_length, **training, "finetune": args.finetune, "lora": lora},
+    )
 
 
 # ----------------------------------------------------------------------------- the lifecycle
@@ -286,7 +324,9 @@ def prepare(
     metrics = MetricsLog(run.layout.metrics, enabled=run.is_main)
     resumed_at = resume_from_latest(accelerator, run.layout.root, metrics) if args.resume else None
     if run.is_main and args.resume:
-        print(f"resuming from step {resumed_at}" if resumed_at is not None else "no checkpoint yet: starting from step 0")
+        print(
+            f"resuming from step {resumed_at}" if resumed_at is not None else "no checkpoint yet: starting from step 0"
+        )
     flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
     start_trackers(accelerator, run.project, flat, resumed_at)
     return PreparedRun(run, model, optimizer, train_loader, eval_loader, state, metrics, resumed_at)
@@ -305,7 +345,9 @@ def evaluate_before(prepared: PreparedRun, scores: Scores, enabled: bool) -> dic
         if run.is_main:
             print("before training: " + "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
         return values
-    logged = next((r for r in prepared.metrics.records() if r["step"] == 0 and any(k.startswith("val_") for k in r)), None)
+    logged = next(
+        (r for r in prepared.metrics.records() if r["step"] == 0 and any(k.startswith("val_") for k in r)), None
+    )
     return {k: v for k, v in logged.items() if k not in ("step", "tokens")} if logged else None
 
 
@@ -323,13 +365,23 @@ class LastEvaluation:
 
 
 def train(
-    prepared: PreparedRun, eval_fn: Callable[[torch.nn.Module], Mapping[str, Any]] | None, loss_fn: LossFn = causal_lm_loss
+    prepared: PreparedRun,
+    eval_fn: Callable[[torch.nn.Module], Mapping[str, Any]] | None,
+    loss_fn: LossFn = causal_lm_loss,
 ) -> dict[str, Any] | None:
     """`train_loop` on the prepared run, redrawing the loss curve after every evaluation; returns
     the values of the final evaluation (None when the loop had nothing left to do)."""
     return train_loop(
-        prepared.run.accelerator, prepared.model, prepared.optimizer, prepared.train_loader, prepared.run.args,
-        prepared.state, prepared.metrics, loss_fn=loss_fn, eval_fn=eval_fn, on_eval=lambda state: _draw_loss_curve(prepared),
+        prepared.run.accelerator,
+        prepared.model,
+        prepared.optimizer,
+        prepared.train_loader,
+        prepared.run.args,
+        prepared.state,
+        prepared.metrics,
+        loss_fn=loss_fn,
+        eval_fn=eval_fn,
+        on_eval=lambda state: _draw_loss_curve(prepared),
     )
 
 
@@ -339,8 +391,15 @@ def _draw_loss_curve(prepared: PreparedRun) -> None:
     save_figure(figure, run.layout.loss_curve, dpi=LOSS_CURVE_DPI)
 
 
+def run_totals(prepared: PreparedRun) -> dict[str, Any]:
+    """What every job's final_metrics.json says about the run itself."""
+    state = prepared.state
+    return {"steps": state.step, "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds}
+
+
 def training_info(prepared: PreparedRun, data: str, *, tokens_per_sequence: int | None = None) -> TrainingInfo:
-    """What the model card says about the run, from its state: data in words, tokens, steps, schedule, time, hardware."""
+    """What the model card says about the run: the data in words, then from its state the tokens,
+    steps, schedule, time and hardware."""
     num_processes = prepared.run.accelerator.num_processes
     return {
         "data": data,
@@ -359,21 +418,23 @@ def finish(
     card: Mapping[str, Any],
     json_files: Mapping[Path, Any],
     report: str,
-) -> None:
+) -> tuple[Path, Path | None]:
     """The shared ending, on the main process: the loss curve, the model folder with its card
     (`card`: `write_model_card` arguments besides the config; a PEFT model is saved as its adapter
-    and merged), the `json_files`, and `report` then where the model went. Every process calls it
-    and waits for the others."""
+    and merged), the `json_files`, and `report` then where the model went. Every process calls it,
+    waits for the others and gets (model folder, adapter folder or None)."""
     run = prepared.run
+    model = run.accelerator.unwrap_model(prepared.model)
+    adapter = run.layout.adapter if is_peft_model(model) else None
     if run.is_main:
         _draw_loss_curve(prepared)
-        model = run.accelerator.unwrap_model(prepared.model)
-        adapter = f" (adapter in {run.layout.adapter})" if is_peft_model(model) else ""
         card = {"model_name": run.layout.root.resolve().name, **card}
-        save_finetuned(model, tokenizer, run.layout.model, run.layout.adapter, card=card, extra_files=[run.layout.loss_curve])
+        extra = [run.layout.loss_curve]
+        save_finetuned(model, tokenizer, run.layout.model, run.layout.adapter, card=card, extra_files=extra)
         for path, content in json_files.items():
             atomic_write_json(path, content)
         print(report)
-        print(f"model saved to {run.layout.model}{adapter}")
+        print(f"model saved to {run.layout.model}" + (f" (adapter in {adapter})" if adapter else ""))
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+    return run.layout.model, adapter

@@ -54,9 +54,14 @@ def learning_rate(args: LoopArguments, step: int, elapsed_seconds: float) -> flo
 
 def describe_schedule(loop_args: LoopArguments, num_processes: int, tokens_per_sequence: int | None = None) -> str:
     """The optimisation in words, for the model card."""
-    length = f"{loop_args.max_steps} steps" if loop_args.max_time_seconds is None else f"a {loop_args.max_time_seconds:g} s budget"
+    length = (
+        f"{loop_args.max_steps} steps"
+        if loop_args.max_time_seconds is None
+        else f"a {loop_args.max_time_seconds:g} s budget"
+    )
     return (
-        f"AdamW (betas {loop_args.adam_beta1}, {loop_args.adam_beta2}; weight decay {loop_args.weight_decay} on matrices), "
+        f"AdamW (betas {loop_args.adam_beta1}, {loop_args.adam_beta2}; "
+        f"weight decay {loop_args.weight_decay} on matrices), "
         f"lr {loop_args.learning_rate:g} after {loop_args.warmup_steps} warmup steps, cosine decay to "
         f"{loop_args.min_learning_rate:g} over {length}; batches of {loop_args.per_device_batch_size} x "
         f"{loop_args.gradient_accumulation_steps} accumulation x {num_processes} process(es)"

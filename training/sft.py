@@ -22,25 +22,26 @@ loss curve and `final_metrics.json`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+import training.run as lifecycle
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
 from training.collate import collate_instruction_batch
 from training.data import split_indices
 from training.evaluate import evaluate_loss, exact_match_summary, score_generations
 from training.generate import greedy_generate
 from training.instruct_data import build_instruction_dataset, encode_prompt, load_instruction_records
-from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 from training.loop import LoopArguments, make_train_dataloader
-import training.run as lifecycle
+from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 from training.tasks import TASK_KINDS, make_task_splits
 
 
@@ -50,22 +51,59 @@ class SFTArguments(lifecycle.BaseModelArguments):
 
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Alpaca records (instruction, input, output): a .json array, .jsonl, .csv or .parquet file, a "
-                  "save_to_disk folder or a dataset name. Default: the embedded seeded instruction tasks (no download)."},
+        metadata={
+            "help": "Alpaca records (instruction, input, output): a .json array, .jsonl, .csv or .parquet file, a "
+            "save_to_disk folder or a dataset name. Default: the embedded seeded instruction tasks (no download)."
+        },
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Held-out Alpaca records. Default: hold out part of train_file."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train_file records held out (seeded) when there is no validation_file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Held-out Alpaca records. Default: hold out part of train_file."}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of train_file records held out (seeded) when there is no validation_file."},
+    )
     num_train_tasks: int = field(default=3000, metadata={"help": "Embedded tasks: training records."})
-    num_heldout_tasks: int = field(default=120, metadata={"help": "Embedded tasks: held-out records (disjoint prompts)."})
-    task_kinds: list[str] = field(default_factory=lambda: list(TASK_KINDS), metadata={"help": f"Embedded tasks: kinds to draw from ({', '.join(TASK_KINDS)})."})
-    data_seed: int = field(default=0, metadata={"help": "Seed of the embedded tasks and of the held-out split of train_file."})
-    max_length: int | None = field(default=None, metadata={"help": "Tokens per example (prompt + response + eos); longer responses are cut. Default: the model's context length."})
-    mask_prompt: bool = field(default=True, metadata={"help": "Loss on the response tokens only (default). --mask_prompt false puts the loss on every token."})
-    finetune: Literal["full", "lora"] = field(default="full", metadata={"help": "Train every weight (full) or LoRA adapters only (see the --lora_* options)."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Held-out examples per evaluation / generation batch, per process."})
-    eval_generations: int | None = field(default=None, metadata={"help": "Held-out prompts answered at each periodic evaluation. Default: all (the final evaluation always uses all)."})
+    num_heldout_tasks: int = field(
+        default=120, metadata={"help": "Embedded tasks: held-out records (disjoint prompts)."}
+    )
+    task_kinds: list[str] = field(
+        default_factory=lambda: list(TASK_KINDS),
+        metadata={"help": f"Embedded tasks: kinds to draw from ({', '.join(TASK_KINDS)})."},
+    )
+    data_seed: int = field(
+        default=0, metadata={"help": "Seed of the embedded tasks and of the held-out split of train_file."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per example (prompt + response + eos); longer responses are cut. "
+            "Default: the model's context length."
+        },
+    )
+    mask_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Loss on the response tokens only (default). --mask_prompt false puts the loss on every token."
+        },
+    )
+    finetune: Literal["full", "lora"] = field(
+        default="full", metadata={"help": "Train every weight (full) or LoRA adapters only (see the --lora_* options)."}
+    )
+    eval_batch_size: int = field(
+        default=16, metadata={"help": "Held-out examples per evaluation / generation batch, per process."}
+    )
+    eval_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts answered at each periodic evaluation. "
+            "Default: all (the final evaluation always uses all)."
+        },
+    )
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated at most per held-out answer."})
-    eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the untuned model first (logged at step 0): the 'before' numbers."})
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate the untuned model first (logged at step 0): the 'before' numbers."}
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
@@ -102,7 +140,9 @@ def load_instruction_splits(args: SFTArguments) -> InstructionSplits:
     """Training and held-out Alpaca records: from files, or the embedded tasks."""
     if args.train_file is None:
         if args.validation_file is not None:
-            raise ValueError("--validation_file needs a --train_file (the embedded tasks make their own held-out split)")
+            raise ValueError(
+                "--validation_file needs a --train_file (the embedded tasks make their own held-out split)"
+            )
         train, heldout = make_task_splits(args.num_train_tasks, args.num_heldout_tasks, args.data_seed, args.task_kinds)
         kinds = ", ".join(args.task_kinds)
         return InstructionSplits(train, heldout, f"embedded instruction tasks ({kinds}), seed {args.data_seed}")
@@ -111,7 +151,11 @@ def load_instruction_splits(args: SFTArguments) -> InstructionSplits:
     if args.validation_file is not None:
         return InstructionSplits(records, load_instruction_records(args.validation_file), name)
     kept, held = split_indices(len(records), args.validation_fraction, args.data_seed)
-    return InstructionSplits([records[i] for i in kept], [records[i] for i in held], f"{name} (seeded {args.validation_fraction:.0%} held out)")
+    return InstructionSplits(
+        [records[i] for i in kept],
+        [records[i] for i in held],
+        f"{name} (seeded {args.validation_fraction:.0%} held out)",
+    )
 
 
 # ----------------------------------------------------------------------------- generation and scoring
@@ -128,8 +172,15 @@ def generate_answers(
     """Greedy answers to the records' prompts, in order, each cut at the first eos
     (`training.generate.greedy_generate`: batched, left-padded, sharded over processes)."""
     prompts = [encode_prompt(tokenizer, record) for record in records]
-    new = greedy_generate(model, prompts, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, batch_size=batch_size, accelerator=accelerator)
+    new = greedy_generate(
+        model,
+        prompts,
+        max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        accelerator=accelerator,
+    )
     return [_decode_answer(tokenizer, ids) for ids in new]
 
 
@@ -140,7 +191,10 @@ def _decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
 
 
 def heldout_scores(
-    prepared: lifecycle.PreparedRun, tokenizer: PreTrainedTokenizerBase, args: SFTArguments, model: torch.nn.Module,
+    prepared: lifecycle.PreparedRun,
+    tokenizer: PreTrainedTokenizerBase,
+    args: SFTArguments,
+    model: torch.nn.Module,
     records: Sequence[Mapping[str, str]],
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(numbers, generation rows): the held-out response loss, and exact match of the answers to `records`."""
@@ -148,7 +202,9 @@ def heldout_scores(
     values = {"val_loss": evaluate_loss(model, prepared.eval_loader, accelerator).loss}
     if not records:
         return values, []
-    answers = generate_answers(accelerator.unwrap_model(model), tokenizer, records, args.max_new_tokens, args.eval_batch_size, accelerator)
+    answers = generate_answers(
+        accelerator.unwrap_model(model), tokenizer, records, args.max_new_tokens, args.eval_batch_size, accelerator
+    )
     rows = score_generations(records, answers)
     return {**values, **exact_match_summary(rows)}, rows
 
@@ -162,8 +218,9 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
     tokenizer = lifecycle.load_base_tokenizer(sft_args)
     if tokenizer.chat_template is None:  # e.g. a tokenizer from elsewhere: saved with the template we train on
         tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
-    model = lifecycle.load_base_model(sft_args, AutoModelForCausalLM, tokenizer, loop_args.seed)  # the seed: LoRA's initial A matrices
-    max_length = min(sft_args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    # The seed: LoRA's initial A matrices.
+    model = lifecycle.load_base_model(sft_args, AutoModelForCausalLM, tokenizer, loop_args.seed)
+    max_length = lifecycle.max_length_for(model, sft_args.max_length)
     splits = load_instruction_splits(sft_args)
     with run.accelerator.main_process_first():
         train_set, train_stats = build_instruction_dataset(splits.train, tokenizer, max_length, sft_args.mask_prompt)
@@ -171,7 +228,6 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
         heldout_set, heldout_stats = build_instruction_dataset(splits.heldout, tokenizer, max_length, mask_prompt=True)
     if sft_args.finetune == "lora":
         model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
-    trainable, total = trainable_parameter_counts(model)
     collate = partial(collate_instruction_batch, pad_token_id=tokenizer.pad_token_id)
     prepared = lifecycle.prepare(
         run,
@@ -180,8 +236,7 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
         DataLoader(heldout_set, batch_size=sft_args.eval_batch_size, collate_fn=collate),
         fingerprint=_fingerprint(sft_args, lora_args, loop_args, tokenizer, max_length),
         config={"sft": asdict(sft_args), "lora": asdict(lora_args), "loop": asdict(loop_args)},
-        summary=f"data: {splits.description}\n  train: {train_stats}\n  held-out: {heldout_stats}\n"
-        f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}); processes: {run.accelerator.num_processes}",
+        summary=_summary(splits, train_stats, heldout_stats, model, run.accelerator.num_processes),
     )
     scores = partial(heldout_scores, prepared, tokenizer, sft_args)
     before = lifecycle.evaluate_before(prepared, partial(scores, records=splits.heldout), sft_args.eval_before_training)
@@ -192,44 +247,81 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
         rows = evaluation.detail  # the loop's final evaluation already covered every record
     else:
         after, rows = scores(prepared.model, splits.heldout)
-    final = {"before": before, "after": after, "steps": prepared.state.step, "tokens_seen": prepared.state.tokens_seen,
-             "train_seconds": prepared.state.train_seconds, "heldout_records": len(splits.heldout), "mask_prompt": sft_args.mask_prompt}
-    lifecycle.finish(prepared, tokenizer, card=_model_card(prepared, sft_args, splits, after, len(train_set)),
-           json_files={run.layout.generations: rows, run.layout.final_metrics: final}, report=_report(prepared, splits, before, after))
-    adapter_dir = run.layout.adapter if sft_args.finetune == "lora" else None
-    return SFTResult(run.layout.root, run.layout.model, adapter_dir, before, after, prepared.state.step, prepared.state.train_seconds)
+    totals = {"heldout_records": len(splits.heldout), "mask_prompt": sft_args.mask_prompt}
+    final = {"before": before, "after": after, **lifecycle.run_totals(prepared), **totals}
+    model_dir, adapter_dir = lifecycle.finish(
+        prepared,
+        tokenizer,
+        card=_model_card(prepared, sft_args, splits, after, len(train_set)),
+        json_files={run.layout.generations: rows, run.layout.final_metrics: final},
+        report=_report(prepared, splits, before, after),
+    )
+    return SFTResult(run.layout.root, model_dir, adapter_dir, before, after, final["steps"], final["train_seconds"])
 
 
 def _fingerprint(
-    sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArguments, tokenizer: PreTrainedTokenizerBase, max_length: int
+    sft_args: SFTArguments,
+    lora_args: LoraArguments,
+    loop_args: LoopArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
 ) -> dict[str, Any]:
+    settings = ("validation_fraction", "num_train_tasks", "num_heldout_tasks", "task_kinds", "data_seed")
     data = {
         "train_file": lifecycle.file_identity(sft_args.train_file),
         "validation_file": lifecycle.file_identity(sft_args.validation_file),
-        **{k: getattr(sft_args, k) for k in ("validation_fraction", "num_train_tasks", "num_heldout_tasks", "task_kinds", "data_seed")},
+        **{k: getattr(sft_args, k) for k in settings},
     }
-    training = {"max_length": max_length, "mask_prompt": sft_args.mask_prompt, "finetune": sft_args.finetune,
-                "lora": asdict(lora_args) if sft_args.finetune == "lora" else None}
-    return lifecycle.run_fingerprint(loop_args, **lifecycle.base_fingerprint(sft_args, tokenizer), data=data, training=training)
+    return lifecycle.fine_tuning_fingerprint(
+        sft_args, tokenizer, loop_args, lora_args, max_length, data, mask_prompt=sft_args.mask_prompt
+    )
 
 
-def _report(prepared: lifecycle.PreparedRun, splits: InstructionSplits, before: Mapping[str, float] | None, after: Mapping[str, float]) -> str:
+def _summary(
+    splits: InstructionSplits, train_stats: Any, heldout_stats: Any, model: torch.nn.Module, num_processes: int
+) -> str:
+    trainable, total = trainable_parameter_counts(model)
+    return (
+        f"data: {splits.description}\n  train: {train_stats}\n  held-out: {heldout_stats}\n"
+        f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}); processes: {num_processes}"
+    )
+
+
+def _report(
+    prepared: lifecycle.PreparedRun,
+    splits: InstructionSplits,
+    before: Mapping[str, float] | None,
+    after: Mapping[str, float],
+) -> str:
     shown = lambda values: "  ".join(f"{k}={v:.4f}" for k, v in values.items())  # noqa: E731
-    return (f"\nheld-out ({len(splits.heldout)} records), before: {shown(before) if before else 'not measured'}\n"
-            f"held-out ({len(splits.heldout)} records), after:  {shown(after)}\n"
-            f"generations: {prepared.run.layout.generations}")
+    return (
+        f"\nheld-out ({len(splits.heldout)} records), before: {shown(before) if before else 'not measured'}\n"
+        f"held-out ({len(splits.heldout)} records), after:  {shown(after)}\n"
+        f"generations: {prepared.run.layout.generations}"
+    )
 
 
 def _model_card(
-    prepared: lifecycle.PreparedRun, sft_args: SFTArguments, splits: InstructionSplits, after: Mapping[str, float], n_train: int
+    prepared: lifecycle.PreparedRun,
+    sft_args: SFTArguments,
+    splits: InstructionSplits,
+    after: Mapping[str, float],
+    n_train: int,
 ) -> dict[str, Any]:
     loss = "response tokens only" if sft_args.mask_prompt else "every token"
     method = "LoRA adapters, merged" if sft_args.finetune == "lora" else "full fine-tuning"
     data = f"{splits.description}: {n_train:,} Alpaca-format examples, loss on {loss}, {method}"
-    evaluation = {"dataset_name": f"held-out records of {splits.description} (response-token loss)",
-                  "dataset_split": "held-out", "val_loss": after["val_loss"]}
-    return {"training_info": lifecycle.training_info(prepared, data), "eval_results": evaluation, "base_model": sft_args.model_path,
-            "example_prompt": _example_prompt(splits)}
+    evaluation = {
+        "dataset_name": f"held-out records of {splits.description} (response-token loss)",
+        "dataset_split": "held-out",
+        "val_loss": after["val_loss"],
+    }
+    return {
+        "training_info": lifecycle.training_info(prepared, data),
+        "eval_results": evaluation,
+        "base_model": sft_args.model_path,
+        "example_prompt": _example_prompt(splits),
+    }
 
 
 def _example_prompt(splits: InstructionSplits) -> str:

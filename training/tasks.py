@@ -13,18 +13,91 @@ The metric is exact match of the model's greedy answer against `output`
 from __future__ import annotations
 
 import random
-from typing import Callable, Hashable, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeVar
 
 # Short, common English words: cheap for a small BPE vocabulary and easy to read in a demo.
 WORDS: tuple[str, ...] = (
-    "apple", "bird", "blue", "boat", "book", "bread", "cake", "car", "cat", "chair",
-    "cloud", "cold", "corn", "cow", "cup", "desk", "dog", "door", "duck", "egg",
-    "farm", "fish", "flag", "frog", "gate", "gold", "grass", "green", "hat", "hill",
-    "horse", "house", "ice", "jam", "key", "kite", "lake", "lamp", "leaf", "lion",
-    "milk", "moon", "mouse", "nest", "night", "oak", "orange", "owl", "pen", "pig",
-    "plum", "rain", "red", "ring", "river", "road", "rock", "rose", "salt", "sand",
-    "sea", "seed", "sheep", "ship", "shoe", "snow", "sock", "star", "stone", "sun",
-    "table", "tea", "tiger", "train", "tree", "wall", "water", "whale", "wind", "wolf",
+    "apple",
+    "bird",
+    "blue",
+    "boat",
+    "book",
+    "bread",
+    "cake",
+    "car",
+    "cat",
+    "chair",
+    "cloud",
+    "cold",
+    "corn",
+    "cow",
+    "cup",
+    "desk",
+    "dog",
+    "door",
+    "duck",
+    "egg",
+    "farm",
+    "fish",
+    "flag",
+    "frog",
+    "gate",
+    "gold",
+    "grass",
+    "green",
+    "hat",
+    "hill",
+    "horse",
+    "house",
+    "ice",
+    "jam",
+    "key",
+    "kite",
+    "lake",
+    "lamp",
+    "leaf",
+    "lion",
+    "milk",
+    "moon",
+    "mouse",
+    "nest",
+    "night",
+    "oak",
+    "orange",
+    "owl",
+    "pen",
+    "pig",
+    "plum",
+    "rain",
+    "red",
+    "ring",
+    "river",
+    "road",
+    "rock",
+    "rose",
+    "salt",
+    "sand",
+    "sea",
+    "seed",
+    "sheep",
+    "ship",
+    "shoe",
+    "snow",
+    "sock",
+    "star",
+    "stone",
+    "sun",
+    "table",
+    "tea",
+    "tiger",
+    "train",
+    "tree",
+    "wall",
+    "water",
+    "whale",
+    "wind",
+    "wolf",
 )
 
 # Keys for the "extract a field" task; values come from WORDS.
@@ -84,7 +157,7 @@ def extract_field(rng: random.Random) -> Record:
     keys = rng.sample(FIELD_KEYS, rng.randint(2, 4))
     values = rng.sample(WORDS, len(keys))
     asked = rng.randrange(len(keys))
-    text = "\n".join(f"{k}: {v}" for k, v in zip(keys, values))
+    text = "\n".join(f"{k}: {v}" for k, v in zip(keys, values, strict=True))
     template = rng.choice(("What is the {} in the text?", "Give the value of the field {}."))
     return _record(template.format(keys[asked]), text, values[asked])
 

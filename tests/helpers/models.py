@@ -27,4 +27,6 @@ VOCAB = 96
 
 
 def tiny_config(**overrides) -> MiniGPTConfig:
-    return MiniGPTConfig.from_preset("tiny", **{"vocab_size": VOCAB, "context_length": 32, "emb_dim": 32, "n_heads": 2, **overrides})
+    return MiniGPTConfig.from_preset(
+        "tiny", **{"vocab_size": VOCAB, "context_length": 32, "emb_dim": 32, "n_heads": 2, **overrides}
+    )
