@@ -29,41 +29,51 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, TypeVar
 
+import datasets
 import numpy as np
 import torch
-from transformers import HfArgumentParser
+
+from tokenization import EOS_TOKEN, gpt2_tiktoken_encoding, load_gpt2_tokenizer
+from tokenization.fast_encode import tiktoken_twin
+from training.cli import parse_config_args
+from training.data import build_lm_datasets, load_corpus, sliding_windows, tokenize_documents, window_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
-
-import datasets  # noqa: E402
-
-from tokenization import EOS_TOKEN, gpt2_tiktoken_encoding, load_gpt2_tokenizer  # noqa: E402
-from tokenization.fast_encode import tiktoken_twin  # noqa: E402
-from training.data import build_lm_datasets, load_corpus, sliding_windows, tokenize_documents, window_dataset  # noqa: E402
 
 T = TypeVar("T")
 
 
 @dataclass
 class BenchArguments:
-    repeat_mb: float = field(default=20.0, metadata={"help": "Corpus size in MB: tinyshakespeare repeated to about this."})
-    context_length: int = field(default=256, metadata={"help": "Tokens the model reads per window (the book's max_length)."})
-    stride: int = field(default=128, metadata={"help": "Tokens between window starts (the book's default: half a window)."})
-    num_proc: int | None = field(default=None, metadata={"help": "Tokenization processes (default: one, with encoder threads)."})
+    repeat_mb: float = field(
+        default=20.0, metadata={"help": "Corpus size in MB: tinyshakespeare repeated to about this."}
+    )
+    context_length: int = field(
+        default=256, metadata={"help": "Tokens the model reads per window (the book's max_length)."}
+    )
+    stride: int = field(
+        default=128, metadata={"help": "Tokens between window starts (the book's default: half a window)."}
+    )
+    num_proc: int | None = field(
+        default=None, metadata={"help": "Tokenization processes (default: one, with encoder threads)."}
+    )
     repeats: int = field(default=1, metadata={"help": "Repetitions (book and ours alternate); medians are reported."})
     data_dir: str = field(
-        default=str(REPO_ROOT.parent / "shared" / "data"), metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."}
+        default=str(REPO_ROOT.parent / "shared" / "data"),
+        metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."},
     )
 
 
-def timed(fn: Callable[[], T]) -> tuple[T, float]:
+def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    """(fn(*args, **kwargs), seconds it took)."""
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
 
 
@@ -76,7 +86,8 @@ def book_windows(ids: list[int], context_length: int, stride: int) -> tuple[list
     return inputs, targets
 
 
-def main(args: BenchArguments) -> None:
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
     data_dir = Path(args.data_dir)
     shakespeare = (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
     copies = max(1, round(args.repeat_mb * 1e6 / len(shakespeare.encode("utf-8"))))
@@ -91,34 +102,43 @@ def main(args: BenchArguments) -> None:
     print(f"corpus: tinyshakespeare x {copies} = {corpus.stat().st_size / 1e6:.1f} MB; context {L}, stride {stride}")
     engine = "tiktoken twin" if tiktoken_twin(tokenizer) is not None else "tokenizers"
     load = os.getloadavg()[0]
-    print(f"pipeline encoder: tokenization.encode_batch_fast ({engine}); load average {load:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"pipeline encoder: tokenization.encode_batch_fast ({engine}); load average {load:.1f} on {os.cpu_count()} CPUs"
+    )
 
     timings: dict[str, list[float]] = defaultdict(list)
     for repetition in range(args.repeats):
         # Book and ours alternate, so a machine busy with other work slows both sides alike.
-        ids, t = timed(lambda: encoding.encode(corpus.read_text(encoding="utf-8"), allowed_special={EOS_TOKEN}))
+        ids, t = timed(encoding.encode, corpus.read_text(encoding="utf-8"), allowed_special={EOS_TOKEN})
         timings["book: tiktoken encode"].append(t)
 
         cache = work / f"cache_e2e_{repetition}"  # fresh: everything is computed
-        run = lambda: build_lm_datasets(  # noqa: E731
-            [corpus], tokenizer, context_length=L, stride=stride, validation_fraction=0, num_proc=args.num_proc, cache_dir=cache
+        run = partial(
+            build_lm_datasets,
+            [corpus],
+            tokenizer,
+            context_length=L,
+            stride=stride,
+            validation_fraction=0,
+            num_proc=args.num_proc,
+            cache_dir=cache,
         )
         splits, t = timed(run)
         timings["ours: end to end (cold)"].append(t)
 
-        (inputs, _), t = timed(lambda: book_windows(ids, L, stride))
+        (inputs, _), t = timed(book_windows, ids, L, stride)
         timings["book: window loop (tensors)"].append(t)
         timings["book: end to end"].append(timings["book: tiktoken encode"][-1] + t)
 
         cache = work / f"cache_stages_{repetition}"
-        documents, t = timed(lambda: load_corpus([corpus], cache_dir=cache))
+        documents, t = timed(load_corpus, [corpus], cache_dir=cache)
         timings["ours: read + store documents"].append(t)
-        tokens, t = timed(lambda: tokenize_documents(documents, tokenizer, num_proc=args.num_proc))
+        tokens, t = timed(tokenize_documents, documents, tokenizer, num_proc=args.num_proc)
         timings["ours: tokenize"].append(t)
-        windows, t = timed(lambda: window_dataset(tokens, L, stride, cache_dir=cache))
+        windows, t = timed(window_dataset, tokens, L, stride, cache_dir=cache)
         timings["ours: windows (datasets.map)"].append(t)
         flat = np.asarray(ids, dtype=np.int32)
-        _, t = timed(lambda: torch.from_numpy(np.ascontiguousarray(sliding_windows(flat, L, stride))))
+        _, t = timed(lambda stream: torch.from_numpy(np.ascontiguousarray(sliding_windows(stream, L, stride))), flat)
         timings["ours: sliding_windows alone"].append(t)
         _, t = timed(run)
         timings["ours: end to end (warm cache)"].append(t)
@@ -138,7 +158,7 @@ def main(args: BenchArguments) -> None:
         print(f"{name:32s} {seconds:8.3f} {n / seconds / 1e6:8.2f}")
 
     def ratio(numerator: str, denominator: str) -> float:
-        return statistics.median(a / b for a, b in zip(timings[numerator], timings[denominator]))
+        return statistics.median(a / b for a, b in zip(timings[numerator], timings[denominator], strict=True))
 
     print()
     windowing = ratio("book: window loop (tensors)", "ours: windows (datasets.map)")
@@ -149,8 +169,8 @@ def main(args: BenchArguments) -> None:
     if load > 1:
         print(f"\nnote: the machine was busy (load average {load:.1f}); ratios compare stages run side by side")
     shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    (arguments,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    main(arguments)
+    sys.exit(main())

@@ -6,61 +6,73 @@
 Both loops train the same model on the same random token windows with the same gradient
 accumulation. The bare loop slices a pre-built tensor and calls forward, backward, step and
 zero_grad, nothing else. `train_loop` adds everything a real run has: a shuffled DataLoader
-over a `datasets.Dataset` with `collate_windows`, Accelerate's accumulate/clip/reduce, the learning-rate schedule, the NaN check, tqdm,
-metrics.jsonl and TensorBoard logging every `--log_every` steps. The variants alternate
-(A B A B ...), and the overhead is the median over pairs of the ratio of neighbouring segments,
-so that load from other processes, which drifts over minutes, hits both sides of each ratio
-alike. Goal: overhead under 5 %.
+over a `datasets.Dataset` with `collate_windows`, Accelerate's accumulate/clip/reduce, the
+learning-rate schedule, the NaN check, tqdm, metrics.jsonl and TensorBoard logging every
+`--log_every` steps. The variants alternate (A B A B ...), and the overhead is the median over
+pairs of the ratio of neighbouring segments, so that load from other processes, which drifts
+over minutes, hits both sides of each ratio alike. Goal: overhead under 5 %.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
+import datasets
+import torch
+from accelerate.utils import set_seed
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
-from training.data import collate_windows  # noqa: E402
-from training.loop import LoopArguments, MetricsLog, TrainState, build_optimizer, make_accelerator, make_train_dataloader, train_loop  # noqa: E402
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n_layers", type=int, default=4)
-    parser.add_argument("--emb_dim", type=int, default=128)
-    parser.add_argument("--n_heads", type=int, default=4)
-    parser.add_argument("--context_length", type=int, default=128)
-    parser.add_argument("--vocab_size", type=int, default=1024)
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch")
-    parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed segment")
-    parser.add_argument("--repeats", type=int, default=9, help="timed segments per variant (alternating)")
-    parser.add_argument("--log_every", type=int, default=10)
-    return parser.parse_args()
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from training.cli import parse_config_args
+from training.collate import collate_windows
+from training.loop import (
+    LoopArguments,
+    MetricsLog,
+    TrainState,
+    build_optimizer,
+    make_accelerator,
+    make_train_dataloader,
+    train_loop,
+)
 
 
-def build_model(args: argparse.Namespace) -> MiniGPTForCausalLM:
+@dataclass
+class BenchArguments:
+    n_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
+    emb_dim: int = field(default=128, metadata={"help": "Model width."})
+    n_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    context_length: int = field(default=128, metadata={"help": "Tokens per window."})
+    vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of the random token windows."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per micro-batch."})
+    accumulation: int = field(default=2, metadata={"help": "Micro-batches per optimizer step."})
+    steps: int = field(default=10, metadata={"help": "Optimizer steps per timed segment."})
+    repeats: int = field(default=9, metadata={"help": "Timed segments per variant (alternating)."})
+    log_every: int = field(default=10, metadata={"help": "train_loop logs every N steps."})
+
+
+def build_model(args: BenchArguments) -> MiniGPTForCausalLM:
     set_seed(0)
     config = MiniGPTConfig.from_preset(
-        "tiny", vocab_size=args.vocab_size, context_length=args.context_length, emb_dim=args.emb_dim,
-        n_heads=args.n_heads, n_layers=args.n_layers, drop_rate=0.0,
+        "tiny",
+        vocab_size=args.vocab_size,
+        context_length=args.context_length,
+        emb_dim=args.emb_dim,
+        n_heads=args.n_heads,
+        n_layers=args.n_layers,
+        drop_rate=0.0,
     )
     return MiniGPTForCausalLM(config)
 
 
-def bare_segment(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, args: argparse.Namespace) -> float:
+def bare_segment(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: torch.Tensor, args: BenchArguments
+) -> float:
     """Seconds for `args.steps` optimizer steps of the plainest possible loop."""
     model.train()
     start = time.perf_counter()
@@ -75,13 +87,22 @@ def bare_segment(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windo
     return time.perf_counter() - start
 
 
-def main() -> None:
-    args = parse_args()
-    windows = torch.randint(0, args.vocab_size, (512, args.context_length + 1), generator=torch.Generator().manual_seed(0))
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    windows = torch.randint(
+        0, args.vocab_size, (512, args.context_length + 1), generator=torch.Generator().manual_seed(0)
+    )
     with tempfile.TemporaryDirectory() as out:
         loop_args = LoopArguments(
-            output_dir=out, max_steps=1, per_device_batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation,
-            warmup_steps=10, log_every=args.log_every, eval_every=10**9, save_every=10**9, report_to="tensorboard",
+            output_dir=out,
+            max_steps=1,
+            per_device_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.accumulation,
+            warmup_steps=10,
+            log_every=args.log_every,
+            eval_every=10**9,
+            save_every=10**9,
+            report_to="tensorboard",
         )
         accelerator = make_accelerator(loop_args)
         loop_model = build_model(args)
@@ -106,10 +127,12 @@ def main() -> None:
             train_loop(accelerator, loop_model, optimizer, loader, segment_args, state, metrics)
             return state.train_seconds - before
 
-        print(f"model {args.n_layers} x {args.emb_dim}, context {args.context_length}, vocab {args.vocab_size}; "
-              f"batch {args.batch_size} x {args.accumulation} accumulation; torch threads {torch.get_num_threads()}; "
-              f"load average {os.getloadavg()[0]:.2f}")
-        bare_segment(bare_model, bare_optimizer, windows, argparse.Namespace(**{**vars(args), "steps": 3}))  # warm-up
+        print(
+            f"model {args.n_layers} x {args.emb_dim}, context {args.context_length}, vocab {args.vocab_size}; "
+            f"batch {args.batch_size} x {args.accumulation} accumulation; torch threads {torch.get_num_threads()}; "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
+        bare_segment(bare_model, bare_optimizer, windows, dataclasses.replace(args, steps=3))  # warm-up
         loop_segment(3)
         times: dict[str, list[float]] = {"bare": [], "train_loop": []}
         for _ in range(args.repeats):
@@ -120,12 +143,18 @@ def main() -> None:
     tokens = args.steps * args.accumulation * args.batch_size * args.context_length
     for name, seconds in times.items():
         median = statistics.median(seconds)
-        print(f"{name:<11} {args.steps / median:7.2f} steps/s  {tokens / median:9,.0f} tokens/s  "
-              f"(segments: {', '.join(f'{s:.2f}' for s in seconds)} s)")
-    ratios = [loop / bare for loop, bare in zip(times["train_loop"], times["bare"])]
-    print(f"train_loop overhead vs bare loop: {statistics.median(ratios) - 1:+.1%} "
-          f"(median of {len(ratios)} paired segments; pairs range {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%}; goal: < 5%)")
+        print(
+            f"{name:<11} {args.steps / median:7.2f} steps/s  {tokens / median:9,.0f} tokens/s  "
+            f"(segments: {', '.join(f'{s:.2f}' for s in seconds)} s)"
+        )
+    ratios = [loop / bare for loop, bare in zip(times["train_loop"], times["bare"], strict=True)]
+    print(
+        f"train_loop overhead vs bare loop: {statistics.median(ratios) - 1:+.1%} "
+        f"(median of {len(ratios)} paired segments; pairs range {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%}; "
+        "goal: < 5%)"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,40 +16,49 @@ and are printed as a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from modeling_minigpt.files import atomic_write_json, atomic_write_text
+from training.cli import parse_config_args
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from training.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
-
 SFT_CONFIG = REPO_ROOT / "scripts" / "configs" / "sft_tasks.yaml"
 # One OpenMP thread unless told otherwise: on this 2-core machine shared with other jobs, two
 # threads per process measured 3-5x slower per step as soon as another process competed.
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work_dir", default="runs/bench_sft", help="Folder for the corpus, the base model and both SFT runs (default: runs/bench_sft).")
-    parser.add_argument("--base_model", default=None, help="An existing model folder (with tokenizer) to fine-tune; skips pretraining.")
-    parser.add_argument("--pretrain_seconds", type=float, default=180, help="Pretraining wall-clock budget in seconds (default: 180).")
-    parser.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary trained on the corpus (default: 2048).")
-    parser.add_argument("--emb_dim", type=int, default=128, help="Model width (default: 128).")
-    parser.add_argument("--n_layers", type=int, default=4, help="Transformer blocks (default: 4).")
-    parser.add_argument("--n_heads", type=int, default=4, help="Attention heads (default: 4).")
-    parser.add_argument("--context_length", type=int, default=128, help="Context length in tokens (default: 128; prompts + answers are < 100).")
-    parser.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps (default: the config's max_steps).")
-    parser.add_argument("--num_heldout_tasks", type=int, default=None, help="Held-out task records (default: the config's).")
-    parser.add_argument("--sft_config", default=str(SFT_CONFIG), help=f"SFT YAML config (default: {SFT_CONFIG.relative_to(REPO_ROOT)}).")
-    return parser.parse_args(argv)
+@dataclass
+class BenchArguments:
+    work_dir: str = field(
+        default="runs/bench_sft", metadata={"help": "Folder for the corpus, the base model and both SFT runs."}
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "An existing model folder (with tokenizer) to fine-tune; skips pretraining."}
+    )
+    pretrain_seconds: float = field(default=180, metadata={"help": "Pretraining wall-clock budget in seconds."})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary trained on the corpus."})
+    emb_dim: int = field(default=128, metadata={"help": "Model width."})
+    n_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
+    n_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    context_length: int = field(
+        default=128, metadata={"help": "Context length in tokens (prompts + answers are < 100)."}
+    )
+    sft_steps: int | None = field(
+        default=None, metadata={"help": "SFT optimizer steps (default: the config's max_steps)."}
+    )
+    num_heldout_tasks: int | None = field(
+        default=None, metadata={"help": "Held-out task records (default: the config's)."}
+    )
+    sft_config: str = field(
+        default=str(SFT_CONFIG), metadata={"help": f"SFT YAML config (default: {SFT_CONFIG.relative_to(REPO_ROOT)})."}
+    )
 
 
 def run(command: list[str], log: Path) -> float:
@@ -60,33 +69,82 @@ def run(command: list[str], log: Path) -> float:
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=ENV).returncode
     seconds = time.perf_counter() - start
     if code != 0:
-        sys.exit(f"command failed (exit {code}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+        sys.exit(
+            f"command failed (exit {code}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-30:])
+        )
     print(f"  done in {seconds:.0f} s (log: {log})", flush=True)
     return seconds
 
 
-def pretrain_base(args: argparse.Namespace, work_dir: Path) -> tuple[Path, float]:
+def pretrain_base(args: BenchArguments, work_dir: Path) -> tuple[Path, float]:
     from pydoc_data.topics import topics
 
     corpus = work_dir / "pydoc_topics.txt"
     atomic_write_text(corpus, "\n\n".join(topics[k] for k in sorted(topics)))
     out = work_dir / "pretrain"
     command = [
-        sys.executable, "scripts/pretrain.py", "--train_file", str(corpus), "--split_by", "characters", "--validation_fraction", "0.05",
-        "--tokenizer_vocab_size", str(args.vocab_size), "--preset", "tiny", "--context_length", str(args.context_length),
-        "--emb_dim", str(args.emb_dim), "--n_layers", str(args.n_layers), "--n_heads", str(args.n_heads), "--drop_rate", "0.0",
+        sys.executable,
+        "scripts/pretrain.py",
+        "--train_file",
+        str(corpus),
+        "--split_by",
+        "characters",
+        "--validation_fraction",
+        "0.05",
+        "--tokenizer_vocab_size",
+        str(args.vocab_size),
+        "--preset",
+        "tiny",
+        "--context_length",
+        str(args.context_length),
+        "--emb_dim",
+        str(args.emb_dim),
+        "--n_layers",
+        str(args.n_layers),
+        "--n_heads",
+        str(args.n_heads),
+        "--drop_rate",
+        "0.0",
         # A time budget rather than a step count: the cosine decay follows the steps that fit.
-        "--max_time_seconds", str(args.pretrain_seconds), "--max_steps", "100000", "--per_device_batch_size", "16",
-        "--learning_rate", "2e-3", "--min_learning_rate", "2e-4", "--warmup_steps", "20", "--eval_every", "100000",
-        "--save_every", "100000", "--report_to", "none", "--output_dir", str(out), "--overwrite",
+        "--max_time_seconds",
+        str(args.pretrain_seconds),
+        "--max_steps",
+        "100000",
+        "--per_device_batch_size",
+        "16",
+        "--learning_rate",
+        "2e-3",
+        "--min_learning_rate",
+        "2e-4",
+        "--warmup_steps",
+        "20",
+        "--eval_every",
+        "100000",
+        "--save_every",
+        "100000",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(out),
+        "--overwrite",
     ]
     seconds = run(command, work_dir / "pretrain.log")
     return out / "model", seconds
 
 
-def sft(args: argparse.Namespace, base: Path, out: Path, mask_prompt: bool) -> tuple[dict, float]:
-    command = [sys.executable, "scripts/sft.py", args.sft_config, "--model_path", str(base), "--output_dir", str(out), "--overwrite",
-               "--mask_prompt", str(mask_prompt).lower()]
+def sft(args: BenchArguments, base: Path, out: Path, mask_prompt: bool) -> tuple[dict, float]:
+    command = [
+        sys.executable,
+        "scripts/sft.py",
+        args.sft_config,
+        "--model_path",
+        str(base),
+        "--output_dir",
+        str(out),
+        "--overwrite",
+        "--mask_prompt",
+        str(mask_prompt).lower(),
+    ]
     if args.sft_steps is not None:
         command += ["--max_steps", str(args.sft_steps)]
     if args.num_heldout_tasks is not None:
@@ -102,12 +160,14 @@ def table(masked: dict, unmasked: dict) -> str:
     lines = ["| metric | untuned base | SFT, loss on response only | SFT, loss on all tokens |", "|---|---|---|---|"]
     for key in keys:
         name = names.get(key, f"exact match: {key.removeprefix('exact_match_')}")
-        lines.append(f"| {name} | {masked['before'][key]:.3f} | {masked['after'][key]:.3f} | {unmasked['after'][key]:.3f} |")
+        lines.append(
+            f"| {name} | {masked['before'][key]:.3f} | {masked['after'][key]:.3f} | {unmasked['after'][key]:.3f} |"
+        )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
     work_dir = (REPO_ROOT / args.work_dir).resolve() if not Path(args.work_dir).is_absolute() else Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     if args.base_model:
@@ -117,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     masked, masked_seconds = sft(args, base, work_dir / "sft_masked", mask_prompt=True)
     unmasked, unmasked_seconds = sft(args, base, work_dir / "sft_unmasked", mask_prompt=False)
     if masked["before"] != unmasked["before"]:
-        sys.exit("the two runs measured different 'before' numbers: they did not start from the same base and held-out set")
+        sys.exit(
+            "the two runs measured different 'before' numbers: they did not start from the same base and held-out set"
+        )
 
     summary = {
         "base_model": str(base),
@@ -128,11 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     atomic_write_json(work_dir / "bench_sft.json", summary)
     print(f"\nbase: {base}" + (f" (pretrained in {pretrain_seconds:.0f} s)" if pretrain_seconds else ""))
-    print(f"SFT: {masked['steps']} steps each; {masked['heldout_records']} held-out records; "
-          f"{masked['train_seconds']:.0f} s (masked) and {unmasked['train_seconds']:.0f} s (unmasked) of training\n")
+    print(
+        f"SFT: {masked['steps']} steps each; {masked['heldout_records']} held-out records; "
+        f"{masked['train_seconds']:.0f} s (masked) and {unmasked['train_seconds']:.0f} s (unmasked) of training\n"
+    )
     print(table(masked, unmasked))
     print(f"\nwritten: {work_dir / 'bench_sft.json'}; generations in {work_dir}/sft_*/heldout_generations.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

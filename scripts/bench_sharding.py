@@ -58,9 +58,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=256, help="tokens per sequence when measuring (default 256)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per measured step (default 8)")
     parser.add_argument("--pairs", type=int, default=5, help="timed (step, reference matmul) pairs (default 5)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 8, 64], help="N for the estimates (default 1 2 8 64)")
-    parser.add_argument("--micro_batch", type=int, default=8, help="sequences of 1024 tokens per rank in the estimates (default 8)")
-    parser.add_argument("--device_tflops", type=float, default=None, help="also estimate for a device of this peak TFLOP/s")
+    parser.add_argument(
+        "--ranks", type=int, nargs="+", default=[1, 2, 8, 64], help="N for the estimates (default 1 2 8 64)"
+    )
+    parser.add_argument(
+        "--micro_batch", type=int, default=8, help="sequences of 1024 tokens per rank in the estimates (default 8)"
+    )
+    parser.add_argument(
+        "--device_tflops", type=float, default=None, help="also estimate for a device of this peak TFLOP/s"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     for name in ("layers", "emb_dim", "vocab", "context", "batch", "pairs", "micro_batch"):
@@ -75,7 +81,12 @@ def parse_args() -> argparse.Namespace:
 
 def small_config(args: argparse.Namespace, layers: int) -> MiniGPTConfig:
     return MiniGPTConfig(
-        vocab_size=args.vocab, context_length=args.context, emb_dim=args.emb_dim, n_heads=4, n_layers=layers, drop_rate=0.0
+        vocab_size=args.vocab,
+        context_length=args.context,
+        emb_dim=args.emb_dim,
+        n_heads=4,
+        n_layers=layers,
+        drop_rate=0.0,
     )
 
 
@@ -91,7 +102,9 @@ def non_embedding(model: MiniGPTForCausalLM) -> int:
 
 
 def batch_of(config: MiniGPTConfig, batch: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, config.vocab_size, (batch, config.context_length + 1), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, config.vocab_size, (batch, config.context_length + 1), generator=torch.Generator().manual_seed(0)
+    )
     return {"input_ids": ids[:, :-1], "shift_labels": ids[:, 1:].contiguous()}
 
 
@@ -153,7 +166,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         step_seconds.append(middle - start)
         reference_seconds.append(time.perf_counter() - middle)
     # About the same FLOP count on both sides of a pair, so their time ratio is the efficiency.
-    efficiency = statistics.median(r / s for r, s in zip(reference_seconds, step_seconds))
+    efficiency = statistics.median(r / s for r, s in zip(reference_seconds, step_seconds, strict=False))
     bytes_per_param = state_bytes_per_param(model, optimizer)
 
     one, two = (MiniGPTForCausalLM(small_config(args, layers)) for layers in (1, 2))
@@ -181,7 +194,8 @@ def estimate(preset: str, ranks: int, micro_batch: int, measured: dict[str, floa
     root = params - config.n_layers * block
     tokens = micro_batch * config.context_length
     activations = tokens * (
-        measured["block_coefficient"] * config.emb_dim * config.n_layers + measured["head_coefficient"] * config.vocab_size
+        measured["block_coefficient"] * config.emb_dim * config.n_layers
+        + measured["head_coefficient"] * config.vocab_size
     )
     sharded_state = 16 * params / ranks
     gathered = 0 if ranks == 1 else 4 * (root + 2 * block)
@@ -201,28 +215,42 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     measured = measure(args)
-    print(f"measured, one process, {torch.get_num_threads()} threads, fp32: {args.layers} x {args.emb_dim} model "
-          f"({measured['params'] / 1e6:.1f}M params, vocab {args.vocab}), batch {args.batch} x {args.context}")
-    print(f"  training step: {measured['tokens_per_second']:,.0f} tokens/s "
-          f"= {measured['efficiency']:.1%} of this machine's fp32 matmul rate ({measured['matmul_flops'] / 1e9:.0f} GFLOP/s, "
-          "median over interleaved pairs)")
+    print(
+        f"measured, one process, {torch.get_num_threads()} threads, fp32: {args.layers} x {args.emb_dim} model "
+        f"({measured['params'] / 1e6:.1f}M params, vocab {args.vocab}), batch {args.batch} x {args.context}"
+    )
+    print(
+        f"  training step: {measured['tokens_per_second']:,.0f} tokens/s "
+        f"= {measured['efficiency']:.1%} of this machine's fp32 matmul rate "
+        f"({measured['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+        "median over interleaved pairs)"
+    )
     print(f"  training state: {measured['bytes_per_param']:.2f} bytes/param (parameters + gradients + AdamW moments)")
-    print(f"  activations kept for backward: {measured['activation_bytes'] / 1e6:.0f} MB = "
-          f"{measured['block_coefficient']:.1f} bytes x tokens x emb_dim per block "
-          f"+ {measured['head_coefficient']:.1f} bytes x tokens x vocab for the head")
+    print(
+        f"  activations kept for backward: {measured['activation_bytes'] / 1e6:.0f} MB = "
+        f"{measured['block_coefficient']:.1f} bytes x tokens x emb_dim per block "
+        f"+ {measured['head_coefficient']:.1f} bytes x tokens x vocab for the head"
+    )
 
     devices = [("this CPU", measured["matmul_flops"])]
     if args.device_tflops:
         devices.append((f"{args.device_tflops:g} TFLOP/s device", args.device_tflops * 1e12))
-    print(f"\nestimated per rank, micro-batch {args.micro_batch} x 1024 tokens, fp32 state, no activation checkpointing:")
-    header = f"{'shape':<11} {'params':>7} {'N':>4} {'DDP GB':>7} {'FSDP2 GB':>9} {'state':>7} {'activ.':>7} {'comm GB/step':>12}"
+    print(
+        f"\nestimated per rank, micro-batch {args.micro_batch} x 1024 tokens, fp32 state, no activation checkpointing:"
+    )
+    header = (
+        f"{'shape':<11} {'params':>7} {'N':>4} {'DDP GB':>7} {'FSDP2 GB':>9} {'state':>7} {'activ.':>7} "
+        f"{'comm GB/step':>12}"
+    )
     header += "".join(f" {'tok/s per rank / all, ' + name:>36}" for name, _ in devices)
     print(header)
     for preset in TARGETS:
         for ranks in args.ranks:
             row = estimate(preset, ranks, args.micro_batch, measured)
-            line = (f"{preset:<11} {row['params'] / 1e6:>6.0f}M {ranks:>4} {row['ddp_gb']:>7.1f} {row['fsdp_gb']:>9.1f} "
-                    f"{row['state_gb']:>7.2f} {row['activation_gb']:>7.1f} {row['comm_gb_per_step']:>12.1f}")
+            line = (
+                f"{preset:<11} {row['params'] / 1e6:>6.0f}M {ranks:>4} {row['ddp_gb']:>7.1f} {row['fsdp_gb']:>9.1f} "
+                f"{row['state_gb']:>7.2f} {row['activation_gb']:>7.1f} {row['comm_gb_per_step']:>12.1f}"
+            )
             for _, flops in devices:
                 per_rank = flops * measured["efficiency"] / row["flops_per_token"]
                 line += f" {f'{per_rank:,.0f} / {ranks * per_rank:,.0f}':>36}"

@@ -32,19 +32,13 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from transformers import HfArgumentParser
+from tokenizers import Tokenizer, models
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tokenizers import Tokenizer, models  # noqa: E402
-
-from tokenization import (  # noqa: E402
+from tokenization import (
     encode_batch_fast,
     gpt2_tiktoken_encoding,
     learned_merges,
@@ -53,22 +47,38 @@ from tokenization import (  # noqa: E402
     train_bpe,
     train_reference_bpe,
 )
-from tokenization.corpus import read_utf8_chunks  # noqa: E402
-from tokenization.fast_encode import tiktoken_twin  # noqa: E402
-from training.data import PIECE_CHARS  # noqa: E402
+from tokenization.corpus import read_utf8_chunks
+from tokenization.fast_encode import tiktoken_twin
+from training.cli import parse_config_args
+from training.data import PIECE_CHARS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class BenchArguments:
-    data_dir: str = field(default=str(REPO_ROOT.parent / "shared" / "data"),
-                          metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."})
-    repeat_mb: float = field(default=20.0, metadata={"help": "Size of the large text in MB (tinyshakespeare repeated)."})
-    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary of the tokenizer trained for the encoding runs."})
-    train_vocab_size: int = field(default=1024, metadata={"help": "Vocabulary for the training-time comparison (the "
-                                  "Python reference's time grows with merges x distinct pairs)."})
+    data_dir: str = field(
+        default=str(REPO_ROOT.parent / "shared" / "data"),
+        metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."},
+    )
+    repeat_mb: float = field(
+        default=20.0, metadata={"help": "Size of the large text in MB (tinyshakespeare repeated)."}
+    )
+    vocab_size: int = field(
+        default=8192, metadata={"help": "Vocabulary of the tokenizer trained for the encoding runs."}
+    )
+    train_vocab_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Vocabulary for the training-time comparison (the "
+            "Python reference's time grows with merges x distinct pairs)."
+        },
+    )
     rounds: int = field(default=3, metadata={"help": "Interleaved timing rounds; the best time of each path is kept."})
     threads: int = field(default=2, metadata={"help": "Threads for the batched paths."})
-    batch_size: int = field(default=64, metadata={"help": "Texts per encode call (training.data.tokenize_documents' batch)."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Texts per encode call (training.data.tokenize_documents' batch)."}
+    )
     quick: bool = field(default=False, metadata={"help": "Smoke run: --repeat_mb 2 --rounds 2 --train_vocab_size 400."})
 
 
@@ -102,8 +112,11 @@ def bench_training(name: str, text: str, vocab_size: int) -> None:
     reference = train_reference_bpe([text], vocab_size)
     t_reference = time.perf_counter() - start
     same = learned_merges(library) == reference.merges
-    print(f"  {name:<16} {len(text.encode()) / 1e6:6.1f} MB  tokenizers {t_library:7.2f} s   pure Python {t_reference:8.2f} s"
-          f"   ratio {t_reference / t_library:6.1f}x   same {len(reference.merges)} merges: {same}")
+    print(
+        f"  {name:<16} {len(text.encode()) / 1e6:6.1f} MB  tokenizers {t_library:7.2f} s   "
+        f"pure Python {t_reference:8.2f} s"
+        f"   ratio {t_reference / t_library:6.1f}x   same {len(reference.merges)} merges: {same}"
+    )
 
 
 def bench_encoding(label: str, tokenizer, text: str, path: Path, args: BenchArguments) -> None:
@@ -114,21 +127,28 @@ def bench_encoding(label: str, tokenizer, text: str, path: Path, args: BenchArgu
     paragraphs = batched(paragraphs_of(text), args.batch_size)
     pieces = batched(list(read_utf8_chunks(path, PIECE_CHARS)), args.batch_size)
     ids_of = {
-        "twin": lambda batches, threads: [i for b in batches for i in encode_batch_fast(tokenizer, b, num_threads=threads)],
-        "rust": lambda batches: [e.ids for b in batches for e in backend.encode_batch_fast(b, add_special_tokens=False)],
+        "twin": lambda batches, threads: [
+            i for b in batches for i in encode_batch_fast(tokenizer, b, num_threads=threads)
+        ],
+        "rust": lambda batches: [
+            e.ids for b in batches for e in backend.encode_batch_fast(b, add_special_tokens=False)
+        ],
     }
     paths: dict[str, Callable[[], int]] = {
         "tiktoken, one string (reference)": lambda: len(reference.encode_ordinary(text)),
         "tokenizers, one string": lambda: len(backend.encode(text, add_special_tokens=False).ids),
         "HF tokenizer(batch), paragraphs": lambda: sum(
-            len(ids) for b in paragraphs for ids in tokenizer(b, add_special_tokens=False)["input_ids"]),
+            len(ids) for b in paragraphs for ids in tokenizer(b, add_special_tokens=False)["input_ids"]
+        ),
         "Rust encode_batch_fast, paragraphs": lambda: sum(map(len, ids_of["rust"](paragraphs))),
         "Rust encode_batch_fast, 64K pieces": lambda: sum(map(len, ids_of["rust"](pieces))),
         "pipeline encode_batch_fast, paragraphs, 1 thread": lambda: sum(map(len, ids_of["twin"](paragraphs, 1))),
         f"pipeline encode_batch_fast, paragraphs, {args.threads} threads": lambda: sum(
-            map(len, ids_of["twin"](paragraphs, args.threads))),
+            map(len, ids_of["twin"](paragraphs, args.threads))
+        ),
         f"pipeline encode_batch_fast, 64K pieces, {args.threads} threads": lambda: sum(
-            map(len, ids_of["twin"](pieces, args.threads))),
+            map(len, ids_of["twin"](pieces, args.threads))
+        ),
     }
     walls = {name: float("inf") for name in paths}
     cpus = dict(walls)
@@ -144,8 +164,10 @@ def bench_encoding(label: str, tokenizer, text: str, path: Path, args: BenchArgu
     print(f"    {'path':<52} {'wall':>7} {'MB/s':>7} {'Mtok/s':>7} {'x wall':>7} {'CPU s':>7} {'x CPU':>6}")
     for name in paths:
         wall = walls[name]
-        print(f"    {name:<52} {wall:7.2f} {megabytes / wall:7.2f} {tokens[name] / wall / 1e6:7.2f} "
-              f"{walls[reference_name] / wall:7.2f} {cpus[name]:7.2f} {cpus[reference_name] / cpus[name]:6.2f}")
+        print(
+            f"    {name:<52} {wall:7.2f} {megabytes / wall:7.2f} {tokens[name] / wall / 1e6:7.2f} "
+            f"{walls[reference_name] / wall:7.2f} {cpus[name]:7.2f} {cpus[reference_name] / cpus[name]:6.2f}"
+        )
     same = ids_of["twin"](paragraphs, args.threads) == ids_of["rust"](paragraphs)
     counts = len(set(tokens.values())) == 1
     print(f"    ids identical (pipeline vs Rust, paragraphs): {same}; token counts identical across paths: {counts}")
@@ -165,22 +187,27 @@ def bench_limits(tokenizer, text: str, rounds: int) -> None:
     paths = {
         "full encode (offsets, Encoding objects)": lambda: sum(len(backend.encode(p).ids) for p in paragraphs),
         "encode_batch_fast one text at a time (no offsets)": lambda: sum(
-            len(e.ids) for p in paragraphs for e in backend.encode_batch_fast([p])),
+            len(e.ids) for p in paragraphs for e in backend.encode_batch_fast([p])
+        ),
         "pre-tokenizer + bookkeeping, no BPE (WordLevel model)": lambda: sum(
-            len(no_merges.encode(p).ids) for p in paragraphs),
+            len(no_merges.encode(p).ids) for p in paragraphs
+        ),
         "full encode, BPE word cache 1,000,000": lambda: sum(len(big_cache.encode(p).ids) for p in paragraphs),
         "tiktoken, same texts": lambda: sum(len(twin.encode_ordinary(p)) for p in paragraphs),
     }
     times = {name: min(timed(fn)[1] for _ in range(rounds)) for name, fn in paths.items()}
     full = times["full encode (offsets, Encoding objects)"]
     megabytes = len(text.encode()) / 1e6
-    print(f"\n  what limits tokenizers (GPT-2 merges, {megabytes:.1f} MB in {len(paragraphs):,} paragraphs, "
-          "sequential calls, CPU seconds):")
+    print(
+        f"\n  what limits tokenizers (GPT-2 merges, {megabytes:.1f} MB in {len(paragraphs):,} paragraphs, "
+        "sequential calls, CPU seconds):"
+    )
     for name, seconds in times.items():
         print(f"    {name:<52} {seconds:7.2f} s {megabytes / seconds:7.2f} MB/s   {seconds / full:6.0%} of full encode")
 
 
-def main(args: BenchArguments) -> None:
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
     if args.quick:
         args.repeat_mb, args.rounds, args.train_vocab_size = 2.0, 2, 400
     data_dir = Path(args.data_dir)
@@ -190,14 +217,16 @@ def main(args: BenchArguments) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_tokenizer_"))
     (work / "small.txt").write_text(shakespeare, encoding="utf-8")
     (work / "large.txt").write_text(large, encoding="utf-8")
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; tinyshakespeare x {copies} = "
-          f"{len(large.encode()) / 1e6:.1f} MB; best of {args.rounds} rounds")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; tinyshakespeare x {copies} = "
+        f"{len(large.encode()) / 1e6:.1f} MB; best of {args.rounds} rounds"
+    )
 
     print(f"\ntraining time, vocab_size={args.train_vocab_size}:")
     bench_training("tinyshakespeare", shakespeare, args.train_vocab_size)
     bench_training(f"x{copies}", large, args.train_vocab_size)
 
-    print(f"\nencoding throughput (x = speed relative to tiktoken on one string, same merges):")
+    print("\nencoding throughput (x = speed relative to tiktoken on one string, same merges):")
     trained = train_bpe([shakespeare], args.vocab_size, show_progress=False)
     gpt2 = load_gpt2_tokenizer(data_dir / "gpt2" / "encoder.json", data_dir / "gpt2" / "vocab.bpe")
     gpt2_reference = gpt2_tiktoken_encoding(data_dir / "gpt2" / "encoder.json", data_dir / "gpt2" / "vocab.bpe")
@@ -211,8 +240,8 @@ def main(args: BenchArguments) -> None:
     for path in work.iterdir():
         path.unlink()
     work.rmdir()
+    return 0
 
 
 if __name__ == "__main__":
-    (arguments,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    main(arguments)
+    sys.exit(main())

@@ -19,30 +19,31 @@ checkpoints for --resume.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from accelerate import PartialState
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
+from training.classify import ClassifyArguments, run_classification
+from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.loop import LoopArguments, NonFiniteLossError
+from training.lora import LoraArguments
 
-from training.classify import ClassifyArguments, run_classification  # noqa: E402
-from training.lora import LoraArguments  # noqa: E402
-from training.loop import LoopArguments, NonFiniteLossError  # noqa: E402
-from training.cli import parse_config_args  # noqa: E402
+ARGUMENTS = (ClassifyArguments, LoraArguments, LoopArguments)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ClassifyArguments, LoraArguments, LoopArguments]:
+    """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""
+    return parse_config_args(ARGUMENTS, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cls_args, lora_args, loop_args = parse_config_args((ClassifyArguments, LoraArguments, LoopArguments), argv, __doc__.split("\n\n")[0])
-        result = run_classification(cls_args, lora_args, loop_args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:  # bad input, a run folder conflict, a diverged run
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    test = f", test {result.test.accuracy:.3f}" if result.test else ""
+        result = run_classification(*parse_args(argv))
+    except (*USER_ERRORS, NonFiniteLossError) as error:  # bad input, a run folder conflict, a diverged run
+        return report_error(error)
     if PartialState().is_main_process:
-        print(f"done: {result.steps} steps; accuracy validation {result.validation.accuracy:.3f}{test}; model in {result.model_dir}")
+        test = f", test {result.test.accuracy:.3f}" if result.test else ""
+        accuracy = f"accuracy validation {result.validation.accuracy:.3f}{test}"
+        print(f"done: {result.steps} steps; {accuracy}; model in {result.model_dir}")
     return 0
 
 

@@ -12,17 +12,13 @@ an interrupted run leaves no half-written model behind.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_minigpt.convert import gpt2_to_minigpt, minigpt_to_gpt2  # noqa: E402
-from training.checkpoint import replace_dir  # noqa: E402
+from modeling_minigpt.convert import gpt2_to_minigpt, minigpt_to_gpt2
+from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.export import check_model_folder, save_model_folder
 
 # Copied byte for byte: rebuilding a tokenizer from GPT-2's vocab.json/merges.txt through
 # transformers can silently produce an empty one (see HF_V5_NOTES.md).
@@ -51,9 +47,7 @@ class ConvertArguments:
     def __post_init__(self) -> None:
         if (self.from_gpt2 is None) == (self.to_gpt2 is None):
             raise ValueError("give exactly one of --from-gpt2 FOLDER or --to-gpt2 FOLDER")
-        source = Path(self.from_gpt2 or self.to_gpt2)
-        if not (source / "config.json").is_file():
-            raise ValueError(f"{source} is not a model folder (no config.json)")
+        check_model_folder(self.from_gpt2 or self.to_gpt2, "--from-gpt2" if self.from_gpt2 else "--to-gpt2")
         out = Path(self.out)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise ValueError(f"output folder {out} is not empty; pass --overwrite to replace it")
@@ -61,32 +55,22 @@ class ConvertArguments:
 
 def convert(args: ConvertArguments) -> Path:
     """Convert `args.from_gpt2` or `args.to_gpt2` into `args.out`; return the output folder."""
-    if args.from_gpt2 is not None:
-        source = Path(args.from_gpt2)
-        model = gpt2_to_minigpt(source)
-    else:
-        source = Path(args.to_gpt2)
-        model = minigpt_to_gpt2(source)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run
-    model.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
-    return replace_dir(tmp, out)
+    source = Path(args.from_gpt2 or args.to_gpt2)
+    model = gpt2_to_minigpt(source) if args.from_gpt2 is not None else minigpt_to_gpt2(source)
+    return save_model_folder(model, args.out, extra_files=[source / name for name in TOKENIZER_FILES])
 
 
-def main(argv: list[str] | None = None) -> Path:
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+def main(argv: list[str] | None = None) -> int:
+    """Convert; bad input raises here (tests/test_convert.py calls this in-process and expects the
+    ValueError), and becomes one error line and exit code 1 when run as a command."""
+    (args,) = parse_config_args((ConvertArguments,), argv, __doc__.split("\n\n")[0])
     print(f"converting with {args}")
-    out = convert(args)
-    print(f"wrote {out}")
-    return out
+    print(f"wrote {convert(args)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except USER_ERRORS as error:
+        sys.exit(report_error(error))

@@ -6,60 +6,16 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py ...
 
 Any folder written by `save_pretrained` works (MiniGPT or any other Hugging Face causal LM);
-the tokenizer defaults to the same folder. See `training/evaluate.py` for how every number is
-defined. The JSON file is written atomically by the main process.
+the tokenizer defaults to the same folder. The job is `training.evaluate_folder`; see
+`training/evaluate.py` for how every number is defined.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
-from itertools import groupby
-from operator import itemgetter
-from pathlib import Path
 
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from training.checkpoint import atomic_write_json  # noqa: E402
-from training.cli import parse_config_args  # noqa: E402
-from training.data import load_corpus  # noqa: E402
-from training.evaluate import MetricsReport, evaluate_texts  # noqa: E402
-
-@dataclass
-class EvaluateArguments:
-    model: str | None = field(default=None, metadata={"help": "Saved model folder (save_pretrained output). Required."})
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder; None: the model folder."})
-    text_file: str | None = field(
-        default=None, metadata={"help": "A UTF-8 text file (or a folder of .txt files), each file one document."}
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "A dataset: a .json/.jsonl/.csv/.parquet file, a save_to_disk folder, a folder datasets can "
-            "load, or a Hub name (needs network). Each row of --text-column is one document."
-        },
-    )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    split: str = field(
-        default="train",
-        metadata={"help": "Split of --dataset (a single data file has only train)."},
-    )
-    context_length: int | None = field(
-        default=None, metadata={"help": "Window length in tokens; None: the model's maximum."}
-    )
-    stride: int | None = field(
-        default=None,
-        metadata={"help": "Tokens between window starts; None: context_length // 2; context_length: no overlap."},
-    )
-    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass (lower it if memory is short)."})
-    max_windows: int | None = field(default=None, metadata={"help": "Score only the first N windows; None: all."})
-    bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the confidence interval; 0: none."})
-    confidence: float = field(default=0.95, metadata={"help": "Confidence level of the interval."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
-    output_json: str | None = field(default=None, metadata={"help": "Write the report here as JSON (atomically)."})
+from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.evaluate_folder import EvaluateArguments, evaluate_folder
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
@@ -68,73 +24,13 @@ def parse_args(argv: list[str] | None = None) -> EvaluateArguments:
     return args
 
 
-def _check_folder(path: str, what: str) -> Path:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what} folder {folder} does not exist (or is not a folder)")
-    if what == "model" and not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {folder} has no config.json: is it a save_pretrained folder?")
-    return folder
-
-
-def load_documents(args: EvaluateArguments) -> tuple[list[str], str]:
-    """(documents, where they came from) for --text-file or --dataset, read by `load_corpus`.
-
-    Streaming, so evaluating writes no cache. Long documents arrive in pieces that share a
-    `doc_id`; they are joined back into whole documents here.
-    """
-    if (args.text_file is None) == (args.dataset is None):
-        raise ValueError("give exactly one of --text-file and --dataset")
-    if args.text_file is not None:
-        source, where = Path(args.text_file), args.text_file
-    else:
-        source, where = args.dataset, f"{args.dataset} (split {args.split!r}, column {args.text_column!r})"
-    rows = load_corpus(source, text_column=args.text_column, split=args.split, streaming=True)
-    documents = ["".join(row["text"] for row in doc) for _, doc in groupby(rows, key=itemgetter("doc_id"))]
-    return documents, where
-
-
-def main(args: EvaluateArguments) -> MetricsReport:
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.model is None:
-        raise ValueError("--model is required (a folder written by save_pretrained)")
-    if not 0 < args.confidence < 1:
-        raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {args.confidence}")
-    model_dir = _check_folder(args.model, "model")
-    tokenizer_dir = _check_folder(args.tokenizer or args.model, "tokenizer")
-    accelerator = Accelerator()
-    if accelerator.is_main_process:
-        print(f"evaluate.py on {accelerator.num_processes} process(es), config:", asdict(args))
-    documents, source = load_documents(args)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).to(accelerator.device)
-
-    report = evaluate_texts(
-        model,
-        tokenizer,
-        documents,
-        context_length=args.context_length,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        max_windows=args.max_windows,
-        n_bootstrap=args.bootstrap,
-        seed=args.seed,
-        alpha=1 - args.confidence,
-        accelerator=accelerator,
-        show_progress=True,
-    )
-    if accelerator.is_main_process:
-        print(f"\nmodel {model_dir}  tokenizer {tokenizer_dir}\ndata  {source}\n{report.to_text()}")
-        if args.output_json:
-            record = {"model": str(model_dir), "tokenizer": str(tokenizer_dir), "data": source, **report.to_dict()}
-            print(f"wrote {atomic_write_json(args.output_json, record)}")
-    return report
+def main(argv: list[str] | None = None) -> int:
+    try:
+        evaluate_folder(parse_args(argv))
+    except USER_ERRORS as error:
+        return report_error(error)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"evaluate.py: error: {error}") from None
+    sys.exit(main())

@@ -3,6 +3,7 @@
     python scripts/pretrain.py scripts/configs/pretrain_verdict.yaml
     python scripts/pretrain.py scripts/configs/pretrain_verdict.yaml --max_steps 50 --output_dir runs/try
     python scripts/pretrain.py scripts/configs/pretrain_verdict.yaml --resume   # from the latest checkpoint
+    accelerate launch -m scripts.pretrain scripts/configs/pretrain_verdict.yaml  # as a module, from the checkout
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
         --mixed_precision no --dynamo_backend no --main_process_port 29511 scripts/pretrain.py run.yaml
 
@@ -14,32 +15,24 @@ Outputs (checkpoints, metrics.jsonl, loss_curve.png, TensorBoard logs, the final
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.loop import LoopArguments, NonFiniteLossError
+from training.pretrain import DataArguments, ModelArguments, run_pretraining
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from training.cli import parse_config_args  # noqa: E402
-from training.loop import LoopArguments, NonFiniteLossError  # noqa: E402
-from training.pretrain import DataArguments, ModelArguments, run_pretraining  # noqa: E402
-
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoopArguments)
+ARGUMENTS = (ModelArguments, DataArguments, LoopArguments)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LoopArguments]:
     """CLI flags, optionally after a leading YAML/JSON config file whose values become defaults."""
-    return parse_config_args(ARGUMENT_CLASSES, argv, __doc__.split("\n\n")[0])
+    return parse_config_args(ARGUMENTS, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        model_args, data_args, loop_args = parse_args(argv)
-        run_pretraining(model_args, data_args, loop_args)  # prints the config, progress and results
-    except (ValueError, NonFiniteLossError) as error:  # bad input, a run folder conflict, a diverged run
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        run_pretraining(*parse_args(argv))  # prints the config, progress and results
+    except (*USER_ERRORS, NonFiniteLossError) as error:  # bad input, a run folder conflict, a diverged run
+        return report_error(error)
     return 0
 
 

@@ -9,7 +9,7 @@ The token is read the usual way: the HF_TOKEN environment variable, else the log
 that changed, and makes no commit at all when nothing did. Set HF_ENDPOINT to push to another
 Hub-compatible server. The training scripts write the folder to push as <output_dir>/model;
 checkpoints and temporaries are never pushed, even from a whole run folder (see
-training.hub.RUN_ONLY_PATTERNS). A model already in memory can also go up with
+training.export.RUN_ONLY_PATTERNS). A model already in memory can also go up with
 `model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)`, without the card and plots.
 """
 
@@ -18,18 +18,12 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from huggingface_hub import get_token
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import logging as hub_logging
-from transformers import HfArgumentParser
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from training.hub import DEFAULT_BRANCH, push_folder  # noqa: E402
+from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.export import DEFAULT_BRANCH, push_folder
 
 
 @dataclass
@@ -79,7 +73,7 @@ def describe(args: PushArguments) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_config_args((PushArguments,), argv, __doc__.split("\n\n")[0])
     if args.verbose:
         hub_logging.set_verbosity_debug()
     print(f"Pushing with:\n{describe(args)}", flush=True)
@@ -93,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             create=args.create,
             token=args.token,
         )
-    except (ValueError, HfHubHTTPError) as e:
-        # One readable line instead of a traceback; the client's message names the URL and status.
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as error:  # bad input, or the Hub's answer (its message names the URL and status)
+        return report_error(error)
     if args.verbose:
         print("Files:\n" + "\n".join(f"  {path}" for path in result.files))
     where = f"{result.repo_id}@{result.revision}"

@@ -12,25 +12,35 @@ SFT loss-mask figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
+from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.generate import greedy_generate
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="The quickstart's output folder (default runs/quickstart).")
-    parser.add_argument("--elapsed-seconds", type=float, default=None, help="Wall time so far, for the summary.")
-    parser.add_argument("--generations", type=int, default=3, help="Held-out instructions to generate for.")
-    return parser.parse_args(argv)
+@dataclass
+class ReportArguments:
+    out: str = field(
+        metadata={
+            "help": "The quickstart's output folder (default runs/quickstart); may also be given first, without --out."
+        }
+    )
+    elapsed_seconds: float | None = field(default=None, metadata={"help": "Wall time so far, for the summary."})
+    generations: int = field(default=3, metadata={"help": "Held-out instructions to generate for."})
+
+
+def parse_args(argv: list[str] | None = None) -> ReportArguments:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-"):  # quickstart.sh names the folder first, as a positional argument
+        argv = ["--out", *argv]
+    (args,) = parse_config_args((ReportArguments,), argv, __doc__.split("\n\n")[0])
+    return args
 
 
 def untrained_metrics(model_dir: Path, validation: str, seed: int) -> dict:
@@ -45,8 +55,14 @@ def untrained_metrics(model_dir: Path, validation: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out = args.out
+    try:
+        return report(parse_args(argv))
+    except USER_ERRORS as error:  # a missing or incomplete quickstart folder
+        return report_error(error)
+
+
+def report(args: ReportArguments) -> int:
+    out = Path(args.out)
     final_dir = out / "sft" / "model"
     figures = out / "figures"
 
@@ -58,29 +74,36 @@ def main(argv: list[str] | None = None) -> int:
     if not loaded_from.startswith("transformers_modules."):
         raise RuntimeError(f"expected the folder's own code, got {loaded_from}")
     heldout = json.loads((out / "sft" / "heldout_generations.json").read_text())[: args.generations]
-    generations = []
+    prompts = []
     for row in heldout:
         messages = [{"role": "user", "content": row["instruction"]}]
         if row.get("input"):
             messages.append({"role": "input", "content": row["input"]})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            new = model.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:]
-        generations.append((row, tokenizer.decode(new, skip_special_tokens=True)))
+        prompts.append(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    answers = greedy_generate(model, prompts, 24, **special)
+    generations = [
+        (row, tokenizer.decode(new, skip_special_tokens=True)) for row, new in zip(heldout, answers, strict=True)
+    ]
     pretrained = AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", trust_remote_code=True).eval()
-    prompt = tokenizer("The for statement", return_tensors="pt")
-    with torch.no_grad():
-        free = pretrained.generate(**prompt, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    free_text = tokenizer.decode(free[0], skip_special_tokens=True)
+    prompt = tokenizer("The for statement")["input_ids"]
+    [free] = greedy_generate(pretrained, [prompt], 30, **special)
+    free_text = tokenizer.decode(prompt + free, skip_special_tokens=True)
 
     # --- figures this step draws ----------------------------------------------------------
+    # Imported only now: importing the model package registers MiniGPT with the Auto classes, and
+    # the two folders above had to load from their own code first.
+    from modeling_minigpt.files import save_figure
     from modeling_minigpt.visualize import plot_attention
-    from training.instruct_data import plot_loss_mask, render_example
+    from training.instruct_data import loss_mask_figure, render_example
 
-    plot_attention(pretrained, tokenizer, "The for statement is used to iterate", figures / "attention_layer0_head0.png")
+    plot_attention(
+        pretrained, tokenizer, "The for statement is used to iterate", figures / "attention_layer0_head0.png"
+    )
     record = {k: heldout[0][k] for k in ("instruction", "input")} | {"output": heldout[0]["expected"]}
-    plot_loss_mask(tokenizer, render_example(tokenizer, record), figures / "sft_loss_mask.png")
+    save_figure(loss_mask_figure(tokenizer, render_example(tokenizer, record)), figures / "sft_loss_mask.png")
 
     # --- numbers ----------------------------------------------------------------------------
     run_config = json.loads((out / "pretrain" / "run_config.json").read_text())
@@ -93,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     def metrics_line(m: dict) -> str:
         ci = m.get("bits_per_byte_ci")
         band = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        return f"loss {m['loss']:.3f} nats/token   perplexity {m['perplexity']:8.1f}   bits/byte {m['bits_per_byte']:.3f}{band}"
+        return (
+            f"loss {m['loss']:.3f} nats/token   perplexity {m['perplexity']:8.1f}   "
+            f"bits/byte {m['bits_per_byte']:.3f}{band}"
+        )
 
     em_before = (sft.get("before") or {}).get("val_exact_match")
     em_after = sft["after"]["val_exact_match"]
@@ -117,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"  {mark}{row['instruction']!r}{shown_input}\n      -> {text!r}  (expected {row['expected']!r})")
     lines.append(f"  pretrained model, free text: {free_text!r}")
     lines.append("figures:")
-    for path in [out / "tokenizer" / "merge_trace.png", out / "pretrain" / "loss_curve.png", out / "sft" / "loss_curve.png",
-                 figures / "attention_layer0_head0.png", figures / "sft_loss_mask.png"]:
+    for path in [
+        out / "tokenizer" / "merge_trace.png",
+        out / "pretrain" / "loss_curve.png",
+        out / "sft" / "loss_curve.png",
+        figures / "attention_layer0_head0.png",
+        figures / "sft_loss_mask.png",
+    ]:
         lines.append(f"  {path}{'' if path.is_file() else '  (missing)'}")
     lines.append(f"Hub-ready folder (weights, code, tokenizer + chat template, model card): {final_dir}")
     if args.elapsed_seconds is not None:

@@ -10,38 +10,16 @@ resulting wrap policy is then applied to a real MiniGPT.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from unittest import mock
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
-from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+from helpers.accelerate_configs import CONFIGS, NAMES, launch_args, process_env
 from torch.distributed.fsdp import StateDictType
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-
-CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "accelerate"
-NAMES = ["ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"]
-
-
-def launch_args(name: str, *flags: str):
-    """The launcher's arguments after it merged the config file (flags on the command line win)."""
-    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / f"{name}.yaml"), *flags, "scripts/pretrain.py"])
-    args, defaults, _ = _validate_launch_command(args)
-    return args, defaults
-
-
-def process_env(name: str, *flags: str) -> dict[str, str]:
-    """The environment `accelerate launch` would give each training process."""
-    args, defaults = launch_args(name, *flags)
-    if args.use_deepspeed:
-        # launch_command sets this just before calling the DeepSpeed launcher.
-        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
-        return prepare_deepspeed_cmd_env(args)[1]
-    return prepare_multi_gpu_env(args)
 
 
 def test_the_folder_holds_exactly_the_documented_configs():
@@ -80,7 +58,9 @@ def test_fsdp2_shards_each_transformer_block_and_saves_sharded_checkpoints():
     # The policy Accelerate's prepare() would apply, on a real model: exactly its blocks.
     model = MiniGPTForCausalLM(MiniGPTConfig(vocab_size=64, context_length=8, emb_dim=32, n_heads=2, n_layers=3))
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
-    assert [name for name, module in model.named_modules() if policy(module)] == [f"model.trf_blocks.{i}" for i in range(3)]
+    assert [name for name, module in model.named_modules() if policy(module)] == [
+        f"model.trf_blocks.{i}" for i in range(3)
+    ]
     # The same class the model names for device maps and for training.distributed.shard_model.
     assert plugin.transformer_cls_names_to_wrap == list(model._no_split_modules)
 

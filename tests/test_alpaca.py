@@ -1,7 +1,8 @@
-"""The Alpaca chat template: eos after each answer, system message, multi-turn, assistant mask.
+"""tokenization/alpaca.py: the Alpaca prompt in one place, and the chat template that renders it byte for byte.
 
-The reference for every rendering is the project's own pieces (`format_prompt`, ALPACA_TEMPLATE)
-and its fine-tuning renderer (`training.instruct_data.render_example`, the one loss mask).
+The template closes each answer with eos, takes a system message and several turns, and marks the assistant's
+tokens; the reference for every rendering is the project's own pieces (`format_prompt`, ALPACA_TEMPLATE) and its
+fine-tuning renderer (`training.instruct_data.render_example`, the one loss mask).
 """
 
 from __future__ import annotations
@@ -17,6 +18,32 @@ RECORDS = [
     {"instruction": "Translate to French.", "input": "Good morning\n  twice", "output": "Bonjour."},
     {"instruction": "Sum: {x} + {y}", "input": "{{ not jinja }} 'quotes' \"double\"", "output": "Émoji 🌍\n"},
 ]
+
+
+def test_format_prompt_is_the_alpaca_template_exactly():
+    assert format_prompt("Do it.", "") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nDo it.\n\n### Response:\n"
+    )
+    assert format_prompt("Do it.", "data").endswith("### Instruction:\nDo it.\n\n### Input:\ndata\n\n### Response:\n")
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_chat_template_renders_the_fine_tuning_text_byte_for_byte(tiny_tokenizer, record):
+    prompt, response = format_example(record)
+    full = tiny_tokenizer.apply_chat_template(alpaca_messages(record), tokenize=False)
+    assert full == prompt + response + EOS_TOKEN  # fine-tuning closes each response with eos
+    generation = tiny_tokenizer.apply_chat_template(
+        alpaca_messages(record, with_response=False), tokenize=False, add_generation_prompt=True
+    )
+    assert generation == prompt
+    ids = tiny_tokenizer.apply_chat_template(alpaca_messages(record), tokenize=True, return_dict=False)
+    assert list(ids) == tiny_tokenizer.encode(prompt + response + EOS_TOKEN)
+
+
+def test_chat_template_refuses_unknown_roles(tiny_tokenizer):
+    with pytest.raises(Exception, match="got role tool"):
+        tiny_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
 def turn(instruction: str, response: str | None, input: str = "") -> str:

@@ -22,8 +22,9 @@ import torch
 pytest.importorskip("gradio", reason='the app needs the optional extra: pip install -e ".[app]"')
 gradio_client = pytest.importorskip("gradio_client")
 
-from conftest import REPO_ROOT  # noqa: E402
-from saved_models import LABELS, classifier_dir, gpt2_dir, lm_dir  # noqa: E402,F401 (fixtures)
+from helpers.models import LABELS  # noqa: E402
+from helpers.runs import REPO_ROOT  # noqa: E402
+
 from training.inspect_model import SamplingSettings, chat_prompt, classify, load_for_app  # noqa: E402
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the client's own telemetry reads it too
@@ -68,7 +69,10 @@ def server(lm_dir, tmp_path_factory):  # noqa: F811
     with open(log, "w") as f:
         process = subprocess.Popen(
             [sys.executable, "-c", SERVER_CODE, str(outbound), "--model", str(lm_dir), "--port", str(port)],
-            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO_ROOT,
         )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180  # a guard against a hung start, not a speed requirement
@@ -103,10 +107,21 @@ def load(client, folder) -> str:
     return client.predict(str(folder), api_name="/load")[1]
 
 
-def chat(client, message, history=(), settings=SamplingSettings(max_new_tokens=20)) -> list[tuple]:
+DEFAULT_SETTINGS = SamplingSettings(max_new_tokens=20)
+
+
+def chat(client, message, history=(), settings=DEFAULT_SETTINGS) -> list[tuple]:
     """Every streamed update of one chat turn, in order."""
-    job = client.submit(message, list(history), settings.temperature, settings.top_k, settings.top_p,
-                        settings.max_new_tokens, settings.seed, api_name="/chat")
+    job = client.submit(
+        message,
+        list(history),
+        settings.temperature,
+        settings.top_k,
+        settings.top_p,
+        settings.max_new_tokens,
+        settings.seed,
+        api_name="/chat",
+    )
     return list(job)
 
 
@@ -119,9 +134,13 @@ def reference_ids(folder, message, settings) -> list[int]:
     loaded = load_for_app(folder)
     prompt = chat_prompt(loaded.tokenizer, [], message)
     torch.manual_seed(settings.seed)
-    out = loaded.model.generate(torch.tensor([prompt.ids]), **settings.generate_kwargs(),
-                                eos_token_id=loaded.tokenizer.eos_token_id, pad_token_id=loaded.tokenizer.pad_token_id)
-    return out[0, len(prompt.ids):].tolist()
+    out = loaded.model.generate(
+        torch.tensor([prompt.ids]),
+        **settings.generate_kwargs(),
+        eos_token_id=loaded.tokenizer.eos_token_id,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+    )
+    return out[0, len(prompt.ids) :].tolist()
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -141,10 +160,16 @@ def test_cli_refuses_a_bad_model_before_serving(tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("minigpt-app: error:") and expected in lines[0], err
         assert "Running on" not in out
     # The script itself: exit code 1 and the same single line.
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "app.py"), "--model", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "app.py"), "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"minigpt-app: error: --model: {tmp_path} has no config.json: it is not a saved model folder (save_pretrained output)"
+        f"minigpt-app: error: --model: {tmp_path} has no config.json: "
+        "it is not a saved model folder (save_pretrained output)"
     ]
 
 
@@ -163,7 +188,10 @@ def test_cli_help_gives_defaults(capsys):
 
 @pytest.mark.parametrize(
     "settings",
-    [SamplingSettings(max_new_tokens=20), SamplingSettings(max_new_tokens=20, temperature=0.9, top_k=30, top_p=0.9, seed=11)],
+    [
+        SamplingSettings(max_new_tokens=20),
+        SamplingSettings(max_new_tokens=20, temperature=0.9, top_k=30, top_p=0.9, seed=11),
+    ],
     ids=["greedy", "seeded sampling"],
 )
 def test_streamed_chat_returns_the_tokens_of_generate(client, lm_dir, settings):  # noqa: F811
@@ -181,7 +209,7 @@ def test_streamed_chat_returns_the_tokens_of_generate(client, lm_dir, settings):
     assert updates[-1][0][0]["content"][0]["text"] == message
     table = updates[-1][3]["data"]
     assert len(table) == len(final["ids"])
-    for row, token in zip(table, final["tokens"]):
+    for row, token in zip(table, final["tokens"], strict=False):
         assert row[1] == token["piece"] and row[2] == pytest.approx(token["probability"], abs=1e-4)
         assert sum(p for _, _, p in token["top"]) <= 1 + 1e-6
 
@@ -189,7 +217,9 @@ def test_streamed_chat_returns_the_tokens_of_generate(client, lm_dir, settings):
 def test_chat_with_the_stock_gpt2_export(client, lm_dir, gpt2_dir):  # noqa: F811
     assert "Loaded" in load(client, gpt2_dir)
     settings = SamplingSettings(max_new_tokens=12, temperature=1.1, seed=5)
-    assert chat(client, "Add: 1 + 2", settings=settings)[-1][4]["ids"] == reference_ids(gpt2_dir, "Add: 1 + 2", settings)
+    assert chat(client, "Add: 1 + 2", settings=settings)[-1][4]["ids"] == reference_ids(
+        gpt2_dir, "Add: 1 + 2", settings
+    )
 
 
 def test_inspect_returns_probabilities_and_a_heatmap_of_the_right_shape(client, lm_dir):  # noqa: F811
@@ -227,7 +257,9 @@ def test_inspect_a_classifier(client, classifier_dir, lm_dir):  # noqa: F811
 
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, lm_dir, tmp_path):  # noqa: F811
     load(client, lm_dir)
-    assert "does not exist" in load(client, tmp_path / "missing") and f"Still serving {lm_dir}" in load(client, tmp_path / "missing")
+    assert "does not exist" in load(client, tmp_path / "missing") and f"Still serving {lm_dir}" in load(
+        client, tmp_path / "missing"
+    )
     assert "no config.json" in load(client, tmp_path)
     assert "empty" in chat(client, "   ")[-1][2]
     too_long = chat(client, "word " * 400)[-1]
@@ -255,8 +287,17 @@ def browser():
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1500",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1500",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -310,7 +351,9 @@ def test_in_a_real_browser(server, browser, client, lm_dir, tmp_path):  # noqa: 
     tab.click()
     wait.until(lambda d: d.find_element(By.ID, "use-chat").is_displayed())
     browser.find_element(By.ID, "use-chat").click()
-    wait.until(lambda d: "Repeat the words" in d.find_element(By.CSS_SELECTOR, "#inspect-text textarea").get_attribute("value"))
+    wait.until(
+        lambda d: "Repeat the words" in d.find_element(By.CSS_SELECTOR, "#inspect-text textarea").get_attribute("value")
+    )
     browser.find_element(By.ID, "inspect").click()
     wait.until(lambda d: "tokens; attention" in d.find_element(By.ID, "inspect-status").text)
     heatmap = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#heatmap img"))
@@ -329,6 +372,8 @@ def test_in_a_real_browser(server, browser, client, lm_dir, tmp_path):  # noqa: 
         if message["method"] == "Network.requestWillBeSent":
             requested.add(message["params"]["request"]["url"])
     assert any(u.startswith(url) for u in requested)
-    remote = {u for u in requested if urlparse(u).scheme not in {"data", "blob"} and urlparse(u).hostname not in LOCAL_HOSTS}
+    remote = {
+        u for u in requested if urlparse(u).scheme not in {"data", "blob"} and urlparse(u).hostname not in LOCAL_HOSTS
+    }
     assert not remote, f"the page asked for resources off this machine: {sorted(remote)}"
     assert outbound.read_text() == "", f"the server opened connections off this machine:\n{outbound.read_text()}"

@@ -1,5 +1,5 @@
-"""Classification fine-tuning: splits and labels, balanced sampling, the metrics, the book's
-freezing recipe, and whole runs whose saved folder serves `pipeline("text-classification")`."""
+"""training/classify.py: splits and labels, balanced sampling, the book's freezing recipe, and whole runs
+whose saved folder serves `pipeline("text-classification")`."""
 
 from __future__ import annotations
 
@@ -9,27 +9,37 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers.runs import argument_groups, save_tiny_base
 from transformers import AutoModelForSequenceClassification, pipeline
-from transformers.modeling_outputs import SequenceClassifierOutput
 
-from test_sft import save_tiny_base
+from tokenization import train_bpe
 from training.classify import (
     ClassifyArguments,
     EpochBalancedSampler,
-    evaluate_classifier,
     load_classification_splits,
     parse_label_weights,
     run_classification,
     set_trainable,
 )
-from tokenization import train_bpe
-from training.classify_data import TOPIC_WORDS, ClassificationDataError, generate_classification_demo
-from training.lora import LoraArguments
+from training.classify_data import (
+    TOPIC_WORDS,
+    ClassificationDataError,
+    generate_classification_demo,
+)
 from training.loop import LoopArguments
+from training.lora import LoraArguments
 
-TINY_LOOP = dict(max_steps=30, per_device_batch_size=16, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=3,
-                 log_every=5, eval_every=100, save_every=100, report_to="none")
+TINY_LOOP = dict(
+    max_steps=30,
+    per_device_batch_size=16,
+    learning_rate=3e-3,
+    min_learning_rate=3e-4,
+    warmup_steps=3,
+    log_every=5,
+    eval_every=100,
+    save_every=100,
+    report_to="none",
+)
 
 
 def write_csv(path: Path, rows: list[dict[str, str]], columns=("sentence", "topic")) -> Path:
@@ -42,7 +52,12 @@ def write_csv(path: Path, rows: list[dict[str, str]], columns=("sentence", "topi
 
 def short_texts(prefixes: tuple[str, ...]) -> list[dict[str, str]]:
     """'<prefix> <topic word>': the pooled last token is the word that decides the label."""
-    return [{"text": f"{prefix} {word}", "label": label} for label, words in TOPIC_WORDS.items() for word in words for prefix in prefixes]
+    return [
+        {"text": f"{prefix} {word}", "label": label}
+        for label, words in TOPIC_WORDS.items()
+        for word in words
+        for prefix in prefixes
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +70,9 @@ def base_dir(tmp_path_factory) -> Path:
 
 
 def tiny_run(base: Path, out: Path, lora: dict | None = None, **overrides):
-    groups = {ClassifyArguments: dict(model_path=str(base)), LoraArguments: dict(lora or {}), LoopArguments: dict(TINY_LOOP, output_dir=str(out))}
-    for key, value in overrides.items():
-        groups[next(cls for cls in groups if key in cls.__dataclass_fields__)][key] = value
-    return tuple(cls(**values) for cls, values in groups.items())
+    """(ClassifyArguments, LoraArguments, LoopArguments) for a tiny run."""
+    defaults = {ClassifyArguments: dict(model_path=str(base)), LoraArguments: lora or {}}
+    return argument_groups({**defaults, LoopArguments: dict(TINY_LOOP, output_dir=str(out))}, overrides)
 
 
 # ----------------------------------------------------------------------------- data
@@ -73,7 +87,9 @@ def test_label_weights_parse_and_reject_garbage():
 
 
 def test_demo_splits_are_disjoint_and_share_the_label_ids():
-    splits = load_classification_splits(ClassifyArguments(num_demo_examples=200, validation_fraction=0.1, test_fraction=0.2))
+    splits = load_classification_splits(
+        ClassifyArguments(num_demo_examples=200, validation_fraction=0.1, test_fraction=0.2)
+    )
     sizes = [len(part.dataset) for part in (splits.train, splits.validation, splits.test)]
     assert sizes == [140, 20, 40]
     texts = [set(part.dataset["text"]) for part in (splits.train, splits.validation, splits.test)]
@@ -86,9 +102,16 @@ def test_demo_splits_are_disjoint_and_share_the_label_ids():
 
 def test_unknown_label_in_the_validation_file_lists_the_known_ones(tmp_path):
     train = write_csv(tmp_path / "train.csv", short_texts(("the", "a")))
-    validation = write_csv(tmp_path / "val.csv", [{"text": "a storm", "label": "weather"}, {"text": "a car", "label": "vehicles"}])
-    args = ClassifyArguments(train_file=str(train), validation_file=str(validation), text_column="sentence", label_column="topic")
-    with pytest.raises(ClassificationDataError, match=r"val.csv record 1 \(line 3\): unknown label 'vehicles'.*known labels: 'animals', 'food', 'weather'"):
+    validation = write_csv(
+        tmp_path / "val.csv", [{"text": "a storm", "label": "weather"}, {"text": "a car", "label": "vehicles"}]
+    )
+    args = ClassifyArguments(
+        train_file=str(train), validation_file=str(validation), text_column="sentence", label_column="topic"
+    )
+    with pytest.raises(
+        ClassificationDataError,
+        match=r"val.csv record 1 \(line 3\): unknown label 'vehicles'.*known labels: 'animals', 'food', 'weather'",
+    ):
         load_classification_splits(args)
 
 
@@ -97,10 +120,15 @@ def test_a_saved_dataset_dict_gives_each_split_its_own_part(tmp_path):
 
     rows = short_texts(("the", "a"))
     folder = tmp_path / "ds"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_list([r for i, r in enumerate(rows) if i % 3]), "test": datasets.Dataset.from_list(rows[::3]),
-    }).save_to_disk(folder)
-    splits = load_classification_splits(ClassifyArguments(train_file=str(folder), test_file=str(folder), validation_fraction=0.25, test_fraction=0))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([r for i, r in enumerate(rows) if i % 3]),
+            "test": datasets.Dataset.from_list(rows[::3]),
+        }
+    ).save_to_disk(folder)
+    splits = load_classification_splits(
+        ClassifyArguments(train_file=str(folder), test_file=str(folder), validation_fraction=0.25, test_fraction=0)
+    )
     assert [len(splits.train.dataset), len(splits.validation.dataset), len(splits.test.dataset)] == [30, 10, 20]
     assert splits.test.dataset["text"] == [row["text"] for row in rows[::3]]
     with pytest.raises(ClassificationDataError, match=r"splits \['train', 'test'\] but no 'validation'"):
@@ -121,39 +149,18 @@ def test_balanced_sampler_is_a_function_of_seed_and_epoch_and_balances_classes()
     assert 0.45 < minority < 0.55  # 10% of the data, drawn half of the time
 
 
-# ----------------------------------------------------------------------------- metrics and freezing
-
-
-class FixedLogits(nn.Module):
-    """Predicts label `input_ids[:, 0]` for every row: a stand-in with known answers."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, input_ids, attention_mask=None):
-        return SequenceClassifierOutput(logits=nn.functional.one_hot(input_ids[:, 0], 3).float() * 5)
-
-
-def test_accuracy_and_confusion_matrix_count_every_example():
-    predicted = [0, 0, 1, 2, 2, 2, 1]
-    true = [0, 1, 1, 2, 0, 2, 1]
-    batches = [
-        {"input_ids": torch.tensor([[p, 9]]), "attention_mask": torch.ones(1, 2, dtype=torch.long), "labels": torch.tensor([t])}
-        for p, t in zip(predicted, true)
-    ]
-    report = evaluate_classifier(FixedLogits(), batches, ["a", "b", "c"])
-    assert report.accuracy == pytest.approx(5 / 7)
-    assert report.confusion == [[1, 0, 1], [1, 2, 0], [0, 0, 2]]  # [true][predicted]
-    assert report.n_examples == 7
-    assert report.format_confusion().splitlines()[2].split() == ["b", "1", "2", "0"]
+# ----------------------------------------------------------------------------- freezing
 
 
 def test_book_recipe_trains_only_the_last_block_final_norm_and_head(base_dir):
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
     model = set_trainable(model, "last_block", LoraArguments())
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    recipe = [name for name, _ in model.named_parameters() if name.startswith(("model.trf_blocks.1.", "model.final_norm.", "score."))]
+    recipe = [
+        name
+        for name, _ in model.named_parameters()
+        if name.startswith(("model.trf_blocks.1.", "model.final_norm.", "score."))
+    ]
     assert trainable == recipe and "model.trf_blocks.1.att.W_query.weight" in recipe and "score.weight" in recipe
     assert not {"model.tok_emb.weight", "model.pos_emb.weight", "model.trf_blocks.0.ff.fc_in.weight"} & set(trainable)
     with pytest.raises(ValueError, match="unknown fine-tuning mode"):
@@ -170,8 +177,16 @@ def full_run(base_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("classify")
     train = write_csv(folder / "train.csv", short_texts(("the", "a", "my", "your", "some")))
     validation = write_csv(folder / "val.csv", short_texts(("our",)))
-    args = tiny_run(base_dir, folder / "out", train_file=str(train), validation_file=str(validation),
-                    text_column="sentence", label_column="topic", test_fraction=0.2, finetune="full")
+    args = tiny_run(
+        base_dir,
+        folder / "out",
+        train_file=str(train),
+        validation_file=str(validation),
+        text_column="sentence",
+        label_column="topic",
+        test_fraction=0.2,
+        finetune="full",
+    )
     return run_classification(*args), folder / "out"
 
 
@@ -203,11 +218,22 @@ def test_saved_classifier_loads_with_auto_class_and_pipeline(full_run):
 def test_lora_with_balanced_sampling_saves_adapter_and_merged_classifier(base_dir, tmp_path):
     from peft import PeftModel
 
-    args = tiny_run(base_dir, tmp_path / "out", lora=dict(lora_r=4, lora_dropout=0.0), finetune="lora", balanced_sampling=True,
-                    num_demo_examples=120, demo_label_weights="animals=4,food=1,weather=1", max_steps=4, eval_before_training=False)
+    args = tiny_run(
+        base_dir,
+        tmp_path / "out",
+        lora=dict(lora_r=4, lora_dropout=0.0),
+        finetune="lora",
+        balanced_sampling=True,
+        num_demo_examples=120,
+        demo_label_weights="animals=4,food=1,weather=1",
+        max_steps=4,
+        eval_before_training=False,
+    )
     result = run_classification(*args)
     assert result.adapter_dir == tmp_path / "out" / "adapter" and result.before is None
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model", trust_remote_code=True).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out" / "model", trust_remote_code=True
+    ).eval()
     base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3)
     adapted = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
     ids = torch.randint(0, merged.config.vocab_size, (3, 9))
@@ -220,10 +246,14 @@ def test_lora_with_balanced_sampling_saves_adapter_and_merged_classifier(base_di
 def test_script_reports_bad_data_as_an_error_line(base_dir, tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("classify_script", Path(__file__).resolve().parents[1] / "scripts" / "classify.py")
+    spec = importlib.util.spec_from_file_location(
+        "classify_script", Path(__file__).resolve().parents[1] / "scripts" / "classify.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     validation = write_csv(tmp_path / "val.csv", [{"text": "a car", "label": "vehicles"}], columns=("text", "label"))
-    code = script.main(["--model_path", str(base_dir), "--output_dir", str(tmp_path / "out"), "--validation_file", str(validation)])
+    code = script.main(
+        ["--model_path", str(base_dir), "--output_dir", str(tmp_path / "out"), "--validation_file", str(validation)]
+    )
     assert code == 1 and "unknown label 'vehicles'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Classification data: loading and label maps, the embedded demo, collate, balanced sampling."""
+"""training/classify_data.py: loading and label maps, the embedded demo, padded batches, balanced sampling."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from training.classify_data import (
     TOPIC_WORDS,
     ClassificationDataError,
     balanced_sampler,
-    collate_classification_batch,
     generate_classification_demo,
     load_classification_data,
     tokenize_classification_dataset,
 )
+from training.collate import collate_classification_batch
 
 ROWS = [
     {"text": "the soup was hot", "label": "food"},
@@ -28,10 +28,18 @@ ROWS = [
 
 
 def test_load_csv_json_jsonl_dataset_and_list(tmp_path):
-    (tmp_path / "d.csv").write_text('text,label\nthe soup was hot,food\n"a wolf\nran past",animals\nmore bread please,food\n')
+    (tmp_path / "d.csv").write_text(
+        'text,label\nthe soup was hot,food\n"a wolf\nran past",animals\nmore bread please,food\n'
+    )
     (tmp_path / "d.json").write_text(json.dumps(ROWS))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
-    sources = [tmp_path / "d.csv", tmp_path / "d.json", str(tmp_path / "d.jsonl"), datasets.Dataset.from_list(ROWS), ROWS]
+    sources = [
+        tmp_path / "d.csv",
+        tmp_path / "d.json",
+        str(tmp_path / "d.jsonl"),
+        datasets.Dataset.from_list(ROWS),
+        ROWS,
+    ]
     for source in sources:
         data = load_classification_data(source)
         assert data.label2id == {"animals": 0, "food": 1}
@@ -95,24 +103,14 @@ def test_demo_label_follows_from_the_text():
 
 
 def test_demo_label_weights_make_an_imbalanced_set():
-    counts = Counter(r["label"] for r in generate_classification_demo(1000, seed=0, label_weights={"animals": 8, "food": 1, "weather": 1}))
+    counts = Counter(
+        r["label"]
+        for r in generate_classification_demo(1000, seed=0, label_weights={"animals": 8, "food": 1, "weather": 1})
+    )
     assert 750 < counts["animals"] < 850 and counts["food"] + counts["weather"] == 1000 - counts["animals"]
     assert set(r["label"] for r in generate_classification_demo(50, seed=0, label_weights={"food": 1})) == {"food"}
     with pytest.raises(ValueError, match=r"unknown demo labels \['sports'\]; known labels: animals, food, weather"):
         generate_classification_demo(10, seed=0, label_weights={"sports": 1})
-
-
-def test_collate_pads_either_side():
-    batch = [{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8], "labels": 0}]
-    right = collate_classification_batch(batch, pad_token_id=0)
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert right["labels"].tolist() == [1, 0]
-    left = collate_classification_batch(batch, pad_token_id=0, padding_side="left")
-    assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError, match="padding side must be 'right' or 'left', got 'middle'"):
-        collate_classification_batch(batch, pad_token_id=0, padding_side="middle")
 
 
 def test_padded_batches_classify_like_single_rows(tiny_tokenizer):
@@ -129,13 +127,21 @@ def test_padded_batches_classify_like_single_rows(tiny_tokenizer):
 
     torch.manual_seed(0)
     config = MiniGPTConfig.from_preset(
-        "tiny", vocab_size=len(tiny_tokenizer), n_layers=2, emb_dim=32, n_heads=2,
-        num_labels=len(data.label2id), id2label=data.id2label, label2id=data.label2id,
+        "tiny",
+        vocab_size=len(tiny_tokenizer),
+        n_layers=2,
+        emb_dim=32,
+        n_heads=2,
+        num_labels=len(data.label2id),
+        id2label=data.id2label,
+        label2id=data.label2id,
     )
     model = MiniGPTForSequenceClassification(config).eval()
     rows = list(tokenized)
     with torch.no_grad():
-        alone = torch.cat([model(**collate_classification_batch([r], tiny_tokenizer.pad_token_id)).logits for r in rows])
+        alone = torch.cat(
+            [model(**collate_classification_batch([r], tiny_tokenizer.pad_token_id)).logits for r in rows]
+        )
         for side in ("right", "left"):
             batch = collate_classification_batch(rows, tiny_tokenizer.pad_token_id, padding_side=side)
             torch.testing.assert_close(model(**batch).logits, alone, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Pretraining data pipeline: windows, tokenization, caching, splits, streaming, bad input."""
+"""training/data.py: the pretraining data pipeline (windows, tokenization, caching, splits, streaming, bad
+input) and the seeded hold-out of records."""
 
 from __future__ import annotations
 
@@ -13,44 +14,28 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from helpers.texts import encode_reference
 
+from tokenization.corpus import DataError
 from training import data
+from training.collate import collate_windows
 from training.data import (
-    DataError,
     build_lm_datasets,
-    collate_windows,
     count_windows,
     is_validation_document,
     load_corpus,
     sliding_windows,
+    split_indices,
     tokenize_documents,
 )
-from training.inspect_data import batch_composition, plot_batch_composition, plot_token_frequencies, token_frequencies
 
 datasets.disable_progress_bars()
-
-
-@pytest.fixture(scope="module")
-def documents(pydoc_text: str) -> list[str]:
-    """30 real documents of very different lengths (pydoc topics), plus two blank ones."""
-    docs = pydoc_text.split("\n\n\n")
-    docs = [d for d in docs if d.strip()][:30]
-    return docs[:3] + ["", "  \n\t "] + docs[3:]
 
 
 @pytest.fixture()
 def small_blocks(monkeypatch):
     """Blocks of ~1000 window tokens, so even a small corpus crosses many block boundaries."""
     monkeypatch.setattr(data, "BLOCK_WINDOW_TOKENS", 1000)
-
-
-def encode_reference(tokenizer, docs: list[str]) -> list[np.ndarray]:
-    """Each non-blank document encoded alone by the Rust backend, with <|endoftext|> appended."""
-    return [
-        np.array(tokenizer.backend_tokenizer.encode(d, add_special_tokens=False).ids + [tokenizer.eos_token_id])
-        for d in docs
-        if d.strip()
-    ]
 
 
 def book_windows(ids, context_length: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,28 +70,14 @@ def test_sliding_windows_of_a_short_stream_is_empty():
     assert count_windows(8, 8, 4) == 0
 
 
-def test_collate_gives_every_position_its_next_token_as_shift_label():
-    from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-
-    windows = [{"input_ids": list(range(i, i + 9))} for i in (10, 50)]
-    batch = collate_windows(windows)
-    assert batch["input_ids"].dtype == batch["shift_labels"].dtype == torch.long
-    assert batch["input_ids"].tolist() == [list(range(10, 18)), list(range(50, 58))]
-    assert batch["shift_labels"].tolist() == [list(range(11, 19)), list(range(51, 59))]
-
-    torch.manual_seed(0)
-    model = MiniGPTForCausalLM(MiniGPTConfig.from_preset("tiny", vocab_size=64, context_length=8)).eval()
-    out = model(**batch)
-    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 64), batch["shift_labels"].reshape(-1))
-    torch.testing.assert_close(out.loss, expected)  # all 8 positions scored, none wasted
-
-
 # ----------------------------------------------------------------------------- pipeline output
 
 
 def test_windows_cover_the_eos_joined_stream_across_block_boundaries(documents, tiny_tokenizer, tmp_path, small_blocks):
     L, stride = 16, 5
-    splits = build_lm_datasets(documents, tiny_tokenizer, context_length=L, stride=stride, validation_fraction=0, cache_dir=tmp_path)
+    splits = build_lm_datasets(
+        documents, tiny_tokenizer, context_length=L, stride=stride, validation_fraction=0, cache_dir=tmp_path
+    )
     reference = encode_reference(tiny_tokenizer, documents)
     stream = np.concatenate(reference)
     expected = sliding_windows(stream, L, stride)
@@ -115,8 +86,8 @@ def test_windows_cover_the_eos_joined_stream_across_block_boundaries(documents, 
 
     # doc_id / offset locate each window: blank documents 3 and 4 are skipped but keep their ids
     doc_ids = [i for i, d in enumerate(documents) if d.strip()]
-    doc_start = dict(zip(doc_ids, np.concatenate([[0], np.cumsum([len(r) for r in reference])[:-1]])))
-    positions = [doc_start[d] + o for d, o in zip(windows["doc_id"], windows["offset"])]
+    doc_start = dict(zip(doc_ids, np.concatenate([[0], np.cumsum([len(r) for r in reference])[:-1]]), strict=False))
+    positions = [doc_start[d] + o for d, o in zip(windows["doc_id"], windows["offset"], strict=True)]
     assert positions == list(range(0, stride * len(expected), stride))
     assert 3 not in windows["doc_id"] and 4 not in windows["doc_id"]
 
@@ -161,7 +132,9 @@ def test_gpt2_windows_of_the_verdict_equal_the_books(shared_data, tmp_path):
     verdict = shared_data / "the-verdict.txt"
     ids = gpt2_tiktoken_encoding(gpt2 / "encoder.json", gpt2 / "vocab.bpe").encode(verdict.read_text(encoding="utf-8"))
     assert len(ids) == 5145
-    splits = build_lm_datasets(verdict, tokenizer, context_length=256, stride=128, validation_fraction=0, cache_dir=tmp_path)
+    splits = build_lm_datasets(
+        verdict, tokenizer, context_length=256, stride=128, validation_fraction=0, cache_dir=tmp_path
+    )
     batch = collate_windows(list(splits["train"]))
     inputs, targets = book_windows(ids + [tokenizer.eos_token_id], 256, 128)  # ours ends the document with eos
     np.testing.assert_array_equal(batch["input_ids"].numpy(), inputs)
@@ -186,7 +159,9 @@ def test_tokenizing_in_several_processes_gives_the_same_windows(pydoc_text, tiny
     if child.is_alive():
         os.killpg(child.pid, signal.SIGKILL)
         child.join()
-        pytest.fail("build_lm_datasets(num_proc=2) hung: a forked worker waited on a thread pool inherited from its parent")
+        pytest.fail(
+            "build_lm_datasets(num_proc=2) hung: a forked worker waited on a thread pool inherited from its parent"
+        )
     assert child.exitcode == 0
     assert pickle.loads(result.read_bytes()) == expected
 
@@ -219,7 +194,9 @@ def test_a_second_run_reads_the_cache_instead_of_tokenizing(documents, tiny_toke
 
 def stream_identities(tokenizer, documents: list[str], doc_order: list[int]):
     """The token stream of documents `doc_order`: (ids, doc_id of each token, offset in its doc)."""
-    reference = dict(zip([i for i, d in enumerate(documents) if d.strip()], encode_reference(tokenizer, documents)))
+    reference = dict(
+        zip([i for i, d in enumerate(documents) if d.strip()], encode_reference(tokenizer, documents), strict=True)
+    )
     ids = np.concatenate([reference[d] for d in doc_order])
     doc = np.concatenate([np.full(len(reference[d]), d) for d in doc_order])
     offset = np.concatenate([np.arange(len(reference[d])) for d in doc_order])
@@ -234,22 +211,28 @@ def covered_tokens(windows, tokenizer, documents, doc_order, L) -> set[tuple[int
     span = np.array([start_of[d] for d in w["doc_id"]])[:, None] + w["offset"][:, None] + np.arange(L + 1)  # (W, L+1)
     np.testing.assert_array_equal(w["input_ids"], ids[span])
     positions = np.unique(span)
-    return set(zip(doc[positions].tolist(), offset[positions].tolist()))
+    return set(zip(doc[positions].tolist(), offset[positions].tolist(), strict=True))
 
 
 @pytest.mark.parametrize("split_by", ["tokens", "documents"])
 def test_no_validation_token_is_inside_a_training_window(split_by, documents, tiny_tokenizer, tmp_path, small_blocks):
     L = 16
     splits = build_lm_datasets(
-        documents, tiny_tokenizer, context_length=L, stride=4, validation_fraction=0.2, split_by=split_by, cache_dir=tmp_path
+        documents,
+        tiny_tokenizer,
+        context_length=L,
+        stride=4,
+        validation_fraction=0.2,
+        split_by=split_by,
+        cache_dir=tmp_path,
     )
     doc_ids = [i for i, d in enumerate(documents) if d.strip()]
     if split_by == "tokens":
         train_order = validation_order = doc_ids
     else:
         held_out = is_validation_document(np.array(doc_ids), 0.2)
-        train_order = [d for d, v in zip(doc_ids, held_out) if not v]
-        validation_order = [d for d, v in zip(doc_ids, held_out) if v]
+        train_order = [d for d, v in zip(doc_ids, held_out, strict=True) if not v]
+        validation_order = [d for d, v in zip(doc_ids, held_out, strict=True) if v]
         assert validation_order == [9, 14, 19, 24, 29]  # every 5th (4 is blank), spread out, not the tail
     train = covered_tokens(splits["train"], tiny_tokenizer, documents, train_order, L)
     validation = covered_tokens(splits["validation"], tiny_tokenizer, documents, validation_order, L)
@@ -258,8 +241,8 @@ def test_no_validation_token_is_inside_a_training_window(split_by, documents, ti
     if split_by == "tokens":  # exactly the last 20 % of the stream is held out
         _, doc, offset = stream_identities(tiny_tokenizer, documents, doc_ids)
         cut = len(doc) - round(0.2 * len(doc))
-        assert train <= set(zip(doc[:cut].tolist(), offset[:cut].tolist()))
-        assert validation <= set(zip(doc[cut:].tolist(), offset[cut:].tolist()))
+        assert train <= set(zip(doc[:cut].tolist(), offset[:cut].tolist(), strict=True))
+        assert validation <= set(zip(doc[cut:].tolist(), offset[cut:].tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -290,7 +273,9 @@ def test_streaming_gives_the_same_windows(source_kind, documents, tiny_tokenizer
 def assert_nothing_half_written(cache_dir: Path) -> None:
     """No partial dataset (datasets builds in `*.incomplete` folders, maps into `tmp*` files);
     empty `.lock` files are left by every run, finished or not."""
-    leftovers = [p for p in cache_dir.rglob("*") if p.suffix != ".lock" and ("incomplete" in p.name or p.name.startswith("tmp"))]
+    leftovers = [
+        p for p in cache_dir.rglob("*") if p.suffix != ".lock" and ("incomplete" in p.name or p.name.startswith("tmp"))
+    ]
     assert not leftovers, leftovers
 
 
@@ -299,7 +284,10 @@ def assert_nothing_half_written(cache_dir: Path) -> None:
     [
         (b"", "empty or whitespace-only"),
         (b"  \n\n\t \n", "empty or whitespace-only"),
-        (b"Hello there.\nSome more text; a short file.\n", r"corpus .*bad\.txt has 29 tokens, fewer than one window of .* = 65"),
+        (
+            b"Hello there.\nSome more text; a short file.\n",
+            r"corpus .*bad\.txt has 29 tokens, fewer than one window of .* = 65",
+        ),
         (b"caf\xc3\xa9 ok\nthen \xff\xfe bad\n", r"bad\.txt: not valid UTF-8 at byte offset 14 \(line 2\)"),
     ],
     ids=["empty", "whitespace", "shorter-than-a-window", "not-utf8"],
@@ -310,7 +298,9 @@ def test_bad_corpus_files_stop_with_a_clear_message(content, message, streaming,
     path.write_bytes(content)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=message):
-        build_lm_datasets(path, tiny_tokenizer, context_length=64, streaming=streaming, validation_fraction=0, cache_dir=cache)
+        build_lm_datasets(
+            path, tiny_tokenizer, context_length=64, streaming=streaming, validation_fraction=0, cache_dir=cache
+        )
     if cache.exists():
         assert_nothing_half_written(cache)
         if "29 tokens" not in message:  # reading failed: no dataset at all was written
@@ -323,12 +313,28 @@ def test_bad_corpus_files_stop_with_a_clear_message(content, message, streaming,
         ([], {}, "empty or whitespace-only"),
         (["", " \n"], {}, "empty or whitespace-only"),
         (["fine text", 42], {}, "document 1 of the texts is a int, not a str"),
-        (["some text " * 200], {"validation_fraction": 0.01}, r"validation range \(last 12 tokens\) has 12 tokens, fewer than"),
+        (
+            ["some text " * 200],
+            {"validation_fraction": 0.01},
+            r"validation range \(last 12 tokens\) has 12 tokens, fewer than",
+        ),
         (["some text " * 200], {"stride": 65}, r"stride must be in \[1, context_length=64\]"),
         (["some text " * 200], {"split_by": "tokens", "streaming": True}, "needs the corpus length"),
-        (["some text " * 200], {"vocab_size": 50257}, "the tokenizer has 512 tokens but the model's vocab_size is 50257"),
+        (
+            ["some text " * 200],
+            {"vocab_size": 50257},
+            "the tokenizer has 512 tokens but the model's vocab_size is 50257",
+        ),
     ],
-    ids=["no-documents", "blank-documents", "not-a-string", "validation-too-short", "stride", "streaming-token-split", "vocab"],
+    ids=[
+        "no-documents",
+        "blank-documents",
+        "not-a-string",
+        "validation-too-short",
+        "stride",
+        "streaming-token-split",
+        "vocab",
+    ],
 )
 def test_bad_texts_and_settings_stop_with_a_clear_message(source, kwargs, message, tiny_tokenizer, tmp_path):
     with pytest.raises(DataError, match=message):
@@ -338,7 +344,11 @@ def test_bad_texts_and_settings_stop_with_a_clear_message(source, kwargs, messag
 
 def test_a_missing_corpus_file_is_named(tiny_tokenizer, tmp_path):
     (tmp_path / "there.txt").write_text("Some text. " * 100, encoding="utf-8")
-    for source in (tmp_path / "missing.txt", str(tmp_path / "missing.txt"), [tmp_path / "there.txt", tmp_path / "missing.txt"]):
+    for source in (
+        tmp_path / "missing.txt",
+        str(tmp_path / "missing.txt"),
+        [tmp_path / "there.txt", tmp_path / "missing.txt"],
+    ):
         with pytest.raises(DataError, match=r"corpus file .*missing\.txt does not exist"):
             build_lm_datasets(source, tiny_tokenizer, context_length=8, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
@@ -346,7 +356,9 @@ def test_a_missing_corpus_file_is_named(tiny_tokenizer, tmp_path):
 
 def test_a_missing_text_column_lists_the_columns(tiny_tokenizer, tmp_path):
     table = datasets.Dataset.from_dict({"body": ["text"], "id": [1]})
-    with pytest.raises(DataError, match=r"text_column='text' is not a column of the dataset; its columns are \['body', 'id'\]"):
+    with pytest.raises(
+        DataError, match=r"text_column='text' is not a column of the dataset; its columns are \['body', 'id'\]"
+    ):
         build_lm_datasets(table, tiny_tokenizer, context_length=8, cache_dir=tmp_path)
 
 
@@ -366,29 +378,7 @@ def test_missing_or_unsuitable_tokenizers_are_refused_before_reading(tiny_tokeni
     assert not cache.exists()  # refused before anything was read or written
 
 
-# ----------------------------------------------------------------------------- inspection
-
-
-def test_batch_composition_and_figures(documents, tiny_tokenizer, tmp_path):
-    splits = build_lm_datasets(documents, tiny_tokenizer, context_length=32, stride=16, validation_fraction=0, cache_dir=tmp_path)
-    windows = splits["train"]
-    indices = [0, 1, 2, len(windows) - 1]
-    table = batch_composition(windows, indices, tiny_tokenizer)
-    assert table["window"].tolist() == indices
-    assert table["doc_id"].tolist()[:3] == [0, 0, 0] and table["offset"].tolist()[:3] == [0, 16, 32]
-    eos = tiny_tokenizer.eos_token_id
-    assert table["boundaries"].tolist() == [int((np.array(windows[i]["input_ids"][:-1]) == eos).sum()) for i in indices]
-    batch_png = plot_batch_composition(table, 32, tmp_path / "figures" / "batch.png")
-
-    tokens = tokenize_documents(load_corpus(documents, cache_dir=tmp_path), tiny_tokenizer)
-    counts = token_frequencies(tokens, len(tiny_tokenizer))
-    stream = np.concatenate(encode_reference(tiny_tokenizer, documents))
-    np.testing.assert_array_equal(counts, np.bincount(stream, minlength=len(tiny_tokenizer)))
-    assert counts[eos] == 30  # one <|endoftext|> per non-blank document
-    freq_png = plot_token_frequencies(counts, tmp_path / "figures" / "freq.png", tiny_tokenizer)
-    for png in (batch_png, freq_png):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["batch.png", "freq.png"]  # no temp files left
+# ----------------------------------------------------------------------------- the embedded corpus, held-out records
 
 
 def test_embedded_corpus_is_cpython_documentation(tiny_tokenizer, tmp_path):
@@ -400,3 +390,12 @@ def test_embedded_corpus_is_cpython_documentation(tiny_tokenizer, tmp_path):
     corpus = load_corpus(EMBEDDED_CORPUS, cache_dir=tmp_path)
     assert corpus[0]["text"] == docs[0]
     assert len(set(corpus["doc_id"])) == len(docs)
+
+
+def test_split_indices_is_seeded_disjoint_and_complete():
+    kept, held = split_indices(50, 0.2, seed=3)
+    assert len(held) == 10 and len(kept) == 40 and sorted(kept + held) == list(range(50))
+    assert split_indices(50, 0.2, seed=3) == (kept, held) and split_indices(50, 0.2, seed=4) != (kept, held)
+    assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # at least one held out
+    with pytest.raises(ValueError, match="at least 2"):
+        split_indices(1, 0.5, seed=0)

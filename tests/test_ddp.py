@@ -6,14 +6,13 @@ ACCELERATE_USE_CPU=1 with --multi_gpu, and checks that two ranks really ran.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from test_pretrain import SCRIPT, SUBPROCESS_ENV, corpus_file, read_metrics, script_flags, tokenizer_dir  # noqa: F401
+from helpers.processes import SUBPROCESS_ENV, two_cpu_processes
+from helpers.runs import PRETRAIN_SCRIPT, read_metrics, script_flags
 
 STEPS = 20
 # Same global batch: 1 process x 8 windows = 2 processes x 4 windows. The seedable sampler gives
@@ -22,14 +21,10 @@ STEPS = 20
 COMMON = dict(max_steps=STEPS, drop_rate=0.0, eval_every=10, save_every=10, keep_last=2, eval_batches=100)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(command: list[str], log: Path) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}, timeout=900)
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}, timeout=900
+    )
     log.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout + result.stderr
@@ -50,14 +45,12 @@ def _files(output_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(corpus_file, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    one = root / "one"
-    _run([sys.executable, str(SCRIPT), *script_flags(one, corpus_file, tokenizer_dir, root / "cache", per_device_batch_size=8, **COMMON)], root / "one.log")
-    two = root / "two"
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-    ]
-    output = _run([*launch, str(SCRIPT), *script_flags(two, corpus_file, tokenizer_dir, root / "cache", per_device_batch_size=4, **COMMON)], root / "two.log")
+    one, two = root / "one", root / "two"
+    flags = dict(corpus=corpus_file, tokenizer=tokenizer_dir, cache=root / "cache", **COMMON)
+    _run([sys.executable, str(PRETRAIN_SCRIPT), *script_flags(one, per_device_batch_size=8, **flags)], root / "one.log")
+    output = _run(
+        two_cpu_processes(PRETRAIN_SCRIPT, *script_flags(two, per_device_batch_size=4, **flags)), root / "two.log"
+    )
     return one, two, output
 
 
@@ -76,7 +69,7 @@ def test_two_processes_follow_the_one_process_loss_curve(runs):
     # room for that to grow on another machine while staying far below what a real mistake
     # does: the loss moves by ~3e-2 per step here, so a rank training on other windows, or
     # gradients summed instead of averaged, shows up at once.
-    differences = [abs(a - b) for (_, _, a), (_, _, b) in zip(single, double)]
+    differences = [abs(a - b) for (_, _, a), (_, _, b) in zip(single, double, strict=False)]
     assert max(differences) < 1e-4, differences
     val = lambda out: [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]  # noqa: E731
     assert val(two) == pytest.approx(val(one), abs=1e-4)

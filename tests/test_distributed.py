@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-from test_accelerate_configs import process_env
+from helpers.accelerate_configs import process_env
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -69,12 +69,16 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
 
 
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: slice, steps: range, distributed: bool) -> list[float]:
+def train(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: slice, steps: range, distributed: bool
+) -> list[float]:
     """AdamW steps `steps` on `rows` of each fixed batch; returns the global mean loss of each step."""
     losses = []
     for batch in [fixed_batches()[step] for step in steps]:
         ids = batch[rows]
-        loss = model(input_ids=ids[:, :-1], shift_labels=ids[:, 1:].contiguous()).loss  # contiguous: the loss uses .view
+        loss = model(
+            input_ids=ids[:, :-1], shift_labels=ids[:, 1:].contiguous()
+        ).loss  # contiguous: the loss uses .view
         loss.backward()  # FSDP2 reduce-scatters the gradients, averaged over the ranks
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         optimizer.step()
@@ -96,7 +100,10 @@ def accelerate_fsdp2(model: MiniGPTForCausalLM) -> MiniGPTForCausalLM:
     with mock.patch.dict(os.environ, process_env("fsdp2", "--mixed_precision", "no")):
         plugin = FullyShardedDataParallelPlugin()
     accelerator = SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=True, device=torch.device("cpu")
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        mixed_precision="no",
+        is_main_process=True,
+        device=torch.device("cpu"),
     )
     return fsdp2_prepare_model(accelerator, model)
 
@@ -104,7 +111,9 @@ def accelerate_fsdp2(model: MiniGPTForCausalLM) -> MiniGPTForCausalLM:
 def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores; the reference uses 1 thread too
     # A timeout turns a collective that one rank never joins into an error instead of a hang.
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     try:
         model = shard_model(tiny_model())
         head, embedding = model.lm_head.weight, model.model.tok_emb.weight
@@ -143,7 +152,9 @@ def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
         facts["resumed_losses"] = losses + train(second, optimizer, rows, range(STEPS // 2, STEPS), distributed=True)
 
         wrapped = accelerate_fsdp2(tiny_model())
-        facts["accelerate_groups"] = [name for name, module in wrapped.named_modules() if isinstance(module, FSDPModule)]
+        facts["accelerate_groups"] = [
+            name for name, module in wrapped.named_modules() if isinstance(module, FSDPModule)
+        ]
         facts["accelerate_losses"] = train(wrapped, adamw(wrapped), rows, range(STEPS), distributed=True)
         facts["accelerate_tied"] = wrapped.lm_head.weight is wrapped.model.tok_emb.weight
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(facts))
@@ -245,7 +256,9 @@ def test_accelerates_own_fsdp2_wrapping_trains_the_same(runs):
     for facts in ranks:
         # Accelerate adds its own groups around the blocks (embeddings + head + final norm as one
         # tail group, because the head is tied); the blocks are the same as shard_model's.
-        assert [g for g in facts["accelerate_groups"] if "trf_blocks" in g] == [f"model.trf_blocks.{i}" for i in range(CONFIG["n_layers"])]
+        assert [g for g in facts["accelerate_groups"] if "trf_blocks" in g] == [
+            f"model.trf_blocks.{i}" for i in range(CONFIG["n_layers"])
+        ]
         assert facts["accelerate_tied"]
         assert facts["accelerate_losses"] == pytest.approx(reference_losses, abs=LOSS_TOLERANCE)
 
@@ -317,7 +330,9 @@ def check_partition(shares: list[list[dict]], epoch: list[dict]) -> None:
 
 
 def test_two_ranks_split_a_streamed_epoch_into_disjoint_halves(documents, tiny_tokenizer):
-    stream = build_lm_datasets(documents, tiny_tokenizer, context_length=WINDOW, streaming=True, validation_fraction=0)["train"]
+    stream = build_lm_datasets(documents, tiny_tokenizer, context_length=WINDOW, streaming=True, validation_fraction=0)[
+        "train"
+    ]
     epoch = list(stream)
     assert len(epoch) % 2 == 1  # uneven on purpose
     # One token stream is one shard: each rank reads it all and keeps every other window.
@@ -341,10 +356,12 @@ def test_saved_windows_split_by_shard_so_each_rank_reads_only_its_rows(documents
     position = {window_key(w): i for i, w in enumerate(epoch)}
     for share in shares:
         rows = [position[window_key(w)] for w in share]
-        runs = 1 + sum(b != a + 1 for a, b in zip(rows, rows[1:]))
+        runs = 1 + sum(b != a + 1 for a, b in zip(rows, rows[1:], strict=False))
         assert runs == 2
     # The same windows as the streamed build: the saved epoch is the one-process epoch.
-    stream = build_lm_datasets(documents, tiny_tokenizer, context_length=WINDOW, streaming=True, validation_fraction=0)["train"]
+    stream = build_lm_datasets(documents, tiny_tokenizer, context_length=WINDOW, streaming=True, validation_fraction=0)[
+        "train"
+    ]
     assert [window_key(w) for w in stream] == [window_key(w) for w in epoch]
 
 

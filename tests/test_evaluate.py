@@ -1,58 +1,36 @@
-"""Evaluation metrics on cases with known answers, strided windows, bootstrap, and the CLI."""
+"""training/evaluate.py: metrics on cases with known answers, strided windows, bootstrap, a classifier's
+confusion matrix, and exact match (the script is in test_evaluate_folder.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import runpy
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.models import tiny_model, uniform_model
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from training.collate import IGNORE_INDEX
 from training.evaluate import (
-    IGNORE_INDEX,
     EvalResult,
     MetricsReport,
     bits_per_byte,
     bits_per_char,
     bootstrap_ci,
+    evaluate_classifier,
     evaluate_loss,
     evaluate_texts,
+    exact_match,
+    exact_match_accuracy,
+    exact_match_summary,
+    score_generations,
     strided_perplexity,
     strided_windows,
     token_byte_table,
 )
-
-# Multi-byte characters of every UTF-8 length, so byte and character counts differ.
-UNICODE_TEXT = "Naïve café — 日本語のテキスト, emoji 🙂🚀, math ∑√π, and plain ASCII.\n\tTabs  and  spaces."
-
-
-def tiny_model(vocab_size: int, context_length: int = 16, seed: int = 0) -> MiniGPTForCausalLM:
-    torch.manual_seed(seed)
-    config = MiniGPTConfig.from_preset(
-        "tiny", vocab_size=vocab_size, context_length=context_length, emb_dim=32, n_heads=2
-    )
-    return MiniGPTForCausalLM(config).eval()
-
-
-def uniform_model(vocab_size: int, context_length: int = 16) -> MiniGPTForCausalLM:
-    """Zero output head (tied to the embedding) -> all logits 0 -> uniform next-token distribution."""
-    model = tiny_model(vocab_size, context_length)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-    return model
-
-
-@pytest.fixture(scope="module")
-def text(pydoc_text: str) -> str:
-    return pydoc_text[5000:6500] + UNICODE_TEXT
-
 
 # ----------------------------------------------------------------------------- units and bytes
 
@@ -226,7 +204,7 @@ def test_loss_is_token_weighted_not_a_mean_of_batch_means():
     with torch.no_grad():
         batch_losses = [model(**b).loss.item() for b in _batches(ids, "shift_labels")]
         batch_tokens = [int((b["shift_labels"] != IGNORE_INDEX).sum()) for b in _batches(ids, "shift_labels")]
-    token_weighted = sum(l * n for l, n in zip(batch_losses, batch_tokens)) / sum(batch_tokens)
+    token_weighted = sum(loss * n for loss, n in zip(batch_losses, batch_tokens, strict=True)) / sum(batch_tokens)
     assert shifted.loss == pytest.approx(token_weighted, rel=1e-5)
     assert abs(shifted.loss - sum(batch_losses) / 2) > 1e-4  # the naive mean differs here
 
@@ -299,125 +277,72 @@ def test_report_to_dict_is_json_ready():
     assert "loss (nats/token)" in report.to_text()
 
 
-# ----------------------------------------------------------------------------- the script
+# ----------------------------------------------------------------------------- classification and exact match
 
 
-@pytest.fixture(scope="module")
-def saved_model(tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("eval_model")
-    tiny_model(len(tiny_tokenizer), context_length=32).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+class FixedLogits(nn.Module):
+    """Predicts label `input_ids[:, 0]` for every row: a stand-in with known answers."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SequenceClassifierOutput(logits=nn.functional.one_hot(input_ids[:, 0], 3).float() * 5)
 
 
-@pytest.fixture(scope="module")
-def evaluate_script():
-    """scripts/evaluate.py as a module (loaded by path: `evaluate` is also a PyPI package's name)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("minigpt_evaluate_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve field types through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_script_writes_the_same_numbers_as_the_library(evaluate_script, saved_model, tiny_tokenizer, text, tmp_path):
-    text_file = tmp_path / "text.txt"
-    text_file.write_text(text, encoding="utf-8")
-    out = tmp_path / "metrics.json"
-    args = evaluate_script.parse_args(
-        ["--model", str(saved_model), "--text-file", str(text_file), "--stride", "16", "--output-json", str(out)]
-    )
-    evaluate_script.main(args)
-    written = json.loads(out.read_text())
-    model = MiniGPTForCausalLM.from_pretrained(saved_model)
-    expected = evaluate_texts(model, tiny_tokenizer, [text], stride=16)
-    assert written["loss"] == pytest.approx(expected.loss, rel=1e-6)
-    assert written["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
-    assert written["loss_ci"] == pytest.approx(list(expected.loss_ci), rel=1e-6)
-    assert written["n_bytes"] == len(text.encode()) and written["context_length"] == 32
-    assert written["data"] == str(text_file)
-    assert not list(tmp_path.glob(".metrics.json.*"))  # no temporary file left behind
-
-
-def test_script_reads_a_dataset_and_a_yaml_config(evaluate_script, saved_model, tmp_path):
-    data = tmp_path / "val.jsonl"
-    data.write_text("\n".join(json.dumps({"body": t}) for t in ["one doc", "another dóc", ""]), encoding="utf-8")
-    config = tmp_path / "eval.yaml"
-    config.write_text(f"model: {saved_model}\ndataset: {data}\ntext_column: body\nbootstrap: 0\n")
-    args = evaluate_script.parse_args([str(config), "--stride", "4"])
-    assert (args.stride, args.text_column, args.bootstrap) == (4, "body", 0)
-    report = evaluate_script.main(args)
-    assert report.n_bytes == len("one docanother dóc".encode())
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("modle: x\n")
-    with pytest.raises(ValueError, match=r"unknown keys \['modle'\]"):
-        evaluate_script.parse_args([str(bad)])
-    wrong_column = evaluate_script.parse_args(["--model", str(saved_model), "--dataset", str(data)])
-    with pytest.raises(ValueError, match="text_column='text' is not a column"):
-        evaluate_script.main(wrong_column)
-
-
-def test_script_errors_name_the_problem(evaluate_script, saved_model, tiny_tokenizer, tmp_path):
-    def run(*argv: str) -> None:
-        evaluate_script.main(evaluate_script.parse_args(list(argv)))
-
-    text_file = tmp_path / "ok.txt"
-    text_file.write_text("some text", encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match="model folder .*nope does not exist"):
-        run("--model", str(tmp_path / "nope"), "--text-file", str(text_file))
-
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    with pytest.raises(ValueError, match="empty.txt is empty or whitespace-only"):
-        run("--model", str(saved_model), "--text-file", str(empty))
-
-    latin1 = tmp_path / "latin1.txt"
-    latin1.write_bytes("line one\ncaf\xe9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.txt: not valid UTF-8 at byte offset 12 \(line 2\)"):
-        run("--model", str(saved_model), "--text-file", str(latin1))
-
-    small = tmp_path / "small_vocab"
-    tiny_model(300).save_pretrained(small)
-    with pytest.raises(ValueError, match="tokenizer has 512 tokens but the model's vocabulary has only 300"):
-        run("--model", str(small), "--tokenizer", str(saved_model), "--text-file", str(text_file))
-
-    # Run as a script, the same errors end the process with a message, not a traceback.
-    argv = ["evaluate.py", "--model", str(saved_model), "--text-file", str(empty)]
-    message = "evaluate.py: error: .*empty or whitespace-only"
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit, match=message):
-        patch.setattr(sys, "argv", argv)
-        runpy.run_path(evaluate_script.__file__, run_name="__main__")
-
-
-@pytest.mark.slow
-def test_script_under_accelerate_launch_with_two_processes(
-    evaluate_script, saved_model, tiny_tokenizer, text, tmp_path
-):
-    """Two real CPU processes (gloo): sharded windows, gathered sums, one JSON file, same numbers."""
-    text_file = tmp_path / "text.txt"
-    text_file.write_text(text, encoding="utf-8")
-    out = tmp_path / "metrics.json"
-    with socket.socket() as probe:  # a free port, so concurrent runs do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        evaluate_script.__file__, "--model", str(saved_model), "--text-file", str(text_file),
-        "--stride", "16", "--batch-size", "4", "--output-json", str(out),
+def test_accuracy_and_confusion_matrix_count_every_example():
+    predicted = [0, 0, 1, 2, 2, 2, 1]
+    true = [0, 1, 1, 2, 0, 2, 1]
+    batches = [
+        {
+            "input_ids": torch.tensor([[p, 9]]),
+            "attention_mask": torch.ones(1, 2, dtype=torch.long),
+            "labels": torch.tensor([t]),
+        }
+        for p, t in zip(predicted, true, strict=True)
     ]
-    # Without the CPU flag, --multi_gpu on a CPU machine starts two independent processes.
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "on 2 process(es)" in run.stdout
-    written = json.loads(out.read_text())
-    model = MiniGPTForCausalLM.from_pretrained(saved_model)
-    alone = evaluate_texts(model, tiny_tokenizer, [text], stride=16, batch_size=4)
-    assert (written["n_windows"], written["n_tokens"]) == (alone.n_windows, alone.n_tokens)
-    assert written["loss"] == pytest.approx(alone.loss, rel=1e-9)
-    assert written["bits_per_byte"] == pytest.approx(alone.bits_per_byte, rel=1e-9)
+    report = evaluate_classifier(FixedLogits(), batches, ["a", "b", "c"])
+    assert report.accuracy == pytest.approx(5 / 7)
+    assert report.confusion == [[1, 0, 1], [1, 2, 0], [0, 0, 2]]  # [true][predicted]
+    assert report.n_examples == 7
+    assert report.format_confusion().splitlines()[2].split() == ["b", "1", "2", "0"]
+
+
+def test_generations_are_scored_per_record_and_per_kind():
+    records = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5", "kind": "add"},
+        {"instruction": "Add 1 and 1.", "input": "", "output": "2", "kind": "add"},
+        {"instruction": "Repeat this phrase: cat dog", "input": "", "output": "cat dog", "kind": "repeat"},
+        {"instruction": "Sort.", "input": "3, 1", "output": "1, 3", "kind": "sort"},
+    ]
+    rows = score_generations(records, ["5\n", "3", "cat dog", "1,3"])
+    assert [r["exact_match"] for r in rows] == [True, False, True, False]
+    assert rows[3] == {
+        "instruction": "Sort.",
+        "input": "3, 1",
+        "expected": "1, 3",
+        "generated": "1,3",
+        "exact_match": False,
+        "kind": "sort",
+    }
+    assert exact_match_summary(rows) == {
+        "val_exact_match": 0.5,
+        "exact_match_add": 0.5,
+        "exact_match_repeat": 1.0,
+        "exact_match_sort": 0.0,
+    }
+
+
+def test_exact_match_strips_only_surrounding_whitespace():
+    assert exact_match(" 79\n", "79")
+    assert exact_match("tree oak", "tree oak ")
+    assert not exact_match("79.", "79")
+    assert not exact_match("Tree oak", "tree oak")
+    assert not exact_match("tree  oak", "tree oak")
+    assert not exact_match("12,17", "12, 17")
+    assert exact_match_accuracy(["79", " a b", "x"], ["79", "a b", "y"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 predictions for 3 expected"):
+        exact_match_accuracy(["a", "b"], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="at least one"):
+        exact_match_accuracy([], [])

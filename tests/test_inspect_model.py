@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
+from helpers.models import LABELS
 from transformers import GPT2LMHeadModel
 
 from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from saved_models import LABELS, classifier_dir, gpt2_dir, lm_dir  # noqa: F401 (fixtures)
 from training.inspect_model import (
     ContextFullError,
     ModelFolderError,
@@ -45,9 +45,14 @@ def gpt2(gpt2_dir):  # noqa: F811
 
 def reference_generate(model, prompt_ids, settings, eos_token_id=None) -> list[int]:
     torch.manual_seed(settings.seed)
-    out = model.generate(torch.tensor([prompt_ids]), **settings.generate_kwargs(), eos_token_id=eos_token_id,
-                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
-    return out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        **settings.generate_kwargs(),
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+    )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -78,10 +83,15 @@ def test_never_runs_code_from_the_folder(lm_dir, tmp_path):  # noqa: F811
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "modeling_evil.py").write_text(payload)
-    (foreign / "config.json").write_text(json.dumps({
-        "model_type": "evil", "architectures": ["EvilForCausalLM"],
-        "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"},
-    }))
+    (foreign / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "architectures": ["EvilForCausalLM"],
+                "auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"},
+            }
+        )
+    )
     with pytest.raises(ModelFolderError, match="model_type='evil'.*loads only"):
         load_for_app(foreign)
     assert not marker.exists()
@@ -185,7 +195,9 @@ def test_stops_on_eos_like_generate(lm):
     steps = list(stream_generate(lm.model, lm.tokenizer, prompt.ids, SETTINGS["greedy"], eos_token_id=eos))
     assert [s.choice.id for s in steps] == free[: first + 1]
     assert steps[-1].stop == "eos"
-    assert [s.choice.id for s in steps] == reference_generate(lm.model, prompt.ids, SETTINGS["greedy"], eos_token_id=eos)
+    assert [s.choice.id for s in steps] == reference_generate(
+        lm.model, prompt.ids, SETTINGS["greedy"], eos_token_id=eos
+    )
     assert eos_id(lm) == lm.tokenizer.eos_token_id == lm.tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
 
@@ -273,7 +285,7 @@ def test_classify_pools_the_last_token_as_a_padded_batch_does(classifier_dir):  
     batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")  # right padding
     with torch.no_grad():
         reference = torch.softmax(loaded.model(**batch).logits, dim=-1)
-    for result, row, text in zip(results, reference, texts):
+    for result, row, text in zip(results, reference, texts, strict=False):
         assert list(result.probabilities) == list(LABELS)
         assert list(result.probabilities.values()) == pytest.approx(row.tolist(), abs=1e-6)
         ids = loaded.tokenizer(text)["input_ids"]

@@ -1,4 +1,4 @@
-"""Instruction data: loading/validation, the loss mask, truncation, collate, and the model's loss."""
+"""training/instruct_data.py: loading/validation, the loss mask, truncation, and the model's loss."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from modeling_minigpt.files import save_figure
 from tokenization.alpaca import format_prompt
+from training.collate import IGNORE_INDEX, collate_instruction_batch
 from training.instruct_data import (
-    IGNORE_INDEX,
     InstructionDataError,
     assemble_example,
     build_instruction_dataset,
-    collate_instruction_batch,
     encode_prompt,
     format_loss_mask,
     load_instruction_records,
+    loss_mask_figure,
     loss_mask_tokens,
-    plot_loss_mask,
     render_example,
 )
 from training.tasks import generate_tasks
@@ -122,8 +122,10 @@ def test_build_dataset_truncates_and_skips_with_counts(tiny_tokenizer):
     assert (stats.records, stats.examples, stats.truncated, stats.skipped) == (5, 3, 2, 2)
     assert "2 truncated" in str(stats) and "2 skipped" in str(stats)  # WITH_INPUT's prompt is longer too
     assert dataset.column_names == ["input_ids", "labels"]
-    assert dataset[0] == {"input_ids": render_example(tiny_tokenizer, NO_INPUT).input_ids,
-                          "labels": render_example(tiny_tokenizer, NO_INPUT).labels}
+    assert dataset[0] == {
+        "input_ids": render_example(tiny_tokenizer, NO_INPUT).input_ids,
+        "labels": render_example(tiny_tokenizer, NO_INPUT).labels,
+    }
     for row in dataset.select([1, 2]):
         assert len(row["input_ids"]) == max_length
         assert row["labels"][-1] != tiny_tokenizer.eos_token_id  # the cut response does not learn to stop
@@ -139,18 +141,6 @@ def test_build_dataset_when_everything_is_skipped(tiny_tokenizer):
 def test_build_dataset_reports_bad_record_index(tiny_tokenizer):
     with pytest.raises(InstructionDataError, match=r"^record 1: 'output' is missing"):
         build_instruction_dataset([NO_INPUT, {"instruction": "x"}], tiny_tokenizer)
-
-
-def test_collate_pads_right_to_the_longest_in_batch():
-    batch = [
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-        {"input_ids": [1, 2, 3, 4, 9], "labels": [-100, -100, 3, 4, 9]},
-    ]
-    out = collate_instruction_batch(batch, pad_token_id=99)
-    assert out["input_ids"].tolist() == [[5, 6, 7, 99, 99], [1, 2, 3, 4, 9]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert out["labels"].tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 3, 4, 9]]
-    assert all(t.dtype == torch.long for t in out.values())
 
 
 # ------------------------------------------------------------------------- the model's loss
@@ -173,7 +163,7 @@ def test_model_loss_is_mean_cross_entropy_over_response_tokens(tiny_tokenizer):
 
     # By hand, from the prompt lengths alone (not from the labels): token t is predicted at t-1.
     losses = []
-    for row, (record, example) in enumerate(zip(records, examples)):
+    for row, (record, example) in enumerate(zip(records, examples, strict=True)):
         n_prompt = len(encode(tiny_tokenizer, format_prompt(record["instruction"], record.get("input"))))
         for t in range(n_prompt, len(example.input_ids)):
             losses.append(-log_probs[row, t - 1, example.input_ids[t]])
@@ -186,7 +176,9 @@ def test_model_loss_is_mean_cross_entropy_over_response_tokens(tiny_tokenizer):
     batch = collate_instruction_batch([vars(e) for e in unmasked], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         loss_all = model(**batch).loss.double()
-    by_hand = [-log_probs[row, t - 1, e.input_ids[t]] for row, e in enumerate(unmasked) for t in range(1, len(e.input_ids))]
+    by_hand = [
+        -log_probs[row, t - 1, e.input_ids[t]] for row, e in enumerate(unmasked) for t in range(1, len(e.input_ids))
+    ]
     torch.testing.assert_close(loss_all, torch.stack(by_hand).mean(), rtol=1e-5, atol=1e-6)
     assert abs(float(loss_all) - float(out.loss)) > 1e-3
 
@@ -198,7 +190,9 @@ def test_load_json_jsonl_dataset_and_list(tmp_path):
     records = [WITH_INPUT, NO_INPUT, {**NO_INPUT, "input": None, "extra": 1}]
     expected = [WITH_INPUT, {**NO_INPUT, "input": ""}, {**NO_INPUT, "input": ""}]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n")
+    (tmp_path / "data.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in records[:2]) + "\n\n" + json.dumps(records[2]) + "\n"
+    )
 
     assert load_instruction_records(tmp_path / "data.json") == expected
     assert load_instruction_records(str(tmp_path / "data.jsonl")) == expected
@@ -252,7 +246,7 @@ def test_bad_json_files(tmp_path):
 
 def test_plot_loss_mask_writes_a_png(tiny_tokenizer, tmp_path):
     example = render_example(tiny_tokenizer, WITH_INPUT)
-    path = plot_loss_mask(tiny_tokenizer, example, tmp_path / "views" / "mask.png")
+    path = save_figure(loss_mask_figure(tiny_tokenizer, example), tmp_path / "views" / "mask.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
     colored = format_loss_mask(tiny_tokenizer, example)

@@ -1,4 +1,5 @@
-"""Model cards: rendered from the template, written atomically, reloaded by `ModelCard.load` intact."""
+"""training/model_card.py: model cards rendered from the template, written atomically, reloaded by
+`ModelCard.load` intact."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_card_body_reports_architecture_training_evaluation_and_usage(tmp_path, 
     assert "| Validation perplexity | 12.35 | 12.06 – 12.65 |" in text
     assert "| Bits per byte | 1.087 | not measured |" in text
     assert "(55,000 tokens)" in text and "95% confidence intervals" in text
-    assert 'AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True)' in text
+    assert "AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True)" in text
     assert 'pipeline("text-generation", model=model_id, trust_remote_code=True)' in text
     assert 'model_id = "test-user/m"' in text
     assert "loss_curve.png" not in text  # not in the folder, so not linked

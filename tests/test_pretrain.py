@@ -1,6 +1,7 @@
-"""Pretraining end to end (tiny model, in-process) and every bad input stopping before training.
+"""training/pretrain.py and scripts/pretrain.py end to end (tiny model): a whole run, every bad input
+stopping before training, the time budget, and a run killed with SIGKILL resuming bit-exactly.
 
-Helpers at the top (`tiny_args`, `script_flags`) are shared with test_resume.py and test_ddp.py.
+The tiny run's settings (`tiny_args`, `script_flags`) are in tests/helpers/runs.py (test_ddp.py uses them too).
 """
 
 from __future__ import annotations
@@ -8,81 +9,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import SUBPROCESS_ENV, launch, sigkill_after_step
+from helpers.runs import PRETRAIN_SCRIPT, listing, logged_losses, read_metrics, script_flags, tiny_args
+from safetensors.torch import load_file
 
-from training.checkpoint import RunFolderError, list_checkpoints
-from training.data import DataError
-from training.loop import LoopArguments
-from training.pretrain import DataArguments, ModelArguments, run_pretraining
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "scripts" / "pretrain.py"
-# One thread per process: bit-exact comparisons need the same reduction order in every run,
-# and on a busy 2-core machine two OpenMP threads per process are ~20x slower, not faster.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-TINY_MODEL = dict(preset="tiny", context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
-TINY_LOOP = dict(
-    max_steps=20, per_device_batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=4,
-    log_every=1, eval_every=10, save_every=5, keep_last=2, report_to="tensorboard",
-)
-
-
-@pytest.fixture(scope="session")
-def corpus_file(pydoc_text: str, tmp_path_factory) -> Path:
-    """12k characters of English: 150 training windows of 33 tokens with the tiny tokenizer (18 batches of 8)."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(pydoc_text[:12_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tiny_tokenizer, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tokenizer")
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-def tiny_args(output_dir: Path, corpus: Path, tokenizer: Path | None, cache: Path, **overrides):
-    """(ModelArguments, DataArguments, LoopArguments) of a tiny run; each override goes to the group with that field."""
-    groups = {
-        ModelArguments: dict(TINY_MODEL),
-        DataArguments: dict(
-            train_file=str(corpus), tokenizer_path=str(tokenizer) if tokenizer else None, split_by="characters",
-            tokenizer_vocab_size=400, eval_batches=2, eval_batch_size=8, sample_tokens=8, cache_dir=str(cache),
-        ),
-        LoopArguments: dict(TINY_LOOP, output_dir=str(output_dir)),
-    }
-    for key, value in overrides.items():
-        groups[next(cls for cls in groups if key in cls.__dataclass_fields__)][key] = value
-    return tuple(cls(**values) for cls, values in groups.items())
-
-
-def script_flags(output_dir: Path, corpus: Path, tokenizer: Path, cache: Path, **overrides) -> list[str]:
-    """The same tiny run as command-line flags for scripts/pretrain.py."""
-    model, data, loop = tiny_args(output_dir, corpus, tokenizer, cache, **overrides)
-    flags = []
-    for group in (model, data, loop):
-        for name, value in vars(group).items():
-            if value is not None and value is not False:
-                flags += [f"--{name}", str(value)]
-    return flags
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def listing(folder: Path) -> dict[str, int]:
-    """Every file under `folder` with its size: a snapshot to prove nothing was written."""
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
-
+from tokenization.corpus import DataError
+from training.checkpoint import list_checkpoints
+from training.pretrain import run_pretraining
+from training.run import RunFolderError
 
 # ----------------------------------------------------------------------------- a whole run
 
@@ -141,7 +81,13 @@ def test_final_model_loads_with_auto_classes_in_a_fresh_process(finished_run, tm
         "ids = tokenizer('The return statement', return_tensors='pt').input_ids\n"
         "torch.save({'logits': model(ids).logits, 'vocab': len(tokenizer), 'cls': type(model).__name__}, sys.argv[1])\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env=SUBPROCESS_ENV, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out.pt")],
+        check=True,
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        timeout=300,
+    )
     loaded = torch.load(tmp_path / "out.pt")
     assert loaded["cls"] == "MiniGPTForCausalLM" and loaded["vocab"] == 400
 
@@ -225,9 +171,15 @@ def test_resume_with_another_model_shape_or_tokenizer(finished_run, corpus_file,
 
 def test_overwrite_replaces_a_run(corpus_file, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
-    run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=2, eval_every=2, save_every=2))
+    run_pretraining(
+        *tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=2, eval_every=2, save_every=2)
+    )
     (out / "checkpoints" / "step_999").mkdir()  # something only the old run had
-    run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=3, eval_every=3, save_every=3, overwrite=True))
+    run_pretraining(
+        *tiny_args(
+            out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=3, eval_every=3, save_every=3, overwrite=True
+        )
+    )
     assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [3]
     assert not (out / "checkpoints" / "step_999").exists()
     assert max(r["step"] for r in read_metrics(out)) == 3
@@ -239,7 +191,7 @@ def test_overwrite_replaces_a_run(corpus_file, tokenizer_dir, tmp_path):
 @pytest.fixture(scope="module")
 def script():
     """scripts/pretrain.py as a module (the SIGKILL and DDP tests run it as a real process)."""
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    spec = importlib.util.spec_from_file_location("pretrain_script", PRETRAIN_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -250,7 +202,14 @@ def test_script_help_lists_every_group(script, capsys):
         script.parse_args(["--help"])
     assert exit_.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--n_layers", "--train_file", "--tokenizer_path", "--max_time_seconds", "--gradient_accumulation_steps", "--resume"):
+    for flag in (
+        "--n_layers",
+        "--train_file",
+        "--tokenizer_path",
+        "--max_time_seconds",
+        "--gradient_accumulation_steps",
+        "--resume",
+    ):
         assert flag in help_text
 
 
@@ -258,7 +217,13 @@ def test_script_yaml_config_with_overrides(script, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("train_file: a.txt\nn_layers: 3\nlearning_rate: 1e-3\nmax_steps: 7\noutput_dir: runs/x\n")
     model, data, loop = script.parse_args([str(config), "--max_steps", "9", "--resume"])
-    assert (model.n_layers, data.train_file, loop.learning_rate, loop.max_steps, loop.resume) == (3, "a.txt", 1e-3, 9, True)
+    assert (model.n_layers, data.train_file, loop.learning_rate, loop.max_steps, loop.resume) == (
+        3,
+        "a.txt",
+        1e-3,
+        9,
+        True,
+    )
     config.write_text("train_file: a.txt\nn_layer: 3\n")
     with pytest.raises(ValueError, match=r"unknown keys \['n_layer'\]"):
         script.parse_args([str(config)])
@@ -276,8 +241,17 @@ def test_script_reports_bad_input_as_one_line(script, tmp_path, corpus_file, cap
 
 def test_time_budget_stops_on_time_and_decays_to_the_floor(corpus_file, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
-    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=10**6, max_time_seconds=4.0,
-                     eval_every=10**6, save_every=10**6, log_every=5)
+    args = tiny_args(
+        out,
+        corpus_file,
+        tokenizer_dir,
+        tmp_path / "cache",
+        max_steps=10**6,
+        max_time_seconds=4.0,
+        eval_every=10**6,
+        save_every=10**6,
+        log_every=5,
+    )
     result = run_pretraining(*args)
     assert 4.0 <= result.train_seconds < 4.0 + 2.0  # stops at the first step past the budget
     train = [r for r in read_metrics(out) if "train_loss" in r]
@@ -287,4 +261,47 @@ def test_time_budget_stops_on_time_and_decays_to_the_floor(corpus_file, tokenize
     assert peak == pytest.approx(3e-3, rel=0.05)
     # After warmup the cosine runs over the clock: it only goes down, and ends at the floor.
     assert lrs[-1] < 3e-4 + 0.05 * (3e-3 - 3e-4)
-    assert all(a >= b for a, b in zip(lrs[lrs.index(peak):], lrs[lrs.index(peak) + 1 :]))
+    assert all(a >= b for a, b in zip(lrs[lrs.index(peak) :], lrs[lrs.index(peak) + 1 :], strict=False))
+
+
+# ----------------------------------------------------------------------------- SIGKILL, in a real process
+
+
+def _wait(process: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    assert process.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, corpus_file, tokenizer_dir):
+    steps = 100  # long enough to be killed mid-run; 2 micro-batches a step, 18 an epoch: ~11 epochs
+    common = dict(max_steps=steps, gradient_accumulation_steps=2, save_every=15, eval_every=40, keep_last=2)
+    reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
+    # The uninterrupted run goes alongside the one that gets killed (one thread each).
+    reference = launch(
+        PRETRAIN_SCRIPT,
+        script_flags(reference_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common),
+        tmp_path / "reference.log",
+    )
+    flags = script_flags(killed_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common)
+    victim = launch(PRETRAIN_SCRIPT, flags, tmp_path / "killed.log")
+    killed_at = sigkill_after_step(victim, killed_out, 40, tmp_path / "killed.log")
+    assert 40 <= killed_at < steps
+
+    resumed = launch(PRETRAIN_SCRIPT, flags + ["--resume", "true"], tmp_path / "resumed.log")
+    _wait(resumed, tmp_path / "resumed.log")
+    _wait(reference, tmp_path / "reference.log")
+    output = (tmp_path / "resumed.log").read_text()
+    resumed_from = int(output.split("resuming from step ")[1].split()[0])
+    assert 30 <= resumed_from <= killed_at and resumed_from % 15 == 0
+
+    expected = load_file(reference_out / "model" / "model.safetensors")
+    actual = load_file(killed_out / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
+        "resumed weights differ from the uninterrupted run"
+    )
+    # The log continues without gaps or repeats, with exactly the uninterrupted run's numbers.
+    assert logged_losses(killed_out) == logged_losses(reference_out)
+    assert [r["step"] for r in read_metrics(killed_out) if "train_loss" in r] == list(range(1, steps + 1))
+    val = lambda out: [(r["step"], r["val_loss"], r["sample"]) for r in read_metrics(out) if "val_loss" in r]  # noqa: E731
+    assert val(killed_out) == val(reference_out)

@@ -1,5 +1,5 @@
-"""Instruction fine-tuning: generation for exact match, the whole job (full and LoRA), resume
-after SIGKILL, and the command line. Tiny models (2 layers, 32 dims) on the embedded tasks."""
+"""training/sft.py: generation for exact match, the whole job (full and LoRA), resume after SIGKILL.
+Tiny models (2 layers, 32 dims) on the embedded tasks."""
 
 from __future__ import annotations
 
@@ -9,44 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import launch, sigkill_after_step
+from helpers.runs import argument_groups, read_metrics, save_tiny_base
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from processes import launch, sigkill_after_step
-from test_pretrain import read_metrics
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
-from training.checkpoint import RunFolderError
-from training.cli import parse_config_args
 from training.instruct_data import encode_prompt
-from training.lora import LoraArguments
 from training.loop import LoopArguments
-from training.sft import (
-    SFTArguments,
-    _decode_answer,
-    exact_match_summary,
-    generate_answers,
-    run_sft,
-    score_generations,
-    split_indices,
-)
+from training.lora import LoraArguments
+from training.run import RunFolderError
+from training.sft import SFTArguments, _decode_answer, generate_answers, run_sft
 from training.tasks import make_task_splits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "sft.py"
-
-
-def save_tiny_base(folder: Path, tokenizer, seed: int = 0, context_length: int = 192, drop_rate: float = 0.0) -> Path:
-    """A randomly initialised 2-layer MiniGPT saved with `tokenizer`: the 'pretrained' input folder."""
-    torch.manual_seed(seed)
-    config = MiniGPTConfig.from_preset(
-        "tiny", vocab_size=len(tokenizer), context_length=context_length, emb_dim=32, n_heads=2, n_layers=2, drop_rate=drop_rate,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    MiniGPTForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -55,28 +33,26 @@ def base_dir(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 TINY_SFT = dict(num_train_tasks=48, num_heldout_tasks=8, max_new_tokens=6, eval_batch_size=8)
-TINY_LOOP = dict(max_steps=6, per_device_batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=2,
-                 log_every=1, eval_every=100, save_every=100, report_to="none")
+TINY_LOOP = dict(
+    max_steps=6,
+    per_device_batch_size=8,
+    learning_rate=3e-3,
+    min_learning_rate=3e-4,
+    warmup_steps=2,
+    log_every=1,
+    eval_every=100,
+    save_every=100,
+    report_to="none",
+)
 
 
 def tiny_sft(base: Path, out: Path, lora: dict | None = None, **overrides):
-    """(SFTArguments, LoraArguments, LoopArguments) for a tiny run; overrides go to the group with that field."""
-    groups = {SFTArguments: dict(TINY_SFT, model_path=str(base)), LoraArguments: dict(lora or {}), LoopArguments: dict(TINY_LOOP, output_dir=str(out))}
-    for key, value in overrides.items():
-        groups[next(cls for cls in groups if key in cls.__dataclass_fields__)][key] = value
-    return tuple(cls(**values) for cls, values in groups.items())
+    """(SFTArguments, LoraArguments, LoopArguments) for a tiny run."""
+    defaults = {SFTArguments: dict(TINY_SFT, model_path=str(base)), LoraArguments: lora or {}}
+    return argument_groups({**defaults, LoopArguments: dict(TINY_LOOP, output_dir=str(out))}, overrides)
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def test_split_indices_is_seeded_disjoint_and_complete():
-    kept, held = split_indices(50, 0.2, seed=3)
-    assert len(held) == 10 and len(kept) == 40 and sorted(kept + held) == list(range(50))
-    assert split_indices(50, 0.2, seed=3) == (kept, held) and split_indices(50, 0.2, seed=4) != (kept, held)
-    assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # at least one held out
-    with pytest.raises(ValueError, match="at least 2"):
-        split_indices(1, 0.5, seed=0)
 
 
 def test_answer_stops_at_the_first_eos(tiny_tokenizer):
@@ -107,19 +83,6 @@ def test_left_padded_batch_gives_the_answers_of_one_by_one_generation(base_dir, 
         generate_answers(model, tiny_tokenizer, records, max_new_tokens=192)
 
 
-def test_generations_are_scored_per_record_and_per_kind():
-    records = [
-        {"instruction": "Add 2 and 3.", "input": "", "output": "5", "kind": "add"},
-        {"instruction": "Add 1 and 1.", "input": "", "output": "2", "kind": "add"},
-        {"instruction": "Repeat this phrase: cat dog", "input": "", "output": "cat dog", "kind": "repeat"},
-        {"instruction": "Sort.", "input": "3, 1", "output": "1, 3", "kind": "sort"},
-    ]
-    rows = score_generations(records, ["5\n", "3", "cat dog", "1,3"])
-    assert [r["exact_match"] for r in rows] == [True, False, True, False]
-    assert rows[3] == {"instruction": "Sort.", "input": "3, 1", "expected": "1, 3", "generated": "1,3", "exact_match": False, "kind": "sort"}
-    assert exact_match_summary(rows) == {"val_exact_match": 0.5, "exact_match_add": 0.5, "exact_match_repeat": 1.0, "exact_match_sort": 0.0}
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -143,7 +106,9 @@ def test_generations_file_has_one_row_per_heldout_record(full_run):
     _, out = full_run
     rows = json.loads((out / "heldout_generations.json").read_text())
     _, heldout = make_task_splits(48, 8, seed=0)
-    assert [(r["instruction"], r["input"], r["expected"]) for r in rows] == [(h["instruction"], h["input"], h["output"]) for h in heldout]
+    assert [(r["instruction"], r["input"], r["expected"]) for r in rows] == [
+        (h["instruction"], h["input"], h["output"]) for h in heldout
+    ]
     assert all(set(r) == {"instruction", "input", "expected", "generated", "exact_match", "kind"} for r in rows)
 
 
@@ -172,7 +137,16 @@ def test_unmasked_run_trains_on_prompts_but_scores_responses_only(full_run, base
 
 def test_lora_run_saves_an_adapter_and_the_merged_model(base_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "lora"
-    result = run_sft(*tiny_sft(base_dir, out, lora=dict(lora_r=4, lora_dropout=0.0), finetune="lora", learning_rate=1e-2, eval_before_training=False))
+    result = run_sft(
+        *tiny_sft(
+            base_dir,
+            out,
+            lora=dict(lora_r=4, lora_dropout=0.0),
+            finetune="lora",
+            learning_rate=1e-2,
+            eval_before_training=False,
+        )
+    )
     assert result.adapter_dir == out / "adapter" and result.before is None
     base = load_file(base_dir / "model.safetensors")
     merged = load_file(out / "model" / "model.safetensors")
@@ -182,7 +156,9 @@ def test_lora_run_saves_an_adapter_and_the_merged_model(base_dir, tiny_tokenizer
     merged_model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(merged_model(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            merged_model(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_converted_gpt2_folder_whose_pad_is_eos(shared_data, tmp_path):
@@ -229,25 +205,21 @@ def test_alpaca_file_with_seeded_heldout_split(base_dir, tmp_path):
     _, records = make_task_splits(0, 30, seed=5)
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output")} for r in records]))
-    result = run_sft(*tiny_sft(base_dir, tmp_path / "out", train_file=str(data), validation_fraction=0.2, max_steps=2, eval_before_training=False))
+    result = run_sft(
+        *tiny_sft(
+            base_dir,
+            tmp_path / "out",
+            train_file=str(data),
+            validation_fraction=0.2,
+            max_steps=2,
+            eval_before_training=False,
+        )
+    )
     rows = json.loads((tmp_path / "out" / "heldout_generations.json").read_text())
     assert len(rows) == 6 and "kind" not in rows[0] and set(result.after) == {"val_loss", "val_exact_match"}
 
 
-def test_config_file_then_flags(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("model_path: base\nmax_steps: 7\nlora_r: 2\nmask_prompt: false\n")
-    sft, lora, loop = parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config), "--max_steps", "9", "--output_dir", "o"])
-    assert (sft.model_path, sft.mask_prompt, lora.lora_r, loop.max_steps, loop.output_dir) == ("base", False, 2, 9, "o")
-    config.write_text("max_step: 7\n")
-    with pytest.raises(ValueError, match=r"unknown keys \['max_step'\]"):
-        parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config)])
-
-
 # ----------------------------------------------------------------------------- resume after SIGKILL
-
-
-
 
 
 @pytest.mark.slow
@@ -255,10 +227,32 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_tokenizer, tmp_pat
     steps = 30
     base = save_tiny_base(tmp_path / "base", tiny_tokenizer, drop_rate=0.1)  # dropout: the RNG state must resume too
     flags = [
-        "--model_path", str(base), "--num_train_tasks", "64", "--num_heldout_tasks", "4", "--max_new_tokens", "4",
-        "--max_steps", str(steps), "--per_device_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--learning_rate", "3e-3", "--warmup_steps", "5", "--log_every", "1", "--save_every", "5", "--eval_every", "15",
-        "--report_to", "none",
+        "--model_path",
+        str(base),
+        "--num_train_tasks",
+        "64",
+        "--num_heldout_tasks",
+        "4",
+        "--max_new_tokens",
+        "4",
+        "--max_steps",
+        str(steps),
+        "--per_device_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_steps",
+        "5",
+        "--log_every",
+        "1",
+        "--save_every",
+        "5",
+        "--eval_every",
+        "15",
+        "--report_to",
+        "none",
     ]
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
     reference = launch(SCRIPT, [*flags, "--output_dir", str(reference_out)], tmp_path / "reference.log")
@@ -271,10 +265,17 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_tokenizer, tmp_pat
     resumed_from = int((tmp_path / "resumed.log").read_text().split("resuming from step ")[1].split()[0])
     assert 10 <= resumed_from <= killed_at < steps and resumed_from % 5 == 0
 
-    expected, actual = load_file(reference_out / "model" / "model.safetensors"), load_file(killed_out / "model" / "model.safetensors")
+    expected, actual = (
+        load_file(reference_out / "model" / "model.safetensors"),
+        load_file(killed_out / "model" / "model.safetensors"),
+    )
     assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[k], actual[k]) for k in expected), "resumed weights differ from the uninterrupted run"
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
+        "resumed weights differ from the uninterrupted run"
+    )
     keep = ("step", "train_loss", "grad_norm", "val_loss", "val_exact_match")
     log = lambda out: [{k: r[k] for k in keep if k in r} for r in read_metrics(out)]  # noqa: E731
     assert log(killed_out) == log(reference_out)
-    assert json.loads((killed_out / "heldout_generations.json").read_text()) == json.loads((reference_out / "heldout_generations.json").read_text())
+    assert json.loads((killed_out / "heldout_generations.json").read_text()) == json.loads(
+        (reference_out / "heldout_generations.json").read_text()
+    )

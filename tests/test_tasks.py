@@ -1,4 +1,4 @@
-"""Embedded instruction tasks: determinism, correct answers, disjoint splits, exact match."""
+"""training/tasks.py: the embedded instruction tasks: determinism, correct answers, disjoint splits."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from training.tasks import (
     TASK_KINDS,
     WORDS,
     draw_distinct,
-    exact_match,
-    exact_match_accuracy,
     generate_tasks,
     make_task_splits,
     split_tasks,
@@ -34,11 +32,17 @@ def digest(records) -> str:
 
 def test_same_seed_same_tasks_in_a_fresh_process_with_another_hash_seed():
     """No hash() or set order leaks in: a new interpreter with a different PYTHONHASHSEED agrees."""
-    code = "import hashlib, json; from training.tasks import generate_tasks; " \
-           "print(hashlib.sha256(json.dumps(generate_tasks(200, seed=7), sort_keys=True).encode()).hexdigest())"
+    code = (
+        "import hashlib, json; from training.tasks import generate_tasks; "
+        "print(hashlib.sha256(json.dumps(generate_tasks(200, seed=7), sort_keys=True).encode()).hexdigest())"
+    )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env={**os.environ, "PYTHONHASHSEED": "12345"},
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == digest(generate_tasks(200, seed=7))
     assert digest(generate_tasks(200, seed=8)) != digest(generate_tasks(200, seed=7))
@@ -47,9 +51,24 @@ def test_same_seed_same_tasks_in_a_fresh_process_with_another_hash_seed():
 def test_first_records_are_pinned():
     """Changing a generator changes every split and metric reported so far: do it on purpose."""
     assert generate_tasks(4, seed=0) == [
-        {"instruction": "Say the following words again: ring bread jam", "input": "", "output": "ring bread jam", "kind": "repeat"},
-        {"instruction": "Reverse the order of the words.", "input": "leaf seed oak tree", "output": "tree oak seed leaf", "kind": "reverse"},
-        {"instruction": "Put the numbers in increasing order.", "input": "17, 36, 96, 12, 79", "output": "12, 17, 36, 79, 96", "kind": "sort"},
+        {
+            "instruction": "Say the following words again: ring bread jam",
+            "input": "",
+            "output": "ring bread jam",
+            "kind": "repeat",
+        },
+        {
+            "instruction": "Reverse the order of the words.",
+            "input": "leaf seed oak tree",
+            "output": "tree oak seed leaf",
+            "kind": "reverse",
+        },
+        {
+            "instruction": "Put the numbers in increasing order.",
+            "input": "17, 36, 96, 12, 79",
+            "output": "12, 17, 36, 79, 96",
+            "kind": "sort",
+        },
         {"instruction": "What is 34 plus 45?", "input": "", "output": "79", "kind": "add"},
     ]
 
@@ -125,17 +144,3 @@ def test_draw_distinct_raises_instead_of_looping_forever():
         draw_distinct(5, lambda i: i % 3, key=lambda x: x)
     with pytest.raises(ValueError, match="could only draw 5000 distinct"):
         generate_tasks(5001, seed=0, kinds=["add"])  # 50 * 50 pairs x 2 phrasings
-
-
-def test_exact_match_strips_only_surrounding_whitespace():
-    assert exact_match(" 79\n", "79")
-    assert exact_match("tree oak", "tree oak ")
-    assert not exact_match("79.", "79")
-    assert not exact_match("Tree oak", "tree oak")
-    assert not exact_match("tree  oak", "tree oak")
-    assert not exact_match("12,17", "12, 17")
-    assert exact_match_accuracy(["79", " a b", "x"], ["79", "a b", "y"]) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="2 predictions for 3 expected"):
-        exact_match_accuracy(["a", "b"], ["a", "b", "c"])
-    with pytest.raises(ValueError, match="at least one"):
-        exact_match_accuracy([], [])

@@ -18,7 +18,8 @@ from datasets import Dataset  # noqa: E402
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
 from tokenization.alpaca import alpaca_messages, format_example  # noqa: E402
-from training.instruct_data import collate_instruction_batch, render_example  # noqa: E402
+from training.collate import collate_instruction_batch  # noqa: E402
+from training.instruct_data import render_example  # noqa: E402
 
 RECORDS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},

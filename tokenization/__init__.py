@@ -1,11 +1,11 @@
 """Byte-level BPE tokenization for MiniGPT: training, GPT-2's tokenizer, and BPE made visible.
 
-    train_bpe(source, vocab_size, ...)          -> PreTrainedTokenizerFast (saved if output_dir)
-    load_gpt2_tokenizer(encoder_json, vocab_bpe) -> the same type, with GPT-2's merges
-    encode_batch_fast(tokenizer, texts)          -> list[list[int]], the data pipeline's path
-    format_prompt / format_example / ALPACA_TEMPLATE, also the tokenizer's chat template
-    merge_trace(tokenizer, text), merge_table(...), token_boundaries_html(...), plot_*(...)
-    train_reference_bpe(texts, vocab_size, ...)  -> the same merges, in plain Python
+train_bpe(source, vocab_size, ...)          -> PreTrainedTokenizerFast (saved if output_dir)
+load_gpt2_tokenizer(encoder_json, vocab_bpe) -> the same type, with GPT-2's merges
+encode_batch_fast(tokenizer, texts)          -> list[list[int]], the data pipeline's path
+format_prompt / format_example / ALPACA_TEMPLATE, also the tokenizer's chat template
+merge_trace(tokenizer, text), merge_table(...), token_boundaries_html(...), *_figure(...)
+train_reference_bpe(texts, vocab_size, ...)  -> the same merges, in plain Python
 """
 
 from .alpaca import ALPACA_CHAT_TEMPLATE, ALPACA_TEMPLATE, alpaca_messages, format_example, format_prompt
@@ -21,8 +21,8 @@ from .visualize import (
     learned_merges,
     merge_table,
     merge_trace,
-    plot_merge_trace,
-    plot_token_boundaries,
+    merge_trace_figure,
+    token_boundaries_figure,
     token_boundaries_html,
 )
 
@@ -45,9 +45,9 @@ __all__ = [
     "load_gpt2_tokenizer",
     "merge_table",
     "merge_trace",
-    "plot_merge_trace",
-    "plot_token_boundaries",
+    "merge_trace_figure",
     "tiktoken_encoding",
+    "token_boundaries_figure",
     "token_boundaries_html",
     "train_bpe",
     "train_reference_bpe",

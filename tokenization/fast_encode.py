@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Sequence
+from typing import Literal
 
 from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +40,7 @@ PROBE_TEXT = (
     "ALL CAPS, MiXeD, 3.14159, 1,000,000 — “quotes” ‘too’...<|pad|>   "
 )
 
-_twins: "weakref.WeakKeyDictionary[PreTrainedTokenizerFast, tuple[int, object]]" = weakref.WeakKeyDictionary()
+_twins: weakref.WeakKeyDictionary[PreTrainedTokenizerFast, tuple[int, object]] = weakref.WeakKeyDictionary()
 
 
 def tiktoken_twin(tokenizer: PreTrainedTokenizerFast):

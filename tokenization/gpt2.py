@@ -77,7 +77,7 @@ def _sha256(path: PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def gpt2_tiktoken_encoding(encoder_json: PathLike, vocab_bpe: PathLike) -> "tiktoken.Encoding":
+def gpt2_tiktoken_encoding(encoder_json: PathLike, vocab_bpe: PathLike) -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding, built by tiktoken's own loader from the same two local files.
 
     An independent reference for `load_gpt2_tokenizer` (tiktoken cannot download here). The file
@@ -98,7 +98,7 @@ def gpt2_tiktoken_encoding(encoder_json: PathLike, vocab_bpe: PathLike) -> "tikt
     )
 
 
-def tiktoken_encoding(tokenizer: PreTrainedTokenizerFast, name: str = "minigpt-bpe") -> "tiktoken.Encoding":
+def tiktoken_encoding(tokenizer: PreTrainedTokenizerFast, name: str = "minigpt-bpe") -> tiktoken.Encoding:
     """A tiktoken Encoding with the same vocabulary and merges as our byte-level `tokenizer`.
 
     tiktoken merges the adjacent pair whose *result* has the lowest rank; tokenizers merges the

@@ -37,8 +37,8 @@ merge-list equality.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -63,7 +63,7 @@ def initial_vocabulary(special_tokens: Sequence[str] = SPECIAL_TOKENS) -> list[s
 def count_pairs(symbols: Sequence[str], weight: int = 1) -> Counter[Pair]:
     """Adjacent pairs of one word, each counted `weight` times (overlaps count)."""
     counts: Counter[Pair] = Counter()
-    for pair in zip(symbols, symbols[1:]):
+    for pair in zip(symbols, symbols[1:], strict=False):
         counts[pair] += weight
     return counts
 

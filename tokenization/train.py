@@ -12,8 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -57,8 +58,9 @@ def train_bpe(
     """Learn a byte-level BPE vocabulary of `vocab_size` tokens from `source`.
 
     Args:
-        source: a text file path (str or Path), a list of Paths, an iterable of texts (str), or
-            a `datasets.Dataset` whose `text_column` holds the texts. See `corpus.iter_texts`.
+        source: anything `tokenization.corpus.open_source` accepts: a text file, a file or
+            folder of rows, a list of text files, a `datasets.Dataset` whose `text_column` holds
+            the texts, an iterable of texts (str), ...
         vocab_size: total vocabulary, counting the 256 byte tokens and the special tokens.
         min_frequency: a pair seen fewer times than this is never merged (training may then
             stop below `vocab_size`; a warning says so).
@@ -71,7 +73,7 @@ def train_bpe(
         model_max_length: an int, or a model config whose `max_position_embeddings` (or
             `n_positions`) becomes the tokenizer's `model_max_length`.
         show_progress: the trainer's own progress bars.
-        text_column: the column read when `source` is a dataset.
+        text_column: the column read when `source` is (or holds) rows.
 
     Returns:
         A `PreTrainedTokenizerFast` (`TokenizersBackend` in transformers 5) with eos, bos and
@@ -104,7 +106,9 @@ def train_bpe(
     if tokenizer.get_vocab_size() < vocab_size:
         logger.warning(
             "BPE stopped at %d tokens (asked for %d): no remaining pair occurs %d+ times in the corpus",
-            tokenizer.get_vocab_size(), vocab_size, min_frequency,
+            tokenizer.get_vocab_size(),
+            vocab_size,
+            min_frequency,
         )
 
     hf_tokenizer = wrap_tokenizer(tokenizer, special_tokens, max_length)
@@ -200,10 +204,12 @@ def check_round_trip(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -
         ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
         back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         if back != text:
-            at = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+            at = next(
+                (i for i, (a, b) in enumerate(zip(text, back, strict=False)) if a != b), min(len(text), len(back))
+            )
             raise RuntimeError(
                 f"round trip failed on sample {index} at character {at}: "
-                f"{text[max(0, at - 20):at + 20]!r} came back as {back[max(0, at - 20):at + 20]!r}"
+                f"{text[max(0, at - 20) : at + 20]!r} came back as {back[max(0, at - 20) : at + 20]!r}"
             )
 
 

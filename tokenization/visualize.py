@@ -5,9 +5,11 @@
   `format_merge_trace` prints it, `plot_merge_trace` draws it.
 - `merge_table(tokenizer, texts, n)`: the first n learned merges with each pair's frequency in
   the corpus when it was merged; `format_merge_table` prints it as Markdown.
-- `token_boundaries_html` / `plot_token_boundaries`: a text with alternating token colours.
+- `token_boundaries_html` / `token_boundaries_figure`: a text with alternating token colours.
+- `write_views(tokenizer, source, output_dir)`: the views `scripts/train_tokenizer.py` saves
+  beside a trained tokenizer.
 
-Figures use matplotlib's Agg backend and are written atomically as PNG.
+The `*_figure` functions return a matplotlib Figure; `modeling_minigpt.files.save_figure` writes it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ from __future__ import annotations
 import functools
 import html
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerFast
 
-from .corpus import PathLike
+from modeling_minigpt.files import atomic_write_text, pyplot, save_figure
+
+from .corpus import PathLike, Source, iter_texts
 from .pretokenize import readable, segment_special_tokens
 from .reference_bpe import Pair, replay_merge_counts
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Pastel colours, alternated so neighbouring tokens always differ.
 TOKEN_COLOURS = ("#fde2a7", "#b9e4c9", "#c6d8f5", "#f7c6d9", "#e0d0f5", "#d5ecf2")
@@ -100,7 +108,7 @@ def merge_trace(tokenizer: PreTrainedTokenizerFast, text: str) -> list[WordTrace
 def _trace_word(word: str, ranks: dict[Pair, int]) -> Iterable[MergeStep]:
     parts = list(word)
     while len(parts) > 1:
-        candidates = [(ranks[pair], i) for i, pair in enumerate(zip(parts, parts[1:])) if pair in ranks]
+        candidates = [(ranks[pair], i) for i, pair in enumerate(zip(parts, parts[1:], strict=False)) if pair in ranks]
         if not candidates:
             return
         rank, i = min(candidates)
@@ -130,33 +138,10 @@ def format_merge_trace(traces: Sequence[WordTrace]) -> str:
     return "\n".join(lines)
 
 
-def save_figure(figure, path: PathLike) -> Path:
-    """Write a matplotlib figure as PNG atomically (training.checkpoint.atomic_path), then close it."""
-    import matplotlib.pyplot as plt
-
-    from training.checkpoint import atomic_path
-
-    try:
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    finally:
-        plt.close(figure)
-    return Path(path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_merge_trace(traces: Sequence[WordTrace], path: PathLike, max_words: int = 6) -> Path:
-    """Draw the merge trace: per word, one row per state, one box per part (width = bytes),
+def merge_trace_figure(traces: Sequence[WordTrace], max_words: int = 6) -> Figure:
+    """The merge trace drawn: per word, one row per state, one box per part (width = bytes),
     the part just merged in orange with its rank and pair on the right."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     words = [t for t in traces if not t.special][:max_words]
@@ -167,7 +152,9 @@ def plot_merge_trace(traces: Sequence[WordTrace], path: PathLike, max_words: int
     figure, axes = plt.subplots(figsize=(1.2 + 0.55 * width + 3.2, 0.32 * rows + 0.4))
     y = 0.0
     for trace in words:
-        axes.text(0, y, drawable(f"word {readable(trace.word)!r}"), fontsize=10, fontweight="bold", va="center", family=FONT)
+        axes.text(
+            0, y, drawable(f"word {readable(trace.word)!r}"), fontsize=10, fontweight="bold", va="center", family=FONT
+        )
         y += 1
         states = [(trace.start, None)] + [(s.parts, s) for s in trace.steps]
         for parts, step in states:
@@ -175,13 +162,28 @@ def plot_merge_trace(traces: Sequence[WordTrace], path: PathLike, max_words: int
             for index, part in enumerate(parts):
                 merged = step is not None and index == step.position
                 axes.add_patch(
-                    Rectangle((x, y - 0.4), len(part) - 0.08, 0.8, facecolor=HIGHLIGHT if merged else "#dbe7f7",
-                              edgecolor="#4a5a70", linewidth=0.6)
+                    Rectangle(
+                        (x, y - 0.4),
+                        len(part) - 0.08,
+                        0.8,
+                        facecolor=HIGHLIGHT if merged else "#dbe7f7",
+                        edgecolor="#4a5a70",
+                        linewidth=0.6,
+                    )
                 )
-                axes.text(x + (len(part) - 0.08) / 2, y, drawable(readable(part)), ha="center", va="center",
-                          fontsize=8, family=FONT)
+                axes.text(
+                    x + (len(part) - 0.08) / 2,
+                    y,
+                    drawable(readable(part)),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    family=FONT,
+                )
                 x += len(part)
-            label = "bytes" if step is None else f"rank {step.rank}: {readable(step.pair[0])} + {readable(step.pair[1])}"
+            label = (
+                "bytes" if step is None else f"rank {step.rank}: {readable(step.pair[0])} + {readable(step.pair[1])}"
+            )
             label = drawable(label)
             axes.text(width + 0.4, y, label, va="center", fontsize=8, family=FONT, color="#333333")
             y += 1
@@ -189,7 +191,7 @@ def plot_merge_trace(traces: Sequence[WordTrace], path: PathLike, max_words: int
     axes.set_ylim(y - 0.4, -0.8)
     axes.axis("off")
     axes.set_title("BPE merge trace (lowest rank first)", fontsize=10)
-    return save_figure(figure, path)
+    return figure
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,10 @@ def merge_table(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], n: int
     the trainer chose them by; `tokenizers` does not report them."""
     merges = learned_merges(tokenizer)[:n]
     counts = replay_merge_counts(merges, texts, special_tokens_of(tokenizer))
-    return [MergeRow(rank, left, right, left + right, count) for rank, ((left, right), count) in enumerate(zip(merges, counts))]
+    return [
+        MergeRow(rank, left, right, left + right, count)
+        for rank, ((left, right), count) in enumerate(zip(merges, counts, strict=True))
+    ]
 
 
 def format_merge_table(rows: Sequence[MergeRow]) -> str:
@@ -231,7 +236,7 @@ def token_spans(tokenizer: PreTrainedTokenizerFast, text: str) -> list[TokenSpan
     encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     spans = []
     shown = 0
-    for token_id, token, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets):
+    for token_id, token, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets, strict=True):
         start = max(start, shown)
         end = max(end, start)
         spans.append(TokenSpan(token_id, token, start, end))
@@ -250,20 +255,20 @@ def token_boundaries_html(tokenizer: PreTrainedTokenizerFast, text: str, title: 
         body.append(f'<span style="background:{colour}" title="{tip}">{shown}</span>')
     ratio = len(text) / max(len(spans), 1)
     return (
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
-        f"<title>{html.escape(title)}</title></head>\n<body style=\"font-family:sans-serif\">\n"
+        '<!doctype html>\n<html><head><meta charset="utf-8">'
+        f'<title>{html.escape(title)}</title></head>\n<body style="font-family:sans-serif">\n'
         f"<h3>{html.escape(title)}</h3><p>{len(spans):,} tokens for {len(text):,} characters "
         f"({ratio:.2f} characters per token). Hover a token for its id.</p>\n"
-        "<pre style=\"white-space:pre-wrap;font-size:14px;line-height:1.7\">" + "".join(body) + "</pre>\n</body></html>\n"
+        '<pre style="white-space:pre-wrap;font-size:14px;line-height:1.7">' + "".join(body) + "</pre>\n</body></html>\n"
     )
 
 
-def plot_token_boundaries(
-    tokenizer: PreTrainedTokenizerFast, text: str, path: PathLike, columns: int = 80, max_lines: int = 40
-) -> Path:
+def token_boundaries_figure(
+    tokenizer: PreTrainedTokenizerFast, text: str, columns: int = 80, max_lines: int = 40
+) -> Figure:
     """The text on a character grid, each token's cells on its own colour, a bar at each token
     start. Newlines show as '↵', tabs as '⇥'; characters the font lacks as '□'."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     spans = token_spans(tokenizer, text)
@@ -281,10 +286,12 @@ def plot_token_boundaries(
     axes.axis("off")
     shown = f"first {lines} lines of " if len(cells) < len(text) else ""
     axes.set_title(f"{shown}{len(spans):,} tokens, {len(text):,} characters (bar = token start)", fontsize=9)
-    return save_figure(figure, path)
+    return figure
 
 
-def _layout(text: str, spans: Sequence[TokenSpan], columns: int, max_lines: int) -> list[tuple[int, int, str, int, bool]]:
+def _layout(
+    text: str, spans: Sequence[TokenSpan], columns: int, max_lines: int
+) -> list[tuple[int, int, str, int, bool]]:
     """(row, column, shown char, token index, starts token) for each character cell."""
     cells = []
     row = column = 0
@@ -314,3 +321,31 @@ def drawable(text: str) -> str:
     """`text` with characters the plotting font lacks (emoji, CJK) shown as '□'."""
     font = _font()
     return "".join(c if c == " " or font.get_char_index(ord(c)) else "□" for c in text)
+
+
+# ----------------------------------------------------------------------------- views of a trained tokenizer
+
+
+def write_views(
+    tokenizer: PreTrainedTokenizerFast,
+    source: Source,
+    output_dir: PathLike,
+    *,
+    trace_word: str = " tokenization",
+    merges_table_rows: int = 50,
+    text_column: str = "text",
+) -> str | None:
+    """merge_trace.png (of `trace_word`; none if empty), token_boundaries.html (the start of the
+    corpus) and merges_table.md (the first `merges_table_rows` merges with their frequency in the
+    corpus, which is read again in plain Python; none if 0) in `output_dir`. Returns the table."""
+    output_dir = Path(output_dir)
+    if trace_word:
+        save_figure(merge_trace_figure(merge_trace(tokenizer, trace_word)), output_dir / "merge_trace.png")
+    texts, _ = iter_texts(source, text_column)
+    atomic_write_text(output_dir / "token_boundaries.html", token_boundaries_html(tokenizer, next(texts, "")[:3000]))
+    if merges_table_rows <= 0:
+        return None
+    texts, _ = iter_texts(source, text_column)
+    table = format_merge_table(merge_table(tokenizer, texts, merges_table_rows))
+    atomic_write_text(output_dir / "merges_table.md", f"# First {merges_table_rows} merges\n\n{table}\n")
+    return table

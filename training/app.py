@@ -18,8 +18,9 @@ from __future__ import annotations
 import html
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 # Read when gradio is imported and when a Blocks is built: off before either.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -40,8 +41,10 @@ TOKEN_COLOURS = ("#fde2a7", "#b9e4c9", "#c6d8f5", "#f7c6d9", "#e0d0f5", "#d5ecf2
 class AppArguments:
     model: str | None = field(
         default=None,
-        metadata={"help": "Saved model folder: a MiniGPT causal LM or sequence classifier, or a GPT-2 folder "
-                  "exported by scripts/convert_gpt2.py. Required."},
+        metadata={
+            "help": "Saved model folder: a MiniGPT causal LM or sequence classifier, or a GPT-2 folder "
+            "exported by scripts/convert_gpt2.py. Required."
+        },
     )
     port: int | None = field(
         default=None, metadata={"help": "TCP port on 127.0.0.1. Default: the first free port from 7860."}
@@ -93,8 +96,12 @@ def alternatives_text(choice) -> str:
 
 
 def choice_record(choice) -> dict:
-    return {"id": choice.id, "piece": choice.piece, "probability": choice.probability,
-            "top": [list(alt) for alt in choice.alternatives]}
+    return {
+        "id": choice.id,
+        "piece": choice.piece,
+        "probability": choice.probability,
+        "top": [list(alt) for alt in choice.alternatives],
+    }
 
 
 def attention_figure(tokens: Sequence[str], weights, layer: int, head: int):
@@ -157,8 +164,16 @@ class ModelApp:
 
     # --- chat
 
-    def chat(self, message: str, history: list, temperature: float, top_k: float, top_p: float,
-             max_new_tokens: float, seed: float) -> Iterator[tuple]:
+    def chat(
+        self,
+        message: str,
+        history: list,
+        temperature: float,
+        top_k: float,
+        top_p: float,
+        max_new_tokens: float,
+        seed: float,
+    ) -> Iterator[tuple]:
         """Streams (conversation, prompt box, status, token table, details, text for Inspect)."""
         from training.inspect_model import SamplingSettings, chat_prompt, eos_id, stream_generate
 
@@ -168,8 +183,13 @@ class ModelApp:
             yield history, message, warning("This is a classifier: use the Inspect tab."), [], {}, ""
             return
         try:
-            settings = SamplingSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                        top_k=int(top_k), top_p=float(top_p), seed=int(seed))
+            settings = SamplingSettings(
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_k=int(top_k),
+                top_p=float(top_p),
+                seed=int(seed),
+            )
             prompt = chat_prompt(loaded.tokenizer, history, message or "")
             steps = stream_generate(loaded.model, loaded.tokenizer, prompt.ids, settings, eos_id(loaded))
             first = next(steps)  # raises ContextFullError / ValueError before the page changes
@@ -181,10 +201,21 @@ class ModelApp:
         rows, records = [], []
         note = f" {warning(prompt.note)}" if prompt.note else ""
         for step in _chain(first, steps):
-            rows.append([len(rows) + 1, step.choice.piece, round(step.choice.probability, 4), alternatives_text(step.choice)])
+            rows.append(
+                [len(rows) + 1, step.choice.piece, round(step.choice.probability, 4), alternatives_text(step.choice)]
+            )
             records.append(choice_record(step.choice))
-            details = {"prompt_ids": prompt.ids, "ids": [r["id"] for r in records], "stop": step.stop, "tokens": records}
-            status = f"Generating… {len(rows)} tokens.{note}" if step.stop is None else self.stop_message(step.stop, len(prompt.ids), len(rows)) + note
+            details = {
+                "prompt_ids": prompt.ids,
+                "ids": [r["id"] for r in records],
+                "stop": step.stop,
+                "tokens": records,
+            }
+            status = (
+                f"Generating… {len(rows)} tokens.{note}"
+                if step.stop is None
+                else self.stop_message(step.stop, len(prompt.ids), len(rows)) + note
+            )
             reply = [*conversation, {"role": "assistant", "content": step.text}]
             yield reply, "", status, rows, details, prompt.text + step.text
 
@@ -214,8 +245,12 @@ class ModelApp:
         ids = encode(loaded.tokenizer, text)
         pieces = token_pieces(loaded.tokenizer, ids)
         details: dict[str, Any] = {
-            "ids": ids, "tokens": [p.readable for p in pieces], "bytes": [p.hex for p in pieces],
-            "layer": layer, "head": head, "attention": weights.tolist(),
+            "ids": ids,
+            "tokens": [p.readable for p in pieces],
+            "bytes": [p.hex for p in pieces],
+            "layer": layer,
+            "head": head,
+            "attention": weights.tolist(),
         }
         labels, pooled = None, None
         if loaded.kind == "classifier":
@@ -228,9 +263,15 @@ class ModelApp:
             choices = [None, *token_probabilities(loaded.model, loaded.tokenizer, ids)]
             details["probabilities"] = [None if c is None else choice_record(c) for c in choices]
         rows = [
-            [p.position, p.id, p.readable, p.hex,
-             "" if c is None else round(c.probability, 4), "" if c is None else alternatives_text(c)]
-            for p, c in zip(pieces, choices)
+            [
+                p.position,
+                p.id,
+                p.readable,
+                p.hex,
+                "" if c is None else round(c.probability, 4),
+                "" if c is None else alternatives_text(c),
+            ]
+            for p, c in zip(pieces, choices, strict=False)
         ]
         status = f"{len(pieces)} tokens; attention of layer {layer}, head {head}."
         figure = attention_figure(tokens, weights, layer, head)
@@ -242,7 +283,7 @@ def _chain(first, rest):
     yield from rest
 
 
-def build_app(loaded) -> "gr.Blocks":
+def build_app(loaded) -> gr.Blocks:
     """The page for `loaded` (a training.inspect_model.LoadedModel); other folders load from the page."""
     app = ModelApp(loaded)
     is_lm = loaded.kind == "causal-lm"
@@ -256,23 +297,29 @@ def build_app(loaded) -> "gr.Blocks":
         last_text = gr.State("")
 
         with gr.Tab("Chat", visible=is_lm, elem_id="chat-tab") as chat_tab:
-            chatbot = gr.Chatbot(label="Conversation", height=320, render_markdown=False, elem_id="chatbot",
-                                 buttons=["copy"])
+            chatbot = gr.Chatbot(
+                label="Conversation", height=320, render_markdown=False, elem_id="chatbot", buttons=["copy"]
+            )
             with gr.Row():
-                prompt = gr.Textbox(show_label=False, placeholder="Type an instruction and press Enter",
-                                    scale=5, elem_id="prompt")
+                prompt = gr.Textbox(
+                    show_label=False, placeholder="Type an instruction and press Enter", scale=5, elem_id="prompt"
+                )
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 clear = gr.Button("Clear", scale=1, elem_id="clear")
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature", info="0 = greedy")
                 top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 = off")
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", info="1 = off")
-                max_new = gr.Slider(1, loaded.context_length, value=min(64, loaded.context_length), step=1,
-                                    label="Max new tokens")
+                max_new = gr.Slider(
+                    1, loaded.context_length, value=min(64, loaded.context_length), step=1, label="Max new tokens"
+                )
                 seed = gr.Number(value=0, precision=0, label="Seed")
             chat_status = gr.Markdown(elem_id="chat-status")
             generated = gr.Dataframe(
-                headers=["#", "token", "p", "top-5 alternatives"], value=[], interactive=False, elem_id="generated",
+                headers=["#", "token", "p", "top-5 alternatives"],
+                value=[],
+                interactive=False,
+                elem_id="generated",
                 column_widths=["6%", "16%", "9%", "69%"],
                 label="Generated tokens: probability under the model (temperature 1, before top-k / top-p)",
             )
@@ -280,8 +327,12 @@ def build_app(loaded) -> "gr.Blocks":
                 chat_details = gr.JSON(label="Generation")
 
         with gr.Tab("Inspect", elem_id="inspect-tab"):
-            text = gr.Textbox(lines=4, label="Text", elem_id="inspect-text",
-                              placeholder="Any text, or the last chat turn (button below)")
+            text = gr.Textbox(
+                lines=4,
+                label="Text",
+                elem_id="inspect-text",
+                placeholder="Any text, or the last chat turn (button below)",
+            )
             with gr.Row():
                 use_chat = gr.Button("Use the last chat turn", elem_id="use-chat")
                 layer = gr.Slider(0, max(loaded.n_layers - 1, 0), value=0, step=1, label="Layer")
@@ -292,26 +343,41 @@ def build_app(loaded) -> "gr.Blocks":
             boundaries = gr.HTML(elem_id="boundaries")
             heatmap = gr.Plot(label="Attention", format="png", elem_id="heatmap")
             tokens = gr.Dataframe(
-                headers=["#", "id", "token", "bytes", "p", "top-5 here"], value=[], interactive=False,
+                headers=["#", "id", "token", "bytes", "p", "top-5 here"],
+                value=[],
+                interactive=False,
                 label="Tokens: p = probability given the text before; top-5 = the model's first choices here",
-                column_widths=["6%", "8%", "14%", "16%", "9%", "47%"], elem_id="tokens",
+                column_widths=["6%", "8%", "14%", "16%", "9%", "47%"],
+                elem_id="tokens",
             )
             with gr.Accordion("Raw numbers (JSON)", open=False):
                 inspect_details = gr.JSON(label="Inspect")
 
-        load_button.click(app.load, folder, [header, load_status, layer, head, max_new, chat_tab, labels], api_name="load")
+        load_button.click(
+            app.load, folder, [header, load_status, layer, head, max_new, chat_tab, labels], api_name="load"
+        )
         # A page opened after a Load shows the model now served, not the one the app started with.
-        demo.load(lambda: (str(app.loaded.folder), app.header(), *app.control_updates()), None,
-                  [folder, header, layer, head, max_new, chat_tab, labels], api_visibility="private")
+        demo.load(
+            lambda: (str(app.loaded.folder), app.header(), *app.control_updates()),
+            None,
+            [folder, header, layer, head, max_new, chat_tab, labels],
+            api_visibility="private",
+        )
         chat_inputs = [prompt, chatbot, temperature, top_k, top_p, max_new, seed]
         chat_outputs = [chatbot, prompt, chat_status, generated, chat_details, last_text]
         send.click(app.chat, chat_inputs, chat_outputs, api_name="chat")
         prompt.submit(app.chat, chat_inputs, chat_outputs, api_visibility="private")
-        clear.click(lambda: ([], "", [], {}, ""), None, [chatbot, chat_status, generated, chat_details, last_text],
-                    api_visibility="private")
+        clear.click(
+            lambda: ([], "", [], {}, ""),
+            None,
+            [chatbot, chat_status, generated, chat_details, last_text],
+            api_visibility="private",
+        )
         use_chat.click(lambda t: t, last_text, text, api_visibility="private")
         inspect_button.click(
-            app.inspect, [text, layer, head], [boundaries, inspect_status, heatmap, tokens, labels, inspect_details],
+            app.inspect,
+            [text, layer, head],
+            [boundaries, inspect_status, heatmap, tokens, labels, inspect_details],
             api_name="inspect",
         )
     return demo

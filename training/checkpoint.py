@@ -1,9 +1,9 @@
-"""Crash-safe files: atomic writes, `accelerator.save_state` checkpoints, and run folders.
+"""Crash-safe `accelerator.save_state` checkpoints.
 
-Every write here goes to a temporary name beside its target and is renamed into place, so a
-process killed at any moment leaves either the old complete file/folder or the new one, never a
-half-written thing that looks complete. Checkpoint folders additionally carry a marker file
-written last; `latest_checkpoint` only believes folders that have it.
+Every write goes through `modeling_minigpt.files` (a temporary name beside its target, renamed
+into place), so a process killed at any moment leaves either the old complete file/folder or the
+new one. Checkpoint folders additionally carry a marker file written last; `latest_checkpoint`
+only believes folders that have it.
 """
 
 from __future__ import annotations
@@ -12,67 +12,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
 
 from accelerate import Accelerator
 
+from modeling_minigpt.files import atomic_write_json, replace_dir, staging_dir
+
 CHECKPOINT_MARKER = "checkpoint_complete.json"
-RUN_CONFIG_NAME = "run_config.json"
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; rename it onto `path` if the block succeeds.
-
-    For writers that want a path rather than a file object (`savefig`, `torch.save`, ...).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` so that readers see the old content or the new, never a prefix."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """Move the finished folder `src` to `dst`, replacing any folder already there.
-
-    `os.replace` cannot overwrite a non-empty folder, so an old `dst` is first renamed aside and
-    deleted only after the new one is in place: at every instant one complete folder exists.
-    """
-    src, dst = Path(src), Path(dst)
-    old = dst.with_name(f".old-{dst.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
-    return dst
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -101,7 +48,9 @@ def latest_checkpoint(checkpoints_root: str | os.PathLike[str]) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_root: str | os.PathLike[str], step: int, keep_last: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints_root: str | os.PathLike[str], step: int, keep_last: int
+) -> Path:
     """`accelerator.save_state` into `.tmp-step_N`, mark it complete, rename to `step_N`, keep the last K.
 
     Must be called on every process: each writes its own RNG state file into the folder; the
@@ -110,9 +59,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_root: str | os.PathLik
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     final = checkpoint_dir(checkpoints_root, step)
-    tmp = final.with_name(f".tmp-{final.name}")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed mid-write
+    tmp = staging_dir(final, clean=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank's files are in tmp before it is declared complete
@@ -139,77 +86,3 @@ def load_checkpoint(accelerator: Accelerator, folder: str | os.PathLike[str]) ->
         )
     accelerator.load_state(str(folder))
     return int(saved["step"])
-
-
-# ----------------------------------------------------------------------------- run folders
-
-
-class RunFolderError(ValueError):
-    """The output folder cannot be used for this run (holds another run, or unrelated files)."""
-
-
-def _diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two nested dicts, one line per differing leaf."""
-    lines = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"  {prefix}{key}: saved run has {a!r}, this run has {b!r}")
-    return lines
-
-
-def check_run_folder(
-    output_dir: str | os.PathLike[str], fingerprint: dict[str, Any], *, resume: bool, overwrite: bool
-) -> None:
-    """Raise RunFolderError unless `output_dir` may hold this run. Reads only; writes nothing.
-
-    `fingerprint` holds everything that must match for a resumed run to be the same run (model
-    shape, tokenizer hash, data, optimisation settings). A folder is usable when it is missing or
-    empty, when it holds this same run and `resume` is set, or when it holds some run and
-    `overwrite` is set. A non-empty folder without a run_config.json is never touched.
-    """
-    output_dir = Path(output_dir)
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise RunFolderError(f"output folder {output_dir} exists and is not a folder")
-    if not any(output_dir.iterdir()):
-        return
-    config_file = output_dir / RUN_CONFIG_NAME
-    if not config_file.is_file():
-        raise RunFolderError(
-            f"output folder {output_dir} is not empty and holds no {RUN_CONFIG_NAME}: it is not a run folder, "
-            "so it is neither resumed nor overwritten. Choose an empty or new folder."
-        )
-    if overwrite:
-        return
-    saved = json.loads(config_file.read_text())["fingerprint"]
-    if not resume:
-        raise RunFolderError(
-            f"output folder {output_dir} already holds a run. Pass --resume to continue it "
-            "or --overwrite to delete it and start again."
-        )
-    differences = _diff(saved, fingerprint)
-    if differences:
-        raise RunFolderError(
-            f"cannot resume the run in {output_dir}: its configuration differs from this one:\n"
-            + "\n".join(differences)
-            + "\nUse the original settings to resume, or --overwrite / another output folder to start a new run."
-        )
-
-
-def start_run_folder(
-    output_dir: str | os.PathLike[str], fingerprint: dict[str, Any], config: dict[str, Any], *, overwrite: bool
-) -> Path:
-    """Create (or, with `overwrite`, empty) the run folder and record the run's configuration.
-
-    Call on the main process only, after `check_run_folder` passed.
-    """
-    output_dir = Path(output_dir)
-    if overwrite and (output_dir / RUN_CONFIG_NAME).is_file():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output_dir / RUN_CONFIG_NAME, {"fingerprint": fingerprint, "config": config})
-    return output_dir

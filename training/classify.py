@@ -12,102 +12,108 @@ works. Three ways to train (`--finetune`):
 - `full`: every weight;
 - `lora`: LoRA adapters on the linear layers plus the head (merged into the saved model).
 
-Data: text,label records from CSV, JSON/JSONL or a `datasets` save_to_disk folder, or the embedded
-demo (the topic of a generated sentence). Training uses the shared loop (`training.loop.train_loop`) and
-the run setup shared with SFT (`training.sft`). The job reports accuracy and a confusion matrix
-on the validation and test splits (`final_metrics.json`, also printed).
+Data: text,label records from anything `tokenization.corpus.read_records` reads (CSV, JSON/JSONL,
+Parquet, a `datasets` save_to_disk folder, ...), or the embedded demo (the topic of a generated
+sentence). Training goes through the run lifecycle of `training.run`. The job reports accuracy
+and a confusion matrix on the validation and test splits (`final_metrics.json`, also printed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
-import datasets
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoModelForSequenceClassification
 
-import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
-from training.checkpoint import atomic_write_json
+import training.run as lifecycle
 from training.classify_data import (
     TOPIC_WORDS,
     ClassificationData,
-    ClassificationDataError,
     balanced_sampler,
-    collate_classification_batch,
     generate_classification_demo,
     load_classification_data,
     tokenize_classification_dataset,
 )
-from training.data import tokenizer_fingerprint
-from training.evaluate import check_vocab_sizes
-from training.lora import LoraArguments, apply_lora, save_finetuned, trainable_parameter_counts
-from training.loop import (
-    LOSS_CURVE_FILE,
-    LoopArguments,
-    TrainState,
-    describe_schedule,
-    file_identity,
-    log_metrics,
-    make_accelerator,
-    make_train_dataloader,
-    optimization_fingerprint,
-    train_loop,
-)
-from training.model_card import TrainingInfo, describe_hardware
-from training.plots import plot_loss_curve
-from training.sft import (
-    ADAPTER_DIR,
-    FINAL_METRICS_FILE,
-    MODEL_DIR,
-    check_model_folder,
-    load_base_tokenizer,
-    model_identity,
-    prepare_run,
-    require_output_dir,
-    split_indices,
-    start_output_folder,
-    step0_metrics,
-)
+from training.collate import collate_classification_batch
+from training.data import split_indices
+from training.evaluate import ClassificationReport, evaluate_classifier
+from training.loop import LoopArguments, make_train_dataloader
+from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 
 
 @dataclass
-class ClassifyArguments:
+class ClassifyArguments(lifecycle.BaseModelArguments):
     """The base model, the text/label data and how to fine-tune."""
 
-    model_path: str = field(default=None, metadata={"help": "Saved causal LM folder to start from (MiniGPT, or converted GPT-2). Required."})
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder. Default: the model folder."})
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Text/label records: .csv, .json (array), .jsonl, or a datasets save_to_disk folder (of a DatasetDict: "
-                  "its 'train' split). Default: the embedded topic demo (no download)."},
+        metadata={
+            "help": "Text/label records: .csv, .json (array), .jsonl or .parquet, a datasets save_to_disk folder (of a "
+            "DatasetDict: its 'train' split) or a dataset name. Default: the embedded topic demo (no download)."
+        },
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Validation records (a DatasetDict folder: its 'validation' split). Default: hold out --validation_fraction of the training records."})
-    test_file: str | None = field(default=None, metadata={"help": "Test records (a DatasetDict folder: its 'test' split). Default: hold out --test_fraction of the training records (0 = no test split)."})
+    validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Validation records (a DatasetDict folder: its 'validation' split). "
+            "Default: hold out --validation_fraction of the training records."
+        },
+    )
+    test_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Test records (a DatasetDict folder: its 'test' split). "
+            "Default: hold out --test_fraction of the training records (0 = no test split)."
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    label_column: str = field(default="label", metadata={"help": "Column holding the label (a name, or an integer read as its name)."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of the training records held out for validation (seeded) without --validation_file."})
-    test_fraction: float = field(default=0.2, metadata={"help": "Share of the training records held out for testing (seeded) without --test_file."})
-    num_demo_examples: int = field(default=1000, metadata={"help": "Embedded demo: number of records before the splits."})
+    label_column: str = field(
+        default="label", metadata={"help": "Column holding the label (a name, or an integer read as its name)."}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of the training records held out for validation (seeded) without --validation_file."},
+    )
+    test_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Share of the training records held out for testing (seeded) without --test_file."},
+    )
+    num_demo_examples: int = field(
+        default=1000, metadata={"help": "Embedded demo: number of records before the splits."}
+    )
     demo_label_weights: str | None = field(
         default=None,
-        metadata={"help": f"Embedded demo: relative label frequencies, e.g. 'animals=8,food=1,weather=1' (labels: {', '.join(TOPIC_WORDS)}). Default: equal."},
+        metadata={
+            "help": "Embedded demo: relative label frequencies, e.g. 'animals=8,food=1,weather=1' "
+            f"(labels: {', '.join(TOPIC_WORDS)}). Default: equal."
+        },
     )
     data_seed: int = field(default=0, metadata={"help": "Seed of the demo data and of the held-out splits."})
     finetune: Literal["last_block", "full", "lora"] = field(
         default="last_block",
-        metadata={"help": "last_block: the book's recipe (train the last block, final norm and head); full: every weight; lora: adapters + head."},
+        metadata={
+            "help": "last_block: the book's recipe (train the last block, final norm and head); "
+            "full: every weight; lora: adapters + head."
+        },
     )
-    balanced_sampling: bool = field(default=False, metadata={"help": "Draw training examples so every class is equally likely (with replacement)."})
-    max_length: int | None = field(default=None, metadata={"help": "Tokens per text; longer texts keep their first tokens. Default: the model's context length."})
+    balanced_sampling: bool = field(
+        default=False, metadata={"help": "Draw training examples so every class is equally likely (with replacement)."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per text; longer texts keep their first tokens. Default: the model's context length."
+        },
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Texts per evaluation batch, per process."})
-    eval_before_training: bool = field(default=True, metadata={"help": "Evaluate the untrained head first (logged at step 0)."})
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate the untrained head first (logged at step 0)."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("validation_fraction", "test_fraction"):
@@ -116,7 +122,10 @@ class ClassifyArguments:
         if self.validation_file is None and self.validation_fraction == 0:
             raise ValueError("--validation_fraction must be > 0 without a --validation_file")
         if self.validation_fraction + self.test_fraction >= 1:
-            raise ValueError(f"--validation_fraction + --test_fraction must be < 1, got {self.validation_fraction + self.test_fraction}")
+            raise ValueError(
+                "--validation_fraction + --test_fraction must be < 1, "
+                f"got {self.validation_fraction + self.test_fraction}"
+            )
         if self.num_demo_examples < 3 or self.eval_batch_size < 1:
             raise ValueError("--num_demo_examples must be >= 3 and --eval_batch_size >= 1")
 
@@ -150,22 +159,6 @@ def parse_label_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def read_source(path: str, split: str) -> Any:
-    """A data file path as it is; a `save_to_disk` folder as its Dataset (a DatasetDict's `split`)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    try:
-        loaded = datasets.load_from_disk(str(folder))
-    except FileNotFoundError as error:
-        raise ClassificationDataError(f"{folder} is a folder but not a datasets save_to_disk folder: {error}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ClassificationDataError(f"{folder} holds the splits {list(loaded)} but no {split!r} split")
-        return loaded[split]
-    return loaded
-
-
 def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
     """Train, validation and (optional) test data, all with the training data's label ids.
 
@@ -180,31 +173,39 @@ def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
         description = f"embedded topic demo ({args.num_demo_examples} generated sentences, seed {args.data_seed})"
         data = load_classification_data(source)  # the demo's own column names
     else:
-        data = load_classification_data(read_source(args.train_file, "train"), **columns)
+        data = load_classification_data(args.train_file, **columns)
         description = Path(args.train_file).name
     label2id = data.label2id
 
-    held = {name: getattr(args, f"{name}_fraction") for name in ("validation", "test") if getattr(args, f"{name}_file") is None}
+    held = {
+        name: getattr(args, f"{name}_fraction")
+        for name in ("validation", "test")
+        if getattr(args, f"{name}_file") is None
+    }
     held = {name: fraction for name, fraction in held.items() if fraction > 0}
     remaining = list(range(len(data.dataset)))
     taken: dict[str, list[int]] = {}
     for offset, (name, fraction) in enumerate(held.items()):
         # Fractions are of the whole training file; each split is drawn from what is left.
-        kept, out = split_indices(len(remaining), fraction * len(data.dataset) / len(remaining), args.data_seed + offset)
+        kept, out = split_indices(
+            len(remaining), fraction * len(data.dataset) / len(remaining), args.data_seed + offset
+        )
         taken[name] = [remaining[i] for i in out]
         remaining = [remaining[i] for i in kept]
 
     def part(name: str) -> ClassificationData | None:
         path = getattr(args, f"{name}_file")
         if path is not None:
-            return load_classification_data(read_source(path, name), label2id=label2id, **columns)
+            return load_classification_data(path, label2id=label2id, split=name, **columns)
         if name in taken:
             return ClassificationData(data.dataset.select(taken[name]), label2id)
         return None
 
     if held:
         description += " with " + ", ".join(f"{fraction:.0%} held out for {name}" for name, fraction in held.items())
-    return ClassificationSplits(ClassificationData(data.dataset.select(remaining), label2id), part("validation"), part("test"), description)
+    return ClassificationSplits(
+        ClassificationData(data.dataset.select(remaining), label2id), part("validation"), part("test"), description
+    )
 
 
 class EpochBalancedSampler(Sampler[int]):
@@ -227,15 +228,20 @@ class EpochBalancedSampler(Sampler[int]):
         return iter(balanced_sampler(self.labels, seed=self.seed + self.epoch))
 
 
-def make_classification_loader(
-    dataset: Any, batch_size: int, collate: Any, seed: int, balanced: bool
-) -> DataLoader:
+def make_classification_loader(dataset: Any, batch_size: int, collate: Any, seed: int, balanced: bool) -> DataLoader:
     """The training loader: the loop's shuffled loader, or class-balanced draws."""
     if not balanced:
         return make_train_dataloader(dataset, batch_size, collate, seed)
     sampler = EpochBalancedSampler(dataset["labels"], seed)
     # Its own generator, for the reason given in `make_train_dataloader`.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -254,71 +260,6 @@ def set_trainable(model: torch.nn.Module, mode: str, lora_args: LoraArguments) -
     return model
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class ClassificationReport:
-    loss: float  # mean cross-entropy per example, nats
-    accuracy: float
-    confusion: list[list[int]]  # [true label][predicted label] counts
-    labels: list[str]  # names, in id order
-
-    @property
-    def n_examples(self) -> int:
-        return sum(map(sum, self.confusion))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "accuracy": self.accuracy, "n_examples": self.n_examples, "labels": self.labels, "confusion_matrix": self.confusion}
-
-    def format_confusion(self) -> str:
-        """The confusion matrix as a text table: rows are true labels, columns predictions."""
-        corner = "true \\ predicted"
-        first = max(len(corner), *(len(name) for name in self.labels)) + 2
-        width = max(6, *(len(name) for name in self.labels)) + 2
-        head = corner.ljust(first) + "".join(name.rjust(width) for name in self.labels)
-        rows = [name.ljust(first) + "".join(str(count).rjust(width) for count in row) for name, row in zip(self.labels, self.confusion)]
-        return "\n".join([head, *rows])
-
-
-@torch.no_grad()
-def evaluate_classifier(
-    model: torch.nn.Module, dataloader: DataLoader, labels: Sequence[str], accelerator: Accelerator | None = None
-) -> ClassificationReport:
-    """Loss, accuracy and confusion matrix over `dataloader` (gathered over processes)."""
-    was_training = model.training
-    model.eval()
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    losses, predicted, true = [], [], []
-    try:
-        for batch in dataloader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, num_labels)
-            row = {
-                "loss": F.cross_entropy(logits.float(), batch["labels"], reduction="none"),
-                "predicted": logits.argmax(dim=-1),
-                "true": batch["labels"],
-            }
-            if accelerator is not None:
-                row = accelerator.gather_for_metrics(row)
-            losses.append(row["loss"].cpu())
-            predicted.append(row["predicted"].cpu())
-            true.append(row["true"].cpu())
-    finally:
-        model.train(was_training)
-    if not losses:
-        raise ValueError("evaluation saw no examples: the dataloader is empty")
-    predicted, true = torch.cat(predicted), torch.cat(true)
-    n = len(labels)
-    confusion = torch.bincount(true * n + predicted, minlength=n * n).view(n, n)
-    return ClassificationReport(
-        loss=torch.cat(losses).mean().item(),
-        accuracy=(predicted == true).float().mean().item(),
-        confusion=confusion.tolist(),
-        labels=list(labels),
-    )
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -333,115 +274,143 @@ class ClassificationResult:
     steps: int
 
 
-def run_classification(cls_args: ClassifyArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> ClassificationResult:
+def run_classification(
+    cls_args: ClassifyArguments, lora_args: LoraArguments, loop_args: LoopArguments
+) -> ClassificationResult:
     """Fine-tune a classifier, evaluate on validation and test, save; resumes with `loop_args.resume`."""
-    model_dir = check_model_folder(cls_args.model_path)
-    output_dir = require_output_dir(loop_args)
-    accelerator = make_accelerator(loop_args)
-
-    # --- 1. every check before anything is written ------------------------------------------
-    tokenizer = load_base_tokenizer(cls_args.model_path, cls_args.tokenizer_path)
+    run = lifecycle.open_run("classify", "Classification", loop_args)
+    tokenizer = lifecycle.load_base_tokenizer(cls_args)
     splits = load_classification_splits(cls_args)
-    label2id = splits.label2id
-    labels = [name for name, _ in sorted(label2id.items(), key=lambda item: item[1])]
-    set_seed(loop_args.seed)  # the new head (and LoRA's A matrices) start the same in every rerun
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
-        pad_token_id=tokenizer.pad_token_id, trust_remote_code=True,
-    )
-    check_vocab_sizes(tokenizer, model)
-    max_length = min(cls_args.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
-    with accelerator.main_process_first():
+    labels = [name for name, _ in sorted(splits.label2id.items(), key=lambda item: item[1])]
+    # The seed: the new head (and LoRA's A matrices) start the same in every rerun.
+    head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=splits.label2id)
+    head["pad_token_id"] = tokenizer.pad_token_id
+    model = lifecycle.load_base_model(cls_args, AutoModelForSequenceClassification, tokenizer, loop_args.seed, **head)
+    max_length = lifecycle.max_length_for(model, cls_args.max_length)
+    with run.accelerator.main_process_first():
         train_set, validation_set, test_set = (
             tokenize_classification_dataset(data.dataset, tokenizer, max_length) if data is not None else None
             for data in (splits.train, splits.validation, splits.test)
         )
     model = set_trainable(model, cls_args.finetune, lora_args)
-    trainable, total = trainable_parameter_counts(model)
-
-    fingerprint = {
-        "base_model": {"path": str(model_dir.resolve()), **model_identity(model_dir)},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": {
-            **{name: file_identity(getattr(cls_args, name)) for name in ("train_file", "validation_file", "test_file")},
-            **{k: getattr(cls_args, k) for k in ("text_column", "label_column", "validation_fraction", "test_fraction",
-                                                  "num_demo_examples", "demo_label_weights", "data_seed")},
-            "labels": labels,
-        },
-        "training": {"max_length": max_length, "finetune": cls_args.finetune, "balanced_sampling": cls_args.balanced_sampling,
-                     "lora": asdict(lora_args) if cls_args.finetune == "lora" else None},
-        "optimization": optimization_fingerprint(loop_args),
-    }
-    config = {"classify": asdict(cls_args), "lora": asdict(lora_args), "loop": asdict(loop_args)}
-    counts = ", ".join(f"{name}: {len(data.dataset)}" for name, data in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)) if data)
-    summary = (
-        f"data: {splits.description}\n  labels: {labels}\n  records: {counts}\n"
-        f"trainable parameters ({cls_args.finetune}): {trainable:,} of {total:,} ({trainable / total:.2%}); processes: {accelerator.num_processes}"
-    )
-    start_output_folder(accelerator, loop_args, fingerprint, config, summary)
-
-    # --- 2. data loaders, prepare, resume --------------------------------------------------
     collate = partial(collate_classification_batch, pad_token_id=tokenizer.pad_token_id)
-    train_loader = make_classification_loader(train_set, loop_args.per_device_batch_size, collate, loop_args.seed, cls_args.balanced_sampling)
-    validation_loader = DataLoader(validation_set, batch_size=cls_args.eval_batch_size, collate_fn=collate)
-    run = prepare_run(accelerator, loop_args, model, train_loader, validation_loader, "classify", config)
+    batch_size, seed = loop_args.per_device_batch_size, loop_args.seed
+    prepared = lifecycle.prepare(
+        run,
+        model,
+        make_classification_loader(train_set, batch_size, collate, seed, cls_args.balanced_sampling),
+        DataLoader(validation_set, batch_size=cls_args.eval_batch_size, collate_fn=collate),
+        fingerprint=_fingerprint(cls_args, lora_args, loop_args, tokenizer, max_length, labels),
+        config={"classify": asdict(cls_args), "lora": asdict(lora_args), "loop": asdict(loop_args)},
+        summary=_summary(cls_args, splits, labels, model, run.accelerator.num_processes),
+    )
+    scores = partial(validation_scores, prepared, labels)
+    before = lifecycle.evaluate_before(prepared, scores, cls_args.eval_before_training)
+    evaluation = lifecycle.LastEvaluation(scores)
+    after = lifecycle.train(prepared, evaluation)
+    validation = evaluation.detail if after is not None else scores(prepared.model)[1]  # the loop's final evaluation
+    test = _test_report(prepared, test_set, collate, labels, cls_args.eval_batch_size)
+    final = {"before": before, "validation": validation.to_dict(), "test": test.to_dict() if test else None}
+    model_dir, adapter_dir = lifecycle.finish(
+        prepared,
+        tokenizer,
+        card=_model_card(prepared, cls_args, splits, validation),
+        json_files={run.layout.final_metrics: {**final, **lifecycle.run_totals(prepared)}},
+        report=_report(before, validation, test),
+    )
+    return ClassificationResult(run.layout.root, model_dir, adapter_dir, before, validation, test, prepared.state.step)
 
-    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-        report = evaluate_classifier(model, run.eval_loader, labels, accelerator)
-        return {"val_loss": report.loss, "val_accuracy": report.accuracy}
 
-    def on_eval(state: TrainState) -> None:
-        plot_loss_curve(run.metrics.records(), output_dir / LOSS_CURVE_FILE, title=f"Classification {output_dir.name}")
+def _test_report(
+    prepared: lifecycle.PreparedRun, test_set: Any, collate: Any, labels: Sequence[str], batch_size: int
+) -> ClassificationReport | None:
+    """The trained classifier's report on the test split, if there is one."""
+    if test_set is None:
+        return None
+    accelerator = prepared.run.accelerator
+    test_loader = accelerator.prepare(DataLoader(test_set, batch_size=batch_size, collate_fn=collate))
+    return evaluate_classifier(prepared.model, test_loader, labels, accelerator)
 
-    if cls_args.eval_before_training and run.resumed_at is None:
-        log_metrics(accelerator, run.metrics, 0, {"tokens": 0, **eval_fn(run.model)})
 
-    # --- 3. train, evaluate on validation and test, save -----------------------------------
-    train_loop(accelerator, run.model, run.optimizer, run.train_loader, loop_args, run.state, run.metrics, eval_fn=eval_fn, on_eval=on_eval)
-    validation = evaluate_classifier(run.model, run.eval_loader, labels, accelerator)
-    test = None
-    if test_set is not None:
-        test_loader = accelerator.prepare(DataLoader(test_set, batch_size=cls_args.eval_batch_size, collate_fn=collate))
-        test = evaluate_classifier(run.model, test_loader, labels, accelerator)
-    before = step0_metrics(run.metrics)
-    before = {k: v for k, v in before.items() if k.startswith("val_")} if before else None
-    adapter_dir = output_dir / ADAPTER_DIR if cls_args.finetune == "lora" else None
-    if accelerator.is_main_process:
-        final = {"before": before, "validation": validation.to_dict(), "test": test.to_dict() if test else None,
-                 "steps": run.state.step, "tokens_seen": run.state.tokens_seen, "train_seconds": run.state.train_seconds}
-        atomic_write_json(output_dir / FINAL_METRICS_FILE, final)
-        on_eval(run.state)
-        card = _model_card(cls_args, loop_args, run.state, splits, validation, accelerator.num_processes)
-        save_finetuned(accelerator.unwrap_model(run.model), tokenizer, output_dir / MODEL_DIR, output_dir / ADAPTER_DIR,
-                       card=card, extra_files=[output_dir / LOSS_CURVE_FILE])
-        if before:
-            print(f"\nbefore training: validation accuracy {before['val_accuracy']:.4f}")
-        for name, report in (("validation", validation), ("test", test)):
-            if report is not None:
-                print(f"\n{name}: accuracy {report.accuracy:.4f} ({report.n_examples} texts), loss {report.loss:.4f}\n{report.format_confusion()}")
-        print(f"\nmodel saved to {output_dir / MODEL_DIR}" + (f" (adapter in {adapter_dir})" if adapter_dir else ""))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return ClassificationResult(output_dir, output_dir / MODEL_DIR, adapter_dir, before, validation, test, run.state.step)
+def validation_scores(
+    prepared: lifecycle.PreparedRun, labels: Sequence[str], model: torch.nn.Module
+) -> tuple[dict[str, float], ClassificationReport]:
+    """(logged numbers, full report) of `model` on the validation set."""
+    report = evaluate_classifier(model, prepared.eval_loader, labels, prepared.run.accelerator)
+    return {"val_loss": report.loss, "val_accuracy": report.accuracy}, report
+
+
+def _fingerprint(
+    cls_args: ClassifyArguments,
+    lora_args: LoraArguments,
+    loop_args: LoopArguments,
+    tokenizer: Any,
+    max_length: int,
+    labels: list[str],
+) -> dict[str, Any]:
+    files = ("train_file", "validation_file", "test_file")
+    settings = ("text_column", "label_column", "validation_fraction", "test_fraction", "num_demo_examples")
+    data = {
+        **{name: lifecycle.file_identity(getattr(cls_args, name)) for name in files},
+        **{k: getattr(cls_args, k) for k in (*settings, "demo_label_weights", "data_seed")},
+        "labels": labels,
+    }
+    return lifecycle.fine_tuning_fingerprint(
+        cls_args, tokenizer, loop_args, lora_args, max_length, data, balanced_sampling=cls_args.balanced_sampling
+    )
+
+
+def _summary(
+    cls_args: ClassifyArguments,
+    splits: ClassificationSplits,
+    labels: list[str],
+    model: torch.nn.Module,
+    num_processes: int,
+) -> str:
+    trainable, total = trainable_parameter_counts(model)
+    parts = (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+    counts = ", ".join(f"{name}: {len(data.dataset)}" for name, data in parts if data)
+    return (
+        f"data: {splits.description}\n  labels: {labels}\n  records: {counts}\n"
+        f"trainable parameters ({cls_args.finetune}): {trainable:,} of {total:,} ({trainable / total:.2%}); "
+        f"processes: {num_processes}"
+    )
+
+
+def _report(
+    before: dict[str, float] | None, validation: ClassificationReport, test: ClassificationReport | None
+) -> str:
+    lines = [f"\nbefore training: validation accuracy {before['val_accuracy']:.4f}"] if before else []
+    for name, report in (("validation", validation), ("test", test)):
+        if report is not None:
+            scores = f"accuracy {report.accuracy:.4f} ({report.n_examples} texts), loss {report.loss:.4f}"
+            lines.append(f"\n{name}: {scores}\n{report.format_confusion()}")
+    return "\n".join(lines) + "\n"  # a blank line before "model saved to"
 
 
 def _model_card(
-    cls_args: ClassifyArguments, loop_args: LoopArguments, state: TrainState, splits: ClassificationSplits,
-    validation: ClassificationReport, num_processes: int,
+    prepared: lifecycle.PreparedRun,
+    cls_args: ClassifyArguments,
+    splits: ClassificationSplits,
+    validation: ClassificationReport,
 ) -> dict[str, Any]:
-    method = {"last_block": "last block + final norm + head trained (the rest frozen)", "full": "full fine-tuning",
-              "lora": "LoRA adapters + head, merged"}[cls_args.finetune]
-    training: TrainingInfo = {
-        "data": f"{splits.description}; labels {', '.join(validation.labels)}; {method}"
-                + ("; class-balanced sampling" if cls_args.balanced_sampling else ""),
-        "tokens_seen": state.tokens_seen,
-        "steps": state.step,
-        "schedule": describe_schedule(loop_args, num_processes),
-        "wall_time_seconds": state.train_seconds,
-        "hardware": describe_hardware(num_processes),
+    method = {
+        "last_block": "last block + final norm + head trained (the rest frozen)",
+        "full": "full fine-tuning",
+        "lora": "LoRA adapters + head, merged",
+    }[cls_args.finetune]
+    data = f"{splits.description}; labels {', '.join(validation.labels)}; {method}" + (
+        "; class-balanced sampling" if cls_args.balanced_sampling else ""
+    )
+    evaluation = {
+        "dataset_name": f"validation split of {splits.description} (accuracy {validation.accuracy:.3f})",
+        "val_loss": validation.loss,
     }
-    evaluation = {"dataset_name": f"validation split of {splits.description} (accuracy {validation.accuracy:.3f})",
-                  "val_loss": validation.loss}
-    return {"training_info": training, "eval_results": evaluation, "base_model": cls_args.model_path,
-            "model_name": Path(loop_args.output_dir).resolve().name, "pipeline_tag": "text-classification",
-            "tags": ["text-classification"], "example_prompt": splits.validation.dataset[0]["text"]}
+    return {
+        "training_info": lifecycle.training_info(prepared, data),
+        "eval_results": evaluation,
+        "base_model": cls_args.model_path,
+        "pipeline_tag": "text-classification",
+        "tags": ["text-classification"],
+        "example_prompt": splits.validation.dataset[0]["text"],
+    }

@@ -1,4 +1,4 @@
-"""Text classification data: load (text, label) records, map label names to ids, tokenize, collate.
+"""Text classification data: load (text, label) records, map label names to ids, tokenize, sample.
 
 Labels are names (strings; integer labels in a file are read as their decimal text). The
 `label2id` built here is what goes into the model config (`label2id` / `id2label`), so a saved
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import datasets
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from training.instruct_data import pad_sequences, read_records
+from tokenization.corpus import read_records
 from training.tasks import draw_distinct
 
 
@@ -47,15 +48,21 @@ def _check_label2id(label2id: Mapping[str, int]) -> dict[str, int]:
 
 def _text_and_label(record: Any, where: str, text_column: str, label_column: str) -> tuple[str, str]:
     if not isinstance(record, Mapping):
-        raise ClassificationDataError(f"{where}: expected an object with {text_column!r} and {label_column!r}, got {type(record).__name__}")
+        raise ClassificationDataError(
+            f"{where}: expected an object with {text_column!r} and {label_column!r}, got {type(record).__name__}"
+        )
     for column in (text_column, label_column):
         if record.get(column) is None:
-            raise ClassificationDataError(f"{where}: {column!r} is missing (columns present: {', '.join(map(str, record))})")
+            raise ClassificationDataError(
+                f"{where}: {column!r} is missing (columns present: {', '.join(map(str, record))})"
+            )
     text, label = record[text_column], record[label_column]
     if not isinstance(text, str) or not text.strip():
         raise ClassificationDataError(f"{where}: {text_column!r} must be a non-empty string, got {text!r}")
     if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-        raise ClassificationDataError(f"{where}: {label_column!r} must be a non-empty string or an integer, got {label!r}")
+        raise ClassificationDataError(
+            f"{where}: {label_column!r} must be a non-empty string or an integer, got {label!r}"
+        )
     return text, str(label).strip()
 
 
@@ -64,9 +71,11 @@ def load_classification_data(
     text_column: str = "text",
     label_column: str = "label",
     label2id: Mapping[str, int] | None = None,
+    split: str = "train",
 ) -> ClassificationData:
-    """(text, label) data from a .csv, .json (array) or .jsonl file, a `datasets.Dataset` or a
-    list of dicts.
+    """(text, label) data from anything `tokenization.corpus.read_records` reads: a .csv, .json
+    (array) or .jsonl file, rows `datasets` reads (of a DatasetDict folder: its `split`), a
+    `datasets.Dataset` or a list of dicts.
 
     Without `label2id` the label set is the one found in the data, sorted (numerically for
     integer labels). With it (e.g. a trained model's `config.label2id`), a label outside it is
@@ -74,7 +83,7 @@ def load_classification_data(
     """
     rows = [
         (where, *_text_and_label(record, where, text_column, label_column))
-        for where, record in read_records(source, ClassificationDataError)
+        for where, record in read_records(source, ClassificationDataError, split)
     ]
     if label2id is None:
         label2id = {name: i for i, name in enumerate(sorted({label for _, _, label in rows}, key=_label_sort_key))}
@@ -104,29 +113,17 @@ def tokenize_classification_dataset(
     """
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        ids = tokenizer(batch["text"], add_special_tokens=False, truncation=max_length is not None, max_length=max_length)
+        ids = tokenizer(
+            batch["text"], add_special_tokens=False, truncation=max_length is not None, max_length=max_length
+        )
         return {"input_ids": ids["input_ids"], "labels": batch["label"]}
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing")
 
 
-def collate_classification_batch(
-    batch: Sequence[Mapping[str, Any]], pad_token_id: int, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` (B, T_max) padded on `padding_side`, and `labels` (B,).
-
-    The model pools the last position whose attention_mask is 1, so either side works; right
-    is the default, left is what batched generation uses.
-    """
-    ids = [example["input_ids"] for example in batch]
-    return {
-        "input_ids": pad_sequences(ids, pad_token_id, padding_side),
-        "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, padding_side),
-        "labels": torch.tensor([int(example["labels"]) for example in batch], dtype=torch.long),
-    }
-
-
-def balanced_sampler(labels: Sequence[int], num_samples: int | None = None, seed: int | None = None) -> WeightedRandomSampler:
+def balanced_sampler(
+    labels: Sequence[int], num_samples: int | None = None, seed: int | None = None
+) -> WeightedRandomSampler:
     """Sample indices (with replacement) so that every class is drawn equally often on average.
 
     Each example is weighted by 1 / (its class count). `num_samples` defaults to the dataset
@@ -156,12 +153,23 @@ _TEMPLATES = (
     "she wrote a {adj} story about the {word}",
     "everyone noticed the {word} {place}",
 )
-_PLACES = ("by the river", "at the farm", "in the town", "near the school", "on the hill", "at the market", "in the garden", "by the sea")
+_PLACES = (
+    "by the river",
+    "at the farm",
+    "in the town",
+    "near the school",
+    "on the hill",
+    "at the market",
+    "in the garden",
+    "by the sea",
+)
 _TIMES = ("this morning", "last night", "today", "on monday", "in the spring", "after lunch")
 _ADJECTIVES = ("strange", "new", "big", "quiet", "small", "lovely")
 
 
-def generate_classification_demo(n: int, seed: int, label_weights: Mapping[str, float] | None = None) -> list[dict[str, str]]:
+def generate_classification_demo(
+    n: int, seed: int, label_weights: Mapping[str, float] | None = None
+) -> list[dict[str, str]]:
     """`n` distinct {"text", "label"} records; the label is the topic of the sentence's one topic word.
 
     Labels are drawn with `label_weights` (default: equal), e.g. {"animals": 8, "food": 1,
@@ -180,7 +188,10 @@ def generate_classification_demo(n: int, seed: int, label_weights: Mapping[str, 
     def draw(_: int) -> dict[str, str]:
         label = rng.choices(names, weights=[weights[name] for name in names])[0]
         text = rng.choice(_TEMPLATES).format(
-            word=rng.choice(TOPIC_WORDS[label]), place=rng.choice(_PLACES), time=rng.choice(_TIMES), adj=rng.choice(_ADJECTIVES)
+            word=rng.choice(TOPIC_WORDS[label]),
+            place=rng.choice(_PLACES),
+            time=rng.choice(_TIMES),
+            adj=rng.choice(_ADJECTIVES),
         )
         return {"text": text, "label": label}
 

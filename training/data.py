@@ -3,14 +3,16 @@
 Each stage is a `datasets` object, so processed data is cached on disk under a fingerprint and a
 second run reads it back instead of re-tokenizing:
 
-    load_corpus          files / a datasets dataset (+ text column) / texts
+    load_corpus          any source `tokenization.corpus.open_source` accepts
                          → documents: rows `text`, `doc_id`, `doc_end`
     tokenize_documents   → pieces of ids: rows `input_ids`, `doc_id`; `<|endoftext|>` after
                            each document, so the documents form one flat token stream
     window_dataset       → windows: rows `input_ids` (context_length + 1 tokens), `doc_id`,
                            `offset` (where in its document the window starts)
     build_lm_datasets    all of the above, plus the checks and a train/validation split
-    collate_windows      a batch of windows → {"input_ids": [B, T], "shift_labels": [B, T]}
+
+(`training.collate.collate_windows` turns a batch of windows into model inputs; `split_indices`
+holds out a seeded share of labelled records, for SFT and classification.)
 
 Windows hold context_length + 1 tokens: the model reads the first T = context_length and each
 position's target is the next token (`shift_labels`, the convention of transformers'
@@ -40,26 +42,36 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence, Union
+from typing import Any, Literal
 
-import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, List, Value
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
 from tokenization import EOS_TOKEN, encode_batch_fast
-from tokenization.corpus import EMBEDDED_CORPUS, embedded_documents, read_utf8_chunks
+from tokenization.corpus import (
+    DataError,
+    Source,
+    check_text_column,
+    checked_texts,
+    describe_files,
+    describe_source,
+    iter_column,
+    open_source,
+    read_utf8_chunks,
+)
+from tokenization.load import check_tokenizer, load_tokenizer, short_hash, tokenizer_fingerprint
 
-PathLike = Union[str, os.PathLike]
-CorpusSource = Union[PathLike, Sequence[PathLike], Iterable[str], Dataset, IterableDataset]
-AnyDataset = Union[Dataset, IterableDataset]
+PathLike = str | os.PathLike
+AnyDataset = Dataset | IterableDataset
 
 # Part of every cache fingerprint: bump it when a change alters what a stage produces.
 PIPELINE_VERSION = "data-v1"
@@ -68,8 +80,6 @@ PIPELINE_VERSION = "data-v1"
 PIECE_CHARS = 1 << 16
 # Each block yields about this many window tokens (4 MB of int32), whatever the stride.
 BLOCK_WINDOW_TOKENS = 1 << 20
-# Single files with these suffixes hold records (read with `datasets`), not plain text.
-_RECORD_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 DOCUMENT_FEATURES = Features({"text": Value("string"), "doc_id": Value("int64"), "doc_end": Value("bool")})
 TOKEN_FEATURES = Features({"input_ids": List(Value("int32")), "doc_id": Value("int64")})
@@ -87,10 +97,6 @@ def window_features(context_length: int) -> Features:
             "offset": Value("int64"),  # token offset of the window's first token in that document
         }
     )
-
-
-class DataError(ValueError):
-    """Bad training data or tokenizer, found before any training starts."""
 
 
 # ----------------------------------------------------------------------------- windows (pure)
@@ -128,37 +134,14 @@ def check_window_args(context_length: int, stride: int) -> None:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def resolve_tokenizer(tokenizer: PreTrainedTokenizerBase | PathLike | None) -> PreTrainedTokenizerBase:
-    """The tokenizer itself, or the one saved in folder `tokenizer`; a clear error if missing."""
-    if tokenizer is None:
-        raise DataError(
-            "no tokenizer given: pass the tokenizer the model uses (a saved tokenizer folder, or one from "
-            "tokenization.train_bpe / tokenization.load_gpt2_tokenizer)"
-        )
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    path = Path(tokenizer)
-    if not (path / "tokenizer.json").is_file():
-        raise DataError(f"no tokenizer at {path}: expected a folder with tokenizer.json (from save_pretrained)")
-    from transformers import AutoTokenizer
+def check_pipeline_tokenizer(tokenizer: PreTrainedTokenizerBase | PathLike | None) -> int:
+    """Refuse a tokenizer the pipeline cannot use; return the `<|endoftext|>` id.
 
-    import modeling_minigpt  # noqa: F401  registers "minigpt": a model folder's config then needs no remote code
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as error:  # any loading failure becomes one clear message
-        raise DataError(f"could not load the tokenizer saved in {path}: {error}") from error
-
-
-def check_tokenizer(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int | None = None) -> int:
-    """Refuse a tokenizer the pipeline or the model cannot use; return the `<|endoftext|>` id.
-
-    - it must be a fast tokenizer (the batched Rust encoder does the work);
-    - its eos token must be `<|endoftext|>`, the document separator;
-    - if `vocab_size` (the model's) is given, the tokenizer must have exactly that many ids:
-      more would index past the embedding, fewer means a different tokenizer than the model's.
+    It must be a fast tokenizer (the batched Rust encoder does the work), and its eos token must
+    be `<|endoftext|>`, the document separator. (Whether it fits a model is
+    `tokenization.load.check_tokenizer`.)
     """
-    tokenizer = resolve_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(tokenizer)
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise DataError(f"{type(tokenizer).__name__} is not a fast tokenizer: use a PreTrainedTokenizerFast")
     if tokenizer.eos_token != EOS_TOKEN or tokenizer.eos_token_id is None:
@@ -166,24 +149,14 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int |
             f"the tokenizer's eos token is {tokenizer.eos_token!r}, but documents are joined with {EOS_TOKEN!r}: "
             "use a tokenizer whose eos token is <|endoftext|> (tokenization.train_bpe and the GPT-2 tokenizer are)"
         )
-    if vocab_size is not None and len(tokenizer) != vocab_size:
-        raise DataError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}: "
-            "train or load the model with this tokenizer's size, or use the tokenizer it was trained with"
-        )
     return tokenizer.eos_token_id
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hash of everything that decides the ids: the backend's full JSON (vocab, merges, ...)."""
-    return _hash(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id)
 
 
 # ----------------------------------------------------------------------------- corpus → documents
 
 
 def load_corpus(
-    source: CorpusSource,
+    source: Source,
     *,
     text_column: str = "text",
     split: str = "train",
@@ -191,50 +164,41 @@ def load_corpus(
     streaming: bool = False,
     cache_dir: PathLike | None = None,
     chunk_chars: int = PIECE_CHARS,
+    what: str = "corpus file",
 ) -> AnyDataset:
     """Documents of `source` as rows `text`, `doc_id`, `doc_end` (last piece of its document).
 
-    `source` is one of:
-      - `EMBEDDED_CORPUS` ("embedded:pydoc"): CPython's documentation, one document per topic;
-      - a text file, a folder of `*.txt` files (sorted), or a list of text files: each file is
-        one document, or several if `doc_separator` is given (then each document is held in
-        memory whole); files must be UTF-8;
-      - a `.json/.jsonl/.csv/.parquet` file, a folder `datasets` can load or `save_to_disk`
-        wrote, or a dataset name (`split` of it): each row of `text_column` is a document;
-      - a `datasets.Dataset` / `IterableDataset` (its `text_column`);
-      - any other iterable of str: each is a document (listed in memory unless streaming; with
-        streaming a one-shot iterator can be iterated only once).
-    With `streaming=True` nothing is read until iterated (an `IterableDataset`); otherwise the
-    documents are written once to Arrow files under `cache_dir` (default: datasets' cache).
+    `source` is anything `tokenization.corpus.open_source` accepts (`what` names it in messages).
+    A text file is one document, or several if `doc_separator` is given (then each document is
+    held in memory whole); a row's `text_column` is a document; so is each text of an iterable
+    (listed in memory unless streaming; with streaming a one-shot iterator can be iterated only
+    once). With `streaming=True` nothing is read until iterated (an `IterableDataset`); otherwise
+    the documents are written once to Arrow files under `cache_dir` (default: datasets' cache).
     """
-    if source == EMBEDDED_CORPUS:
-        source = embedded_documents()
-    if isinstance(source, (str, os.PathLike)):
-        source = _open_path_source(Path(source), split, streaming, cache_dir)
-    if isinstance(source, (DatasetDict, IterableDatasetDict)):
-        raise DataError(f"got a dataset with splits {list(source)}: pass one split, e.g. dataset['train']")
-
-    if isinstance(source, (list, tuple)) and source and all(isinstance(s, os.PathLike) for s in source):
-        files = _check_files([Path(s) for s in source])
+    opened = open_source(source, split=split, streaming=streaming, cache_dir=cache_dir, what=what)
+    dataset = opened.dataset
+    if opened.files:
         generator = _file_documents
-        gen_kwargs = {"paths": tuple(map(str, files)), "doc_separator": doc_separator, "chunk_chars": chunk_chars}
+        gen_kwargs = {
+            "paths": tuple(map(str, opened.files)),
+            "doc_separator": doc_separator,
+            "chunk_chars": chunk_chars,
+        }
         # Like make: a file whose size and modification time are unchanged is not read again.
-        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        fingerprint = _hash("files", stats, doc_separator, chunk_chars)
-    elif isinstance(source, Dataset):
-        _check_text_column(source, text_column)
-        generator, gen_kwargs = _dataset_documents, {"dataset": source, "text_column": text_column}
-        fingerprint = _hash("dataset", source._fingerprint, text_column)
-    elif isinstance(source, IterableDataset) and streaming:
-        _check_text_column(source, text_column)
-        generator, gen_kwargs, fingerprint = _dataset_documents, {"dataset": source, "text_column": text_column}, None
-    elif isinstance(source, (bytes, bytearray)):
-        raise DataError("a corpus cannot be bytes: decode it to str (UTF-8) first, or pass the file path")
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in opened.files]
+        fingerprint = short_hash("files", stats, doc_separator, chunk_chars)
+    elif isinstance(dataset, Dataset):
+        check_text_column(dataset, text_column)
+        generator, gen_kwargs = _dataset_documents, {"dataset": dataset, "text_column": text_column}
+        fingerprint = short_hash("dataset", dataset._fingerprint, text_column)
+    elif isinstance(dataset, IterableDataset) and streaming:
+        check_text_column(dataset, text_column)
+        generator, gen_kwargs, fingerprint = _dataset_documents, {"dataset": dataset, "text_column": text_column}, None
     else:
-        texts = source if not isinstance(source, IterableDataset) else _iter_column(source, text_column)
+        texts = opened.texts if dataset is None else iter_column(dataset, text_column)
         if not streaming or isinstance(texts, list):
             texts = tuple(texts)  # read once, to hash it; a tuple, because datasets shards list arguments
-        fingerprint = None if streaming else _hash("texts", _hash_texts(texts))
+        fingerprint = None if streaming else short_hash("texts", _hash_texts(texts))
         generator, gen_kwargs = _text_documents, {"texts": texts, "where": "the texts"}
 
     if streaming:
@@ -245,69 +209,14 @@ def load_corpus(
             features=DOCUMENT_FEATURES,
             gen_kwargs=gen_kwargs,
             cache_dir=_str(cache_dir),
-            fingerprint=_hash(fingerprint, PIPELINE_VERSION),
+            fingerprint=short_hash(fingerprint, PIPELINE_VERSION),
         )
-
-
-def _open_path_source(path: Path, split: str, streaming: bool, cache_dir: PathLike | None) -> CorpusSource:
-    """Text files as Paths; anything `datasets` reads as a (Iterable)Dataset."""
-    if path.is_file():
-        builder = _RECORD_FILE_BUILDERS.get(path.suffix.lower())
-        return _load_dataset(builder, split, streaming, cache_dir, data_files=str(path)) if builder else [path]
-    if path.is_dir():
-        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            loaded = loaded[split] if isinstance(loaded, DatasetDict) else loaded
-            return loaded.to_iterable_dataset() if streaming else loaded
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if files and all(p.suffix == ".txt" for p in files):
-            return files
-        return _load_dataset(str(path), split, streaming, cache_dir)
-    if "\n" in str(path) or len(str(path)) > 1024:
-        raise DataError("a str source is a path or a dataset name, and this one looks like text: pass texts as a list")
-    if path.suffix in (".txt", *_RECORD_FILE_BUILDERS) or path.is_absolute() or str(path).startswith((".", "~")):
-        raise DataError(f"corpus file {path} does not exist")  # surely meant as a path, not a dataset name
-    return _load_dataset(str(path), split, streaming, cache_dir)
-
-
-def _load_dataset(name: str, split: str, streaming: bool, cache_dir: PathLike | None, **kwargs: Any) -> AnyDataset:
-    what = kwargs.get("data_files", name)
-    try:
-        return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=_str(cache_dir), **kwargs)
-    except Exception as error:  # missing path, unknown name, offline Hub, bad split: one message
-        raise DataError(
-            f"{what!r} is neither an existing text file/folder nor a dataset `datasets` can load ({split=}): {error}"
-        ) from error
-
-
-def _check_files(paths: list[Path]) -> list[Path]:
-    # All files are checked before any is read, so a typo fails at once.
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"corpus file {path} does not exist or is not a regular file")
-        if not os.access(path, os.R_OK):
-            raise DataError(f"corpus file {path} is not readable (permissions)")
-    return paths
-
-
-def _check_text_column(dataset: AnyDataset, text_column: str) -> None:
-    names = dataset.column_names
-    if names is not None and text_column not in names:
-        raise DataError(f"text_column={text_column!r} is not a column of the dataset; its columns are {names}")
-    feature = (dataset.features or {}).get(text_column)
-    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"column {text_column!r} holds {feature}, not text")
-
-
-def _iter_column(dataset: AnyDataset, column: str) -> Iterator[Any]:
-    for batch in dataset.iter(batch_size=1000):
-        yield from batch[column]
 
 
 def _file_documents(paths: tuple[str, ...], doc_separator: str | None, chunk_chars: int) -> Iterator[dict[str, Any]]:
     doc_id, n_documents = 0, 0
     for path in paths:
-        pieces = _utf8_pieces(Path(path), chunk_chars)
+        pieces = read_utf8_chunks(Path(path), chunk_chars)
         documents = [pieces] if doc_separator is None else ([text] for text in _split_text(pieces, doc_separator))
         for document in documents:
             emitted = False
@@ -317,19 +226,7 @@ def _file_documents(paths: tuple[str, ...], doc_separator: str | None, chunk_cha
             n_documents += emitted
             doc_id += 1
     if n_documents == 0:
-        raise DataError(f"the corpus {_describe_files(paths)} is empty or whitespace-only: no document has any text")
-
-
-def _utf8_pieces(path: Path, chunk_chars: int) -> Iterator[str]:
-    pieces = read_utf8_chunks(path, chunk_chars)
-    while True:
-        try:
-            piece = next(pieces)
-        except StopIteration:
-            return
-        except ValueError as error:  # not UTF-8: the message names the file, byte offset and line
-            raise DataError(str(error)) from None
-        yield piece
+        raise DataError(f"the corpus {describe_files(paths)} is empty or whitespace-only: no document has any text")
 
 
 def _split_text(pieces: Iterable[str], separator: str) -> Iterator[str]:
@@ -355,34 +252,17 @@ def _document_rows(pieces: Iterable[str], doc_id: int) -> Iterator[dict[str, Any
 
 
 def _dataset_documents(dataset: AnyDataset, text_column: str) -> Iterator[dict[str, Any]]:
-    yield from _text_documents(_iter_column(dataset, text_column), where=f"column {text_column!r}")
+    yield from _text_documents(iter_column(dataset, text_column), where=f"column {text_column!r}")
 
 
 def _text_documents(texts: Iterable[Any], where: str) -> Iterator[dict[str, Any]]:
     n_documents = 0
-    for doc_id, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise DataError(f"document {doc_id} of {where} is a {type(text).__name__}, not a str: {text!r:.80}")
+    for doc_id, text in enumerate(checked_texts(texts, where, item="document")):
         if text and not text.isspace():
             n_documents += 1
             yield {"text": text, "doc_id": doc_id, "doc_end": True}
     if n_documents == 0:
         raise DataError(f"the corpus ({where}) is empty or whitespace-only: no document has any text")
-
-
-def _describe_files(paths: Sequence[Any]) -> str:
-    return str(paths[0]) if len(paths) == 1 else f"of {len(paths)} files ({paths[0]}, ...)"
-
-
-def _describe(source: CorpusSource) -> str:
-    """A few words naming a source, for messages."""
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    if isinstance(source, (list, tuple)) and source and isinstance(source[0], os.PathLike):
-        return _describe_files(source)
-    if isinstance(source, (Dataset, IterableDataset)):
-        return f"(a {type(source).__name__})"
-    return f"({len(source)} texts)" if isinstance(source, (list, tuple)) else "(the texts)"
 
 
 # ----------------------------------------------------------------------------- documents → tokens
@@ -401,8 +281,8 @@ def tokenize_documents(
     (the tokenizer's tiktoken twin on all cores, or the Rust backend: the same ids either way);
     `num_proc` > 1 also splits the dataset across processes (not in streaming mode).
     """
-    tokenizer = resolve_tokenizer(tokenizer)
-    eos_id = check_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(tokenizer)
+    eos_id = check_pipeline_tokenizer(tokenizer)
     kwargs: dict[str, Any] = dict(
         batched=True,
         batch_size=batch_size,
@@ -412,9 +292,14 @@ def tokenize_documents(
     )
     if isinstance(documents, IterableDataset):
         return documents.with_format("arrow").map(_tokenize_batch, **kwargs).with_format(None)
-    fingerprint = _hash(documents._fingerprint, tokenizer_fingerprint(tokenizer), "tokenize", PIPELINE_VERSION)
+    fingerprint = short_hash(documents._fingerprint, tokenizer_fingerprint(tokenizer), "tokenize", PIPELINE_VERSION)
     tokens = documents.with_format("arrow").map(
-        _tokenize_batch, **kwargs, num_proc=num_proc, new_fingerprint=fingerprint, writer_batch_size=256, desc="Tokenizing"
+        _tokenize_batch,
+        **kwargs,
+        num_proc=num_proc,
+        new_fingerprint=fingerprint,
+        writer_batch_size=256,
+        desc="Tokenizing",
     )
     return tokens.with_format(None)
 
@@ -424,7 +309,7 @@ def _tokenize_batch(pieces: pa.Table, tokenizer: PreTrainedTokenizerBase, eos_id
     last piece. Arrow in and out: `datasets` would otherwise walk every id in Python."""
     ids = encode_batch_fast(tokenizer, pieces.column("text").to_pylist())
     doc_ends = pieces.column("doc_end").to_pylist()
-    ids = [[*piece, eos_id] if doc_end else piece for piece, doc_end in zip(ids, doc_ends)]
+    ids = [[*piece, eos_id] if doc_end else piece for piece, doc_end in zip(ids, doc_ends, strict=True)]
     return pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "doc_id": pieces.column("doc_id")})
 
 
@@ -435,6 +320,16 @@ def count_tokens(tokens: Dataset) -> int:
 
 
 # ----------------------------------------------------------------------------- validation split
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held_out) indices of n records: a seeded random `fraction` (at least one) is held out."""
+    if n < 2:
+        raise ValueError(f"need at least 2 records to hold some out, got {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_held = min(max(1, round(fraction * n)), n - 1)
+    return sorted(order[n_held:]), sorted(order[:n_held])
 
 
 def is_validation_document(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -460,7 +355,7 @@ def split_documents(tokens: AnyDataset, fraction: float) -> tuple[AnyDataset, An
             input_columns="doc_id", batched=True, fn_kwargs={"fraction": fraction, "validation": validation}
         )
         if isinstance(tokens, Dataset):
-            kwargs["new_fingerprint"] = _hash(tokens._fingerprint, "split", fraction, validation, PIPELINE_VERSION)
+            kwargs["new_fingerprint"] = short_hash(tokens._fingerprint, "split", fraction, validation, PIPELINE_VERSION)
         parts.append(tokens.filter(_keep_documents, **kwargs))
     return parts[0], parts[1]
 
@@ -503,13 +398,15 @@ def window_dataset(
     if isinstance(tokens, IterableDataset):
         blocks = IterableDataset.from_generator(_token_blocks, gen_kwargs=gen_kwargs)
         return blocks.with_format("arrow").map(_windows_of_blocks, **map_kwargs).with_format(None)
-    fingerprint = _hash(
+    fingerprint = short_hash(
         tokens._fingerprint, "blocks", context_length, stride, windows_per_block, token_range, PIPELINE_VERSION
     )
     with _reraise_data_errors():
-        blocks = Dataset.from_generator(_token_blocks, gen_kwargs=gen_kwargs, cache_dir=_str(cache_dir), fingerprint=fingerprint)
+        blocks = Dataset.from_generator(
+            _token_blocks, gen_kwargs=gen_kwargs, cache_dir=_str(cache_dir), fingerprint=fingerprint
+        )
     windows = blocks.with_format("arrow").map(
-        _windows_of_blocks, **map_kwargs, new_fingerprint=_hash(fingerprint, "windows"), desc="Cutting windows"
+        _windows_of_blocks, **map_kwargs, new_fingerprint=short_hash(fingerprint, "windows"), desc="Cutting windows"
     )
     return windows.with_format(None)
 
@@ -605,10 +502,14 @@ def _windows_of_blocks(blocks: pa.Table, context_length: int, stride: int) -> pa
         starts = blocks.column("start")[row].as_py() + stride * np.arange(len(windows))  # (W,)
         doc = np.searchsorted(doc_starts, starts, side="right") - 1  # (W,) index into the block's docs
         parts.append((windows, doc_ids[doc], starts - doc_starts[doc]))
-    windows, doc_id, offset = (np.concatenate(column) for column in zip(*parts))  # every block has a window
+    windows, doc_id, offset = (
+        np.concatenate(column) for column in zip(*parts, strict=True)
+    )  # every block has a window
     return pa.table(
         {
-            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1), pa.int32()), context_length + 1),
+            "input_ids": pa.FixedSizeListArray.from_arrays(
+                pa.array(windows.reshape(-1), pa.int32()), context_length + 1
+            ),
             "doc_id": pa.array(doc_id, pa.int64()),
             "offset": pa.array(offset, pa.int64()),
         }
@@ -619,7 +520,7 @@ def _windows_of_blocks(blocks: pa.Table, context_length: int, stride: int) -> pa
 
 
 def build_lm_datasets(
-    source: CorpusSource,
+    source: Source,
     tokenizer: PreTrainedTokenizerBase | PathLike | None,
     *,
     context_length: int,
@@ -656,8 +557,10 @@ def build_lm_datasets(
     whose eos or vocabulary size does not fit. With streaming, a bad byte further into a file
     is only met when it is read; the error still names the file and offset.
     """
-    tokenizer = resolve_tokenizer(tokenizer)
-    check_tokenizer(tokenizer, vocab_size)
+    tokenizer = load_tokenizer(tokenizer)
+    check_pipeline_tokenizer(tokenizer)
+    if vocab_size is not None:
+        check_tokenizer(tokenizer, vocab_size)
     stride = context_length if stride is None else stride
     check_window_args(context_length, stride)
     if not 0 <= validation_fraction < 1:
@@ -672,7 +575,7 @@ def build_lm_datasets(
         source, text_column=text_column, doc_separator=doc_separator, streaming=streaming, cache_dir=cache_dir
     )
     tokens = tokenize_documents(documents, tokenizer, num_proc=num_proc)
-    corpus = f"the corpus {_describe(source)}"
+    corpus = f"the corpus {describe_source(source)}"
     n_tokens = None if streaming else count_tokens(tokens)
     if n_tokens is not None and n_tokens < context_length + 1:
         raise _too_short(corpus, n_tokens, context_length)
@@ -689,9 +592,14 @@ def build_lm_datasets(
     else:
         cut = n_tokens - round(validation_fraction * n_tokens)
         splits = {
-            "train": window_dataset(tokens, **window, token_range=(0, cut), name=f"the training range (first {cut} tokens)"),
+            "train": window_dataset(
+                tokens, **window, token_range=(0, cut), name=f"the training range (first {cut} tokens)"
+            ),
             "validation": window_dataset(
-                tokens, **window, token_range=(cut, n_tokens), name=f"the validation range (last {n_tokens - cut} tokens)"
+                tokens,
+                **window,
+                token_range=(cut, n_tokens),
+                name=f"the validation range (last {n_tokens - cut} tokens)",
             ),
         }
     if streaming:
@@ -701,23 +609,7 @@ def build_lm_datasets(
     return DatasetDict(splits)
 
 
-def collate_windows(batch: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Windows of T + 1 tokens → {"input_ids": [B, T], "shift_labels": [B, T]} (int64).
-
-    shift_labels[:, t] is the target of input_ids[:, t] (the next token), the aligned-labels
-    convention of transformers' `ForCausalLMLoss`: all T positions are scored.
-    """
-    windows = torch.stack([torch.as_tensor(example["input_ids"], dtype=torch.long) for example in batch])  # (B, T + 1)
-    # contiguous: the loss flattens shift_labels with .view(-1)
-    return {"input_ids": windows[:, :-1].contiguous(), "shift_labels": windows[:, 1:].contiguous()}
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _hash(*parts: Any) -> str:
-    """A stable 16-hex-digit fingerprint (datasets' length) of reprs of `parts`."""
-    return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
 
 
 def _hash_texts(texts: Sequence[str]) -> str:

@@ -64,7 +64,9 @@ def blocks_to_shard(model: PreTrainedModel) -> list[nn.Module]:
         )
     blocks = [module for module in model.modules() if type(module).__name__ in names]
     if not blocks:
-        raise ValueError(f"{type(model).__name__}._no_split_modules = {sorted(names)} matches no submodule of the model")
+        raise ValueError(
+            f"{type(model).__name__}._no_split_modules = {sorted(names)} matches no submodule of the model"
+        )
     return blocks
 
 
@@ -84,7 +86,9 @@ def shard_model(
     Returns the same object, whose class is now an FSDP subclass of the original.
     """
     if not dist.is_initialized():
-        raise RuntimeError("shard_model needs torch.distributed: call init_process_group first (gloo on CPU, nccl on GPUs)")
+        raise RuntimeError(
+            "shard_model needs torch.distributed: call init_process_group first (gloo on CPU, nccl on GPUs)"
+        )
     if isinstance(model, FSDPModule):
         raise ValueError(f"{type(model).__name__} is already sharded")
     blocks = blocks_to_shard(model)
@@ -127,7 +131,8 @@ def _check_no_parameter_crosses_a_block(model: nn.Module, blocks: Iterable[nn.Mo
         if len({owner(name) for name in names}) > 1:
             raise ValueError(
                 f"parameters {names} are one tensor shared between a block and another module: FSDP shards each "
-                "block as its own group and cannot split a tied weight across groups; keep tied weights outside the blocks"
+                "block as its own group and cannot split a tied weight across groups; "
+                "keep tied weights outside the blocks"
             )
 
 
@@ -225,10 +230,15 @@ def split_by_rank(
     if isinstance(dataset, Dataset):
         num_shards = world_size if num_shards is None else num_shards
         if num_shards % world_size:
-            raise ValueError(f"num_shards={num_shards} must be a multiple of world_size={world_size}, so every rank gets whole shards")
+            raise ValueError(
+                f"num_shards={num_shards} must be a multiple of world_size={world_size}, "
+                "so every rank gets whole shards"
+            )
         if num_shards > len(dataset):
             raise ValueError(f"num_shards={num_shards} is more than the dataset's {len(dataset)} rows")
         dataset = dataset.to_iterable_dataset(num_shards=num_shards)
     elif num_shards is not None:
         raise ValueError("num_shards applies to an Arrow Dataset only; an IterableDataset keeps its own shards")
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size, strategy=split_strategy(dataset, world_size))
+    return split_dataset_by_node(
+        dataset, rank=rank, world_size=world_size, strategy=split_strategy(dataset, world_size)
+    )

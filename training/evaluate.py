@@ -1,4 +1,5 @@
-"""Evaluation: token-weighted loss, perplexity, bits per byte/char, bootstrap intervals.
+"""Evaluation metrics: token-weighted loss, perplexity, bits per byte/char, bootstrap intervals;
+a classifier's accuracy and confusion matrix; exact match of generated answers.
 
 Works with any Hugging Face causal LM (only `model(input_ids=..., attention_mask=...).logits` is
 used); the cross-entropy is computed here, per token, in fp32, so every window keeps its own sum
@@ -27,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +41,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from tokenization.load import check_tokenizer
 from tokenization.pretokenize import token_bytes, unicode_to_bytes
+from training.collate import IGNORE_INDEX
+from training.generate import eval_mode
 
-IGNORE_INDEX = -100
 LN2 = math.log(2.0)
 
 
@@ -207,8 +212,6 @@ def evaluate_loss(
     from uneven sharding dropped), so every process returns the same full result. `max_batches`
     counts batches per process. The model's train/eval mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     table = None if byte_table is None else (byte_table.n_bytes.to(device), byte_table.n_chars.to(device))
     autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
@@ -218,7 +221,7 @@ def evaluate_loss(
     total = min(total, max_batches) if total is not None and max_batches is not None else total
     try:
         batches = itertools.islice(dataloader, max_batches)
-        with autocast:
+        with eval_mode(model), autocast:
             for batch in tqdm(batches, total=total, desc="eval", disable=not (show_progress and is_main)):
                 nats, tokens, targets = _score_batch(model, batch, device)
                 row = {"nats": nats, "tokens": tokens}
@@ -229,7 +232,6 @@ def evaluate_loss(
                 for key, value in row.items():
                     columns[key].append(value.cpu())
     finally:
-        model.train(was_training)
         if isinstance(dataloader, DataLoaderStateMixin):
             # Leaving an accelerate dataloader early (max_batches) skips its own clean-up, and the
             # training loop's gradient sync would then keep reading this loader's end-of-data flag.
@@ -382,16 +384,6 @@ def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-def check_vocab_sizes(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> None:
-    """Refuse a tokenizer that can produce ids the model has no embedding for."""
-    model_vocab = _model_vocab_size(model)
-    if len(tokenizer) > model_vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only {model_vocab}: "
-            "ids above the model's range would crash the embedding; use the tokenizer the model was trained with"
-        )
-
-
 def bootstrap_ci(
     per_window_nats: torch.Tensor | Sequence[float],
     per_window_denominator: torch.Tensor | Sequence[int],
@@ -455,7 +447,7 @@ class MetricsReport:
         alpha: float = 0.05,
         context_length: int | None = None,
         stride: int | None = None,
-    ) -> "MetricsReport":
+    ) -> MetricsReport:
         """Derive every metric from the per-window sums; bootstrap when asked and W >= 2."""
         report = cls(
             loss=result.loss,
@@ -528,7 +520,7 @@ def evaluate_texts(
     show_progress: bool = False,
 ) -> MetricsReport:
     """Full report for raw documents: tokenize, strided windows, loss, bits/byte, bootstrap CI."""
-    check_vocab_sizes(tokenizer, model)
+    check_tokenizer(tokenizer, _model_vocab_size(model))
     input_ids, labels = encode_documents(tokenizer, texts)
     context_length, stride = resolve_window(model, context_length, stride)
     result = strided_perplexity(
@@ -544,3 +536,124 @@ def evaluate_texts(
         show_progress=show_progress,
     )
     return MetricsReport.from_result(result, n_bootstrap, seed, alpha, context_length, stride)
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+@dataclass
+class ClassificationReport:
+    loss: float  # mean cross-entropy per example, nats
+    accuracy: float
+    confusion: list[list[int]]  # [true label][predicted label] counts
+    labels: list[str]  # names, in id order
+
+    @property
+    def n_examples(self) -> int:
+        return sum(map(sum, self.confusion))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "n_examples": self.n_examples,
+            "labels": self.labels,
+            "confusion_matrix": self.confusion,
+        }
+
+    def format_confusion(self) -> str:
+        """The confusion matrix as a text table: rows are true labels, columns predictions."""
+        corner = "true \\ predicted"
+        first = max(len(corner), *(len(name) for name in self.labels)) + 2
+        width = max(6, *(len(name) for name in self.labels)) + 2
+        head = corner.ljust(first) + "".join(name.rjust(width) for name in self.labels)
+        rows = [
+            name.ljust(first) + "".join(str(count).rjust(width) for count in row)
+            for name, row in zip(self.labels, self.confusion, strict=True)
+        ]
+        return "\n".join([head, *rows])
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: torch.nn.Module, dataloader: Iterable[Mapping[str, torch.Tensor]], labels: Sequence[str], accelerator=None
+) -> ClassificationReport:
+    """Loss, accuracy and confusion matrix over `dataloader` (gathered over processes)."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    losses, predicted, true = [], [], []
+    with eval_mode(model):
+        for batch in dataloader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits  # (B, num_labels)
+            row = {
+                "loss": F.cross_entropy(logits.float(), batch["labels"], reduction="none"),
+                "predicted": logits.argmax(dim=-1),
+                "true": batch["labels"],
+            }
+            if accelerator is not None:
+                row = accelerator.gather_for_metrics(row)
+            losses.append(row["loss"].cpu())
+            predicted.append(row["predicted"].cpu())
+            true.append(row["true"].cpu())
+    if not losses:
+        raise ValueError("evaluation saw no examples: the dataloader is empty")
+    predicted, true = torch.cat(predicted), torch.cat(true)
+    n = len(labels)
+    confusion = torch.bincount(true * n + predicted, minlength=n * n).view(n, n)
+    return ClassificationReport(
+        loss=torch.cat(losses).mean().item(),
+        accuracy=(predicted == true).float().mean().item(),
+        confusion=confusion.tolist(),
+        labels=list(labels),
+    )
+
+
+# ----------------------------------------------------------------------------- exact match
+
+
+def exact_match(prediction: str, expected: str) -> bool:
+    """True when the two are equal after stripping surrounding whitespace only.
+
+    Case, punctuation and inner spacing all count: "3, 7" does not match "3,7". Stripping
+    the ends forgives the newline or space a model may emit before stopping, nothing more.
+    """
+    return prediction.strip() == expected.strip()
+
+
+def exact_match_accuracy(predictions: Sequence[str], expected: Sequence[str]) -> float:
+    """Fraction of predictions that `exact_match` their expected answer."""
+    if len(predictions) != len(expected):
+        raise ValueError(f"{len(predictions)} predictions for {len(expected)} expected answers")
+    if not predictions:
+        raise ValueError("exact_match_accuracy needs at least one prediction")
+    return sum(exact_match(p, e) for p, e in zip(predictions, expected, strict=True)) / len(predictions)
+
+
+def score_generations(records: Sequence[Mapping[str, str]], answers: Sequence[str]) -> list[dict[str, Any]]:
+    """One {instruction, input, expected, generated, exact_match[, kind]} row per record."""
+    rows = []
+    for record, answer in zip(records, answers, strict=True):
+        row = {
+            "instruction": record["instruction"],
+            "input": record.get("input") or "",
+            "expected": record["output"],
+            "generated": answer,
+            "exact_match": exact_match(answer, record["output"]),
+        }
+        if "kind" in record:
+            row["kind"] = record["kind"]
+        rows.append(row)
+    return rows
+
+
+def exact_match_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Overall exact match and, for task records, per kind (`exact_match_<kind>`)."""
+    summary = {"val_exact_match": sum(r["exact_match"] for r in rows) / len(rows)}
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        if "kind" in row:
+            by_kind[row["kind"]].append(row["exact_match"])
+    summary.update({f"exact_match_{kind}": sum(hits) / len(hits) for kind, hits in sorted(by_kind.items())})
+    return summary

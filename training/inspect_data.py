@@ -1,9 +1,11 @@
 """Look at pretraining data: where a batch's windows come from, and how the tokens are spread.
 
-    batch_composition(windows, indices, tokenizer)   -> a table, one row per window of a batch
-    plot_batch_composition(table, context_length, path)
-    token_frequencies(tokens, vocab_size)            -> count of every id in the token stream
-    plot_token_frequencies(counts, path, tokenizer)  -> rank-frequency (log-log) + top tokens
+    batch_composition(windows, indices, tokenizer)       -> a table, one row per window of a batch
+    batch_composition_figure(table, context_length)     -> a Figure of where those windows lie
+    token_frequencies(tokens, vocab_size)                -> count of every id in the token stream
+    token_frequencies_figure(counts, tokenizer)          -> rank-frequency (log-log) + top tokens
+
+Figures are written with `modeling_minigpt.files.save_figure`.
 
 `windows` is a split of `training.data.build_lm_datasets` (columns `input_ids`, `doc_id`,
 `offset`); `tokens` is the output of `training.data.tokenize_documents`, counted once per
@@ -12,19 +14,20 @@ token (windows overlap when stride < context_length, so they would count some to
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from modeling_minigpt.files import pyplot
 from tokenization.pretokenize import readable
+from training.data import AnyDataset, iter_token_batches
 
-from .checkpoint import atomic_path
-from .data import AnyDataset, iter_token_batches
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def batch_composition(
@@ -48,24 +51,28 @@ def batch_composition(
     return table
 
 
-def plot_batch_composition(table: pd.DataFrame, context_length: int, path: str | os.PathLike[str]) -> Path:
-    """PNG: each window of the batch as a bar over the token offsets of its document, one
-    colour per document (overlapping bars of one document show the stride)."""
-    plt = _pyplot()
+def batch_composition_figure(table: pd.DataFrame, context_length: int) -> Figure:
+    """Each window of the batch as a bar over the token offsets of its document, one colour per
+    document (overlapping bars of one document show the stride)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(table) + 1.4))
     docs = list(dict.fromkeys(table["doc_id"].tolist()))
     colours = plt.get_cmap("tab20")
     for row in table.itertuples():
         colour = colours(docs.index(row.doc_id) % 20)
-        ax.barh(row.row, context_length + 1, left=row.offset, height=0.7, color=colour, edgecolor="black", linewidth=0.4)
+        ax.barh(
+            row.row, context_length + 1, left=row.offset, height=0.7, color=colour, edgecolor="black", linewidth=0.4
+        )
         end = row.offset + context_length + 1
         ax.text(end, row.row, f"  doc {row.doc_id}, tokens {row.offset}-{end - 1}", ha="left", va="center", fontsize=8)
-    ax.set_yticks(table["row"], [f"row {r} (window {w})" for r, w in zip(table["row"], table["window"])], fontsize=8)
+    ax.set_yticks(
+        table["row"], [f"row {r} (window {w})" for r, w in zip(table["row"], table["window"], strict=True)], fontsize=8
+    )
     ax.invert_yaxis()
     ax.set_xlim(0, (table["offset"].max() + context_length + 1) * 1.3)  # room for the labels
     ax.set_xlabel("token offset within the document")
     ax.set_title(f"batch of {len(table)} windows of {context_length} + 1 tokens from {len(docs)} document(s)")
-    return _save(fig, path)
+    return fig
 
 
 def token_frequencies(tokens: AnyDataset, vocab_size: int, max_tokens: int | None = None) -> np.ndarray:
@@ -83,12 +90,12 @@ def token_frequencies(tokens: AnyDataset, vocab_size: int, max_tokens: int | Non
     return counts
 
 
-def plot_token_frequencies(
-    counts: np.ndarray, path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None, top_k: int = 20
-) -> Path:
-    """PNG: rank-frequency of the ids on log-log axes (with Zipf's 1/rank for reference) and a
-    bar chart of the `top_k` most frequent tokens (their share of all tokens)."""
-    plt = _pyplot()
+def token_frequencies_figure(
+    counts: np.ndarray, tokenizer: PreTrainedTokenizerBase | None = None, top_k: int = 20
+) -> Figure:
+    """Rank-frequency of the ids on log-log axes (with Zipf's 1/rank for reference) and a bar
+    chart of the `top_k` most frequent tokens (their share of all tokens)."""
+    plt = pyplot()
     total = int(counts.sum())
     if total == 0:
         raise ValueError("no tokens were counted: the token stream is empty")
@@ -110,7 +117,7 @@ def plot_token_frequencies(
     right.set_xlabel("% of all tokens")
     right.set_title(f"top {len(top)} tokens: {100 * counts[top].sum() / total:.1f} % of all")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _token_label(tokenizer: PreTrainedTokenizerBase | None, token_id: int) -> str:
@@ -123,22 +130,3 @@ def _token_label(tokenizer: PreTrainedTokenizerBase | None, token_id: int) -> st
         return f"{readable(token)!r} ({token_id})"  # byte-level token: '␣the', '↵', ...
     except KeyError:  # not a byte-level vocabulary
         return f"{token!r} ({token_id})"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; also safe inside tests and on servers
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | os.PathLike[str]) -> Path:
-    plt = _pyplot()
-    try:
-        with atomic_path(path) as tmp:  # a crash never leaves a half-written PNG
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return Path(path)

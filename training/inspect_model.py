@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Literal
 
 import torch
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -38,8 +39,8 @@ from transformers.generation import (
 
 from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from modeling_minigpt.visualize import attention_weights
+from tokenization.load import check_tokenizer
 from tokenization.pretokenize import readable, token_bytes
-from training.evaluate import check_vocab_sizes
 
 TOP_K_ALTERNATIVES = 5
 
@@ -151,7 +152,7 @@ def load_for_app(folder: str | Path) -> LoadedModel:
         # `attention_weights` crops to `config.context_length`, which only MiniGPT's config defines.
         model.config.context_length = model.config.n_positions
     try:
-        check_vocab_sizes(tokenizer, model)
+        check_tokenizer(tokenizer, model.config.vocab_size)
     except ValueError as error:
         raise ModelFolderError(f"{folder}: {error}") from None
     kind = "classifier" if model_class is MiniGPTForSequenceClassification else "causal-lm"
@@ -178,7 +179,7 @@ def token_pieces(tokenizer: PreTrainedTokenizerFast, ids: Sequence[int]) -> list
     """Each token of `ids` with its vocabulary entry and the bytes it decodes to."""
     added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
     pieces = []
-    for position, (token_id, token) in enumerate(zip(ids, tokenizer.convert_ids_to_tokens(list(ids)))):
+    for position, (token_id, token) in enumerate(zip(ids, tokenizer.convert_ids_to_tokens(list(ids)), strict=False)):
         if token_id in added:  # <|endoftext|> and friends are stored as plain text, not byte-level
             data, shown = added[token_id].encode("utf-8"), added[token_id]
         else:
@@ -196,9 +197,7 @@ def check_fits(n_tokens: int, context_length: int, room: int = 0) -> None:
     """ContextFullError unless `n_tokens` plus `room` new ones fit in the context window."""
     if n_tokens + room > context_length:
         need = f"{n_tokens} tokens" + (f" plus {room} to generate" if room else "")
-        raise ContextFullError(
-            f"the text is {need}, but the model reads at most {context_length} tokens: shorten it"
-        )
+        raise ContextFullError(f"the text is {need}, but the model reads at most {context_length} tokens: shorten it")
 
 
 # ----------------------------------------------------------------------------- chat prompts
@@ -211,9 +210,7 @@ class ChatPrompt:
     note: str | None = None  # set when the conversation had to be shortened
 
 
-def chat_prompt(
-    tokenizer: PreTrainedTokenizerFast, history: Sequence[Mapping[str, str]], message: str
-) -> ChatPrompt:
+def chat_prompt(tokenizer: PreTrainedTokenizerFast, history: Sequence[Mapping[str, str]], message: str) -> ChatPrompt:
     """The model's input for `message` after `history` (messages with role and content).
 
     Rendered by the folder's own chat template (`apply_chat_template`, generation prompt added).
@@ -263,7 +260,7 @@ def choice_from_logits(tokenizer: PreTrainedTokenizerFast, logits: torch.Tensor,
         id=int(token_id),
         piece=pieces[token_id],
         probability=float(probs[token_id]),
-        alternatives=tuple((i, pieces[i], float(p)) for i, p in zip(top_ids, top.values.tolist())),
+        alternatives=tuple((i, pieces[i], float(p)) for i, p in zip(top_ids, top.values.tolist(), strict=False)),
     )
 
 
@@ -305,8 +302,13 @@ class SamplingSettings:
         if not self.do_sample:
             return dict(max_new_tokens=self.max_new_tokens, do_sample=False)
         # top_k=0 must be explicit: generate's default is 50.
-        return dict(max_new_tokens=self.max_new_tokens, do_sample=True, temperature=self.temperature,
-                    top_k=self.top_k, top_p=self.top_p)
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
 
     def warpers(self) -> LogitsProcessorList:
         """generate's sampling warpers for these settings, in generate's order."""
@@ -412,7 +414,9 @@ def eos_id(loaded: LoadedModel) -> int | None:
 # ----------------------------------------------------------------------------- attention
 
 
-def attention_map(model, tokenizer: PreTrainedTokenizerFast, text: str, layer: int, head: int) -> tuple[list[str], torch.Tensor]:
+def attention_map(
+    model, tokenizer: PreTrainedTokenizerFast, text: str, layer: int, head: int
+) -> tuple[list[str], torch.Tensor]:
     """Readable tokens of `text` and one head's attention weights [T, T] (row = query, column = key)."""
     ids = encode(tokenizer, text)
     if not ids:

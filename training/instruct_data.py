@@ -1,4 +1,4 @@
-"""Instruction (Alpaca-format) data: load and validate records, render them to ids and labels, collate.
+"""Instruction (Alpaca-format) data: load and validate records, render them to ids and labels.
 
 The loss mask is made in exactly one place, `assemble_example`; `render_examples` (template +
 tokenizer) is the only caller, and `render_example`, `build_instruction_dataset` and the
@@ -24,24 +24,23 @@ Conventions
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import datasets
-import torch
 
+from modeling_minigpt.files import pyplot
 from tokenization.alpaca import format_example, format_prompt
+from tokenization.corpus import read_records
 from tokenization.pretokenize import readable
+from training.collate import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
 class InstructionDataError(ValueError):
@@ -49,55 +48,8 @@ class InstructionDataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading records (shared with classification data)
+# Reading and validating records
 # ---------------------------------------------------------------------------------------------
-
-
-def read_records(source: Any, error: type[ValueError] = ValueError) -> list[tuple[str, Any]]:
-    """(location, record) pairs from a .json array, .jsonl or .csv file, a `datasets.Dataset`,
-    or a list of dicts. `location` names the file and record for error messages, e.g.
-    "data.jsonl record 3 (line 5)". Parsing problems raise `error` with that location."""
-    if isinstance(source, datasets.DatasetDict):
-        raise error(f"got a DatasetDict with splits {list(source)}; pass one split, e.g. dataset['train']")
-    if isinstance(source, datasets.Dataset):
-        return [(f"dataset record {i}", row) for i, row in enumerate(source.to_list())]
-    if isinstance(source, (str, os.PathLike)):
-        return _read_file(Path(source), error)
-    if isinstance(source, Sequence):
-        return [(f"record {i}", row) for i, row in enumerate(source)]
-    raise error(f"cannot read records from {type(source).__name__}: pass a path, a datasets.Dataset or a list of dicts")
-
-
-def _read_file(path: Path, error: type[ValueError]) -> list[tuple[str, Any]]:
-    if not path.is_file():
-        raise error(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise error(f"{path.name} line {e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise error(f"{path.name}: expected a JSON array of records, got a JSON {type(data).__name__}")
-        return [(f"{path.name} record {i}", row) for i, row in enumerate(data)]
-    if suffix == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path.name} record {len(records)} (line {line_no})"
-                try:
-                    records.append((where, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise error(f"{where}: invalid JSON: {e.msg}") from None
-        return records
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            # line_num is read after each row so quoted multi-line fields still point at the row's end.
-            return [(f"{path.name} record {i} (line {reader.line_num})", row) for i, row in enumerate(reader)]
-    raise error(f"{path.name}: unsupported file type {suffix!r}; use .json (an array), .jsonl or .csv")
 
 
 def _string_field(record: Mapping[str, Any], key: str, where: str, required: bool) -> str:
@@ -120,7 +72,9 @@ def validate_instruction_record(record: Any, where: str) -> dict[str, str]:
     Other keys are dropped.
     """
     if not isinstance(record, Mapping):
-        raise InstructionDataError(f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}")
+        raise InstructionDataError(
+            f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}"
+        )
     return {
         "instruction": _string_field(record, "instruction", where, required=True),
         "input": _string_field(record, "input", where, required=False),
@@ -129,9 +83,9 @@ def validate_instruction_record(record: Any, where: str) -> dict[str, str]:
 
 
 def load_instruction_records(source: Any) -> list[dict[str, str]]:
-    """Validated Alpaca records from a JSON array file, a JSONL file, a CSV file, a
-    `datasets.Dataset` or a list of dicts. The first bad record stops the load with an
-    InstructionDataError naming the file and record index."""
+    """Validated Alpaca records from anything `tokenization.corpus.read_records` reads (a .json
+    array, .jsonl or .csv file, rows `datasets` reads, a list of dicts). The first bad record
+    stops the load with an InstructionDataError naming the file and record index."""
     return [validate_instruction_record(r, where) for where, r in read_records(source, InstructionDataError)]
 
 
@@ -193,7 +147,10 @@ def render_examples(
     pairs = [format_example(record) for record in records]
     prompt_ids = _encode(tokenizer, [prompt for prompt, _ in pairs])
     response_ids = _encode(tokenizer, [response for _, response in pairs])
-    return [assemble_example(p, r, eos_token_id, max_length, mask_prompt) for p, r in zip(prompt_ids, response_ids)]
+    return [
+        assemble_example(p, r, eos_token_id, max_length, mask_prompt)
+        for p, r in zip(prompt_ids, response_ids, strict=True)
+    ]
 
 
 def render_example(
@@ -247,7 +204,7 @@ def build_instruction_dataset(
     rows = load_instruction_records(records)
 
     def render_batch(batch: dict[str, list[str]]) -> dict[str, list[Any]]:
-        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        records = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         # A batched map may return fewer rows than it got: skipped examples simply vanish.
         kept = [e for e in render_examples(tokenizer, records, max_length, mask_prompt) if e is not None]
         return {
@@ -257,7 +214,9 @@ def build_instruction_dataset(
         }
 
     string = datasets.Value("string")
-    source = datasets.Dataset.from_list(rows, features=datasets.Features(instruction=string, input=string, output=string))
+    source = datasets.Dataset.from_list(
+        rows, features=datasets.Features(instruction=string, input=string, output=string)
+    )
     dataset = source.map(
         render_batch,
         batched=True,
@@ -275,43 +234,6 @@ def build_instruction_dataset(
     if stats.truncated or stats.skipped:
         logger.warning("%s", stats)
     return dataset.remove_columns("truncated"), stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Batching
-# ---------------------------------------------------------------------------------------------
-
-
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
-    """(B, T_max) long tensor, each row padded with `pad_value` on the given side."""
-    if side not in ("right", "left"):
-        raise ValueError(f"padding side must be 'right' or 'left', got {side!r}")
-    if not sequences:
-        raise ValueError("cannot pad an empty batch")
-    longest = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        seq = torch.as_tensor(seq, dtype=torch.long)
-        if side == "right":
-            out[row, : len(seq)] = seq
-        else:
-            out[row, longest - len(seq) :] = seq
-    return out
-
-
-def collate_instruction_batch(batch: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of rendered examples to the longest in the batch.
-
-    Returns `input_ids`, `attention_mask` and `labels`, each (B, T_max); padded positions
-    have attention 0 and label -100, so neither the pad id nor the padding length matters.
-    Use with `functools.partial(collate_instruction_batch, pad_token_id=...)`.
-    """
-    ids = [example["input_ids"] for example in batch]
-    return {
-        "input_ids": pad_sequences(ids, pad_token_id),
-        "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0),
-        "labels": pad_sequences([example["labels"] for example in batch], IGNORE_INDEX),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +255,10 @@ def loss_mask_tokens(tokenizer: Any, example: RenderedExample | Mapping[str, Any
     """
     ids, labels = _as_ids_and_labels(example)
     tokens = tokenizer.convert_ids_to_tokens(ids)
-    return [(readable(tok), i > 0 and label != IGNORE_INDEX) for i, (tok, label) in enumerate(zip(tokens, labels))]
+    return [
+        (readable(tok), i > 0 and label != IGNORE_INDEX)
+        for i, (tok, label) in enumerate(zip(tokens, labels, strict=True))
+    ]
 
 
 def format_loss_mask(tokenizer: Any, example: RenderedExample | Mapping[str, Any], color: bool = True) -> str:
@@ -368,18 +293,14 @@ def _layout_tokens(texts: Sequence[str], line_width: int) -> tuple[list[tuple[fl
     return boxes, line + (1 if x > 0 or not boxes else 0)
 
 
-def plot_loss_mask(
-    tokenizer: Any, example: RenderedExample | Mapping[str, Any], path: str | os.PathLike[str], line_width: int = 80
-) -> Path:
-    """Save a PNG of an example's tokens, each boxed and coloured by whether it carries loss.
+def loss_mask_figure(tokenizer: Any, example: RenderedExample | Mapping[str, Any], line_width: int = 80) -> Figure:
+    """An example's tokens, each boxed and coloured by whether it carries loss.
 
     `line_width` is in characters; a token ending in a newline also ends the line.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; also safe inside tests and on servers
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch, Rectangle
+
+    plt = pyplot()
 
     tokens = loss_mask_tokens(tokenizer, example)
     boxes, n_lines = _layout_tokens([text for text, _ in tokens], line_width)
@@ -395,13 +316,20 @@ def plot_loss_mask(
     ax.set_ylim(n_lines, 0)
     ax.axis("off")
     colours = {True: "#7fd17f", False: "#e3e3e3"}
-    for (text, loss), (x0, line, width) in zip(tokens, boxes):
-        ax.add_patch(Rectangle((x0, line + 0.1), width, 0.8, facecolor=colours[loss], edgecolor="#777777", linewidth=0.5))
-        ax.text(x0 + width / 2, line + 0.5, text, ha="center", va="center", family="DejaVu Sans Mono", fontsize=font_size)
+    for (text, loss), (x0, line, width) in zip(tokens, boxes, strict=True):
+        ax.add_patch(
+            Rectangle((x0, line + 0.1), width, 0.8, facecolor=colours[loss], edgecolor="#777777", linewidth=0.5)
+        )
+        ax.text(
+            x0 + width / 2, line + 0.5, text, ha="center", va="center", family="DejaVu Sans Mono", fontsize=font_size
+        )
     n_loss = sum(loss for _, loss in tokens)
     fig.text(0.0, 1.0, f"{len(tokens)} tokens, {n_loss} carry loss", va="top", fontsize=font_size + 1)
     fig.legend(
-        handles=[Patch(facecolor=colours[True], label="loss (response + eos)"), Patch(facecolor=colours[False], label="no loss")],
+        handles=[
+            Patch(facecolor=colours[True], label="loss (response + eos)"),
+            Patch(facecolor=colours[False], label="no loss"),
+        ],
         loc="upper right",
         bbox_to_anchor=(1.0, 1.0),
         ncol=2,
@@ -409,17 +337,4 @@ def plot_loss_mask(
         frameon=False,
         borderaxespad=0.0,
     )
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target then rename, so a crash never leaves a half-written PNG.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return fig

@@ -1,9 +1,10 @@
 """The training loop shared by pretraining, instruction fine-tuning and classification.
 
-Callers build the model and dataloaders and supply two callbacks: `loss_fn(model, batch)` and
-`eval_fn(model)`. Everything else lives here once: the optimizer's weight-decay groups, the
-Accelerator setup (gradient accumulation, mixed precision, a seeded data order), exact resume
-(`TrainState` + `accelerator.save_state`), the metrics log and the loop itself:
+Callers build the model and dataloaders (`training.run` does it for every job) and supply two
+callbacks: `loss_fn(model, batch)` and `eval_fn(model)`. Everything else lives here once: the
+optimizer's weight-decay groups, the Accelerator setup (gradient accumulation, mixed precision,
+a seeded data order), exact resume (`TrainState` + `accelerator.save_state`), the metrics log
+and the loop itself:
 
     accumulate -> backward -> clip -> step -> schedule
 
@@ -17,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -30,13 +31,11 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.checkpoint import atomic_path, latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
-from training.schedule import lr_at_step
-
-CHECKPOINTS_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-LOSS_CURVE_FILE = "loss_curve.png"
-LOGS_DIR = "logs"
+from modeling_minigpt.files import atomic_path
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.generate import eval_mode
+from training.layout import RunLayout
+from training.schedule import learning_rate
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -47,43 +46,78 @@ EvalFn = Callable[[torch.nn.Module], Mapping[str, float | str]]
 class LoopArguments:
     """Optimisation, logging and checkpointing settings shared by every training script."""
 
-    output_dir: str | None = field(default=None, metadata={"help": "Run folder: checkpoints, logs, metrics, final model. Required."})
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train (each = accumulation x batch). With --max_time_seconds, an upper bound."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Run folder: checkpoints, logs, metrics, final model. Required."}
+    )
+    max_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "Optimizer steps to train (each = accumulation x batch). With --max_time_seconds, an upper bound."
+        },
+    )
     max_time_seconds: float | None = field(
         default=None,
-        metadata={"help": "Wall-clock training budget in seconds (evaluations included). The cosine decay then runs "
-                  "over the budget instead of max_steps; such runs resume, but not bit-exactly."},
+        metadata={
+            "help": "Wall-clock training budget in seconds (evaluations included). The cosine decay then runs "
+            "over the budget instead of max_steps; such runs resume, but not bit-exactly."
+        },
     )
     per_device_batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch on each process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate, reached after warmup."})
-    min_learning_rate: float = field(default=1e-4, metadata={"help": "Floor of the cosine decay (often learning_rate / 10)."})
+    min_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Floor of the cosine decay (often learning_rate / 10)."}
+    )
     warmup_steps: int = field(default=100, metadata={"help": "Optimizer steps of linear warmup."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay, applied to matrices only (>= 2-D)."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW decoupled weight decay, applied to matrices only (>= 2-D)."}
+    )
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 rather than 0.999: steadier for small-batch LM training)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 disables clipping."})
+    adam_beta2: float = field(
+        default=0.95, metadata={"help": "AdamW beta2 (0.95 rather than 0.999: steadier for small-batch LM training)."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 disables clipping."}
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
-        default="no", metadata={"help": "Autocast dtype. Keep 'no' on CPU: bf16 matmuls measured ~35x slower than fp32 here."}
+        default="no",
+        metadata={"help": "Autocast dtype. Keep 'no' on CPU: bf16 matmuls measured ~35x slower than fp32 here."},
     )
     seed: int = field(default=1337, metadata={"help": "Seeds weights init, dropout and the data order."})
     log_every: int = field(default=10, metadata={"help": "Log the mean training loss every N steps."})
-    eval_every: int = field(default=200, metadata={"help": "Evaluate (and write a sample) every N steps and at the end."})
+    eval_every: int = field(
+        default=200, metadata={"help": "Evaluate (and write a sample) every N steps and at the end."}
+    )
     save_every: int = field(default=200, metadata={"help": "Checkpoint every N steps and at the end."})
     keep_last: int = field(default=2, metadata={"help": "Checkpoints kept on disk (older ones are deleted)."})
-    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest complete checkpoint."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue the run in output_dir from its latest complete checkpoint."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Delete the run already in output_dir and start again."})
-    report_to: Literal["tensorboard", "none"] = field(default="tensorboard", metadata={"help": "Accelerate tracker (logs go to output_dir/logs)."})
+    report_to: Literal["tensorboard", "none"] = field(
+        default="tensorboard", metadata={"help": "Accelerate tracker (logs go to output_dir/logs)."}
+    )
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "log_every", "eval_every", "save_every", "keep_last")
+        positive = (
+            "max_steps",
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_last",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_time_seconds is not None and self.max_time_seconds <= 0:
             raise ValueError(f"--max_time_seconds must be > 0, got {self.max_time_seconds}")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise ValueError(f"need 0 <= --min_learning_rate <= --learning_rate, got {self.min_learning_rate} and {self.learning_rate}")
+            raise ValueError(
+                "need 0 <= --min_learning_rate <= --learning_rate, "
+                f"got {self.min_learning_rate} and {self.learning_rate}"
+            )
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
 
@@ -141,7 +175,9 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, LOGS_DIR)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.fspath(RunLayout(Path(args.output_dir)).logs)
+        ),
     )
 
 
@@ -194,7 +230,7 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike[s
     cut back to the checkpoint (or emptied when there is none: the run starts over), so the
     resumed run's entries follow without gaps or repeats.
     """
-    folder = latest_checkpoint(Path(output_dir) / CHECKPOINTS_DIR)
+    folder = latest_checkpoint(RunLayout(Path(output_dir)).checkpoints)
     if folder is None:
         metrics.truncate_after(-1)
         return None
@@ -203,7 +239,9 @@ def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike[s
     return step
 
 
-def start_trackers(accelerator: Accelerator, project_name: str, config: Mapping[str, Any], resume_step: int | None) -> None:
+def start_trackers(
+    accelerator: Accelerator, project_name: str, config: Mapping[str, Any], resume_step: int | None
+) -> None:
     """Start the Accelerate trackers; a resumed run purges TensorBoard events after its checkpoint."""
     scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
     init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
@@ -246,7 +284,9 @@ def _micro_batches(accelerator: Accelerator, dataloader: DataLoader, state: Trai
     per_epoch = len(dataloader)
     while True:
         dataloader.set_epoch(state.epoch)  # the shuffled order is a function of (seed, epoch)
-        loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+        loader = (
+            accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+        )
         for batch in loader:
             state.batches_in_epoch += 1
             if state.batches_in_epoch == per_epoch:
@@ -291,26 +331,12 @@ class _LogWindow:
 
     def flush(self, tokens_seen: int) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.start - self.pause_seconds, 1e-9)
-        values = {"train_loss": self.loss_sum / self.steps, "tokens_per_second": (tokens_seen - self.tokens_start) / seconds}
+        values = {
+            "train_loss": self.loss_sum / self.steps,
+            "tokens_per_second": (tokens_seen - self.tokens_start) / seconds,
+        }
         self._reset(tokens_seen)
         return values
-
-
-def learning_rate(args: LoopArguments, step: int, elapsed_seconds: float) -> float:
-    """The schedule of `args` at optimizer step `step` (0-based).
-
-    Step-based runs: warmup, then cosine over `max_steps`. Time-budgeted runs: the same warmup
-    in steps, then cosine over the wall-clock budget (progress = elapsed / budget, counted from
-    the start, so the short warmup overlaps the first percent or so of the decay). Time is
-    monotone, so the learning rate never rises again, and it reaches the floor exactly when
-    the budget runs out, whatever the machine's speed.
-    """
-    schedule = dict(max_lr=args.learning_rate, min_lr=args.min_learning_rate)
-    if args.max_time_seconds is None:
-        return lr_at_step(step, **schedule, warmup_steps=args.warmup_steps, total_steps=args.max_steps)
-    if step < args.warmup_steps:
-        return lr_at_step(step, **schedule, warmup_steps=args.warmup_steps, total_steps=math.inf)
-    return lr_at_step(elapsed_seconds, **schedule, warmup_steps=0, total_steps=args.max_time_seconds)
 
 
 def train_loop(
@@ -325,8 +351,9 @@ def train_loop(
     loss_fn: LossFn = causal_lm_loss,
     eval_fn: EvalFn | None = None,
     on_eval: Callable[[TrainState], None] | None = None,
-) -> TrainState:
-    """Train until `args.max_steps` (or `args.max_time_seconds`) from wherever `state` stands.
+) -> dict[str, float | str] | None:
+    """Train until `args.max_steps` (or `args.max_time_seconds`) from wherever `state` stands;
+    return the values of the last evaluation (the one at the final step), None if none ran.
 
     `model`, `optimizer` and `train_dataloader` must come from `accelerator.prepare`, and `state`
     must be registered for checkpointing (and resumed, if wanted) by the caller. Every process runs
@@ -337,17 +364,22 @@ def train_loop(
     """
     if len(train_dataloader) == 0:
         raise ValueError("the training dataloader yields no batch: fewer examples than one batch (drop_last)")
-    checkpoints_root = Path(args.output_dir) / CHECKPOINTS_DIR
+    checkpoints_root = RunLayout(Path(args.output_dir)).checkpoints
     accumulation = args.gradient_accumulation_steps
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, never clip
     batches = _micro_batches(accelerator, train_dataloader, state)
     timed = args.max_time_seconds is not None
     clock = _Clock(accelerator, state, synchronized=timed)
     progress = tqdm(  # mininterval: redrawing costs ~3 ms, noticeable next to a small model's step
-        total=None if timed else args.max_steps, initial=state.step, unit="step", mininterval=1.0,
-        disable=not accelerator.is_main_process, dynamic_ncols=True,
+        total=None if timed else args.max_steps,
+        initial=state.step,
+        unit="step",
+        mininterval=1.0,
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
     )
     window = _LogWindow(state.tokens_seen)
+    evaluation = None
     model.train()
 
     elapsed = clock.tick()
@@ -372,7 +404,8 @@ def train_loop(
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
             last = latest_checkpoint(checkpoints_root)
             raise NonFiniteLossError(
-                f"non-finite training loss at step {state.step + 1}: loss={step_loss.item()}, grad_norm={grad_norm.item()}. "
+                f"non-finite training loss at step {state.step + 1}: "
+                f"loss={step_loss.item()}, grad_norm={grad_norm.item()}. "
                 f"Stopped before updating the weights; last good checkpoint: {last or 'none yet'}"
             )
         optimizer.step()
@@ -388,26 +421,35 @@ def train_loop(
         # a resumed run logs exactly the same entries as an uninterrupted one.
         if done or save_now or state.step % args.log_every == 0:
             values = window.flush(state.tokens_seen)
-            log_metrics(accelerator, metrics, state.step, {
-                "tokens": state.tokens_seen, **values, "lr": lr, "grad_norm": grad_norm.item(), "elapsed_seconds": elapsed,
-            })
+            log_metrics(
+                accelerator,
+                metrics,
+                state.step,
+                {
+                    "tokens": state.tokens_seen,
+                    **values,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "elapsed_seconds": elapsed,
+                },
+            )
             progress.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         with window.paused():  # evaluation and checkpoints do not count against tokens_per_second
             if eval_fn is not None and (done or state.step % args.eval_every == 0):
-                _evaluate(accelerator, model, eval_fn, metrics, state)
+                evaluation = _evaluate(accelerator, model, eval_fn, metrics, state)
                 if on_eval is not None and accelerator.is_main_process:
                     on_eval(state)
             if save_now:
                 save_checkpoint(accelerator, checkpoints_root, state.step, args.keep_last)
     progress.close()
-    return state
+    return evaluation
 
 
-def _evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_fn: EvalFn, metrics: MetricsLog, state: TrainState) -> None:
-    model.eval()
-    with torch.no_grad():
+def _evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, eval_fn: EvalFn, metrics: MetricsLog, state: TrainState
+) -> dict[str, float | str]:
+    with eval_mode(model), torch.no_grad():
         results = dict(eval_fn(model))
-    model.train()
     log_metrics(accelerator, metrics, state.step, {"tokens": state.tokens_seen, **results})
     if accelerator.is_main_process:
         shown = "  ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float))
@@ -415,64 +457,4 @@ def _evaluate(accelerator: Accelerator, model: torch.nn.Module, eval_fn: EvalFn,
         for key, text in results.items():
             if isinstance(text, str):
                 tqdm.write(f"{key}: {text!r}")
-
-
-def save_model_folder(
-    model: Any,
-    tokenizer: Any,
-    folder: str | os.PathLike[str],
-    card: Mapping[str, Any] | None = None,
-    extra_files: Sequence[str | os.PathLike[str]] = (),
-) -> Path:
-    """The final Hugging Face folder, all or nothing: built in `.tmp-<name>` beside it, then renamed.
-
-    `save_pretrained` of the unwrapped model (with its code for trust_remote_code) and the
-    tokenizer, any `extra_files` that exist (the loss curve the card links to), and, if `card`
-    is given, a model card from `write_model_card(folder, config=model.config, **card)`.
-    Main process only.
-    """
-    from training.model_card import write_model_card  # the card pulls in the hub client: only when saving
-
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for extra in map(Path, extra_files):
-        if extra.is_file():
-            shutil.copy(extra, tmp / extra.name)
-    if card is not None:
-        write_model_card(tmp, config=model.config, **card)
-    return replace_dir(tmp, folder)
-
-
-# ----------------------------------------------------------------------------- describing a run
-
-
-def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-    """Path and size of a file, for a resume fingerprint (None stays None)."""
-    if path is None:
-        return None
-    p = Path(path)
-    return {"path": str(p.resolve()), "size": p.stat().st_size if p.is_file() else None}
-
-
-
-def optimization_fingerprint(loop_args: LoopArguments) -> dict[str, Any]:
-    """The loop settings a resumed run must keep (logging, eval and checkpoint cadence may change)."""
-    not_binding = {"output_dir", "log_every", "eval_every", "save_every", "keep_last", "resume", "overwrite", "report_to"}
-    return {k: v for k, v in asdict(loop_args).items() if k not in not_binding}
-
-
-
-def describe_schedule(loop_args: LoopArguments, num_processes: int, tokens_per_sequence: int | None = None) -> str:
-    """The optimisation in words, for the model card."""
-    length = f"{loop_args.max_steps} steps" if loop_args.max_time_seconds is None else f"a {loop_args.max_time_seconds:g} s budget"
-    return (
-        f"AdamW (betas {loop_args.adam_beta1}, {loop_args.adam_beta2}; weight decay {loop_args.weight_decay} on matrices), "
-        f"lr {loop_args.learning_rate:g} after {loop_args.warmup_steps} warmup steps, cosine decay to "
-        f"{loop_args.min_learning_rate:g} over {length}; batches of {loop_args.per_device_batch_size} x "
-        f"{loop_args.gradient_accumulation_steps} accumulation x {num_processes} process(es)"
-        + (f" x {tokens_per_sequence} tokens" if tokens_per_sequence else "")
-    )
+    return results

@@ -1,4 +1,4 @@
-"""LoRA through PEFT: wrap a MiniGPT model, save the adapter, merge it back for export.
+"""LoRA through PEFT: wrap a MiniGPT model with adapters (saved and merged by `training.export`).
 
 LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes the pretrained weights and
 learns a low-rank update `W + (alpha / r) * B @ A` for chosen linear layers. Only A and B (and,
@@ -14,15 +14,11 @@ to the token embedding.
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import PreTrainedModel
-
-from training.loop import save_model_folder
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -35,11 +31,15 @@ class LoraArguments:
     """LoRA settings; used only when the job's fine-tuning mode is "lora"."""
 
     lora_r: int = field(default=8, metadata={"help": "Rank of the low-rank update (default: 8)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Scale: the update is multiplied by alpha / r (default: 16)."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "Scale: the update is multiplied by alpha / r (default: 16)."}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter's input (default: 0.05)."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        metadata={"help": "Linear layers to adapt, by module name (default: W_query W_key W_value out_proj fc_in fc_out)."},
+        metadata={
+            "help": "Linear layers to adapt, by module name (default: W_query W_key W_value out_proj fc_in fc_out)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -55,12 +55,14 @@ class LoraArguments:
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct last names of the model's linear layers (what `target_modules` matches)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
 
 
 def apply_lora(
     model: PreTrainedModel, args: LoraArguments, task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"
-) -> "PeftModel":
+) -> PeftModel:
     """`model` wrapped with LoRA adapters on `args.lora_target_modules`; only adapters train.
 
     With task_type "SEQ_CLS" PEFT also trains (a copy of) the classification head, which it
@@ -72,7 +74,9 @@ def apply_lora(
     available = linear_module_names(model)
     unknown = [name for name in args.lora_target_modules if name not in available]
     if unknown:
-        raise ValueError(f"LoRA target modules {unknown} are not linear layers of this model; its linear layers are {available}")
+        raise ValueError(
+            f"LoRA target modules {unknown} are not linear layers of this model; its linear layers are {available}"
+        )
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -87,40 +91,3 @@ def trainable_parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, shared tensors counted once."""
     params = list(model.parameters())  # de-duplicates tied weights
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def is_peft_model(model: Any) -> bool:
-    """True for a PEFT wrapper. Without importing peft: if it was never imported, nothing is one."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
-def merge_lora(model: "PeftModel") -> PreTrainedModel:
-    """The base model with every adapter update added into its weights (PEFT removed).
-
-    This consumes `model`: save the adapter first if you want it. The result is an ordinary
-    MiniGPT model, so `save_pretrained` writes the code files and `auto_map` as usual.
-    """
-    return model.merge_and_unload()
-
-
-def save_finetuned(
-    model: "PreTrainedModel | PeftModel",
-    tokenizer: Any,
-    model_dir: str | os.PathLike[str],
-    adapter_dir: str | os.PathLike[str],
-    card: Mapping[str, Any] | None = None,
-    extra_files: Sequence[str | os.PathLike[str]] = (),
-) -> PreTrainedModel:
-    """Save a fine-tuned model (main process only); return the plain model that was saved.
-
-    A PEFT model is saved twice: the adapter alone in `adapter_dir` (with the tokenizer), then
-    merged into its base in `model_dir`. A plain model goes to `model_dir` only. Either way
-    `model_dir` is a complete folder (weights, code, config with `auto_map`, tokenizer, card)
-    that `AutoModelFor*.from_pretrained(model_dir, trust_remote_code=True)` loads.
-    """
-    if is_peft_model(model):
-        save_model_folder(model, tokenizer, adapter_dir)
-        model = merge_lora(model)
-    save_model_folder(model, tokenizer, model_dir, card=card, extra_files=extra_files)
-    return model

@@ -23,11 +23,10 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes used to count parameters)
 from model_cards import TEMPLATE_PATH  # package data: found in installed copies too
-from training.checkpoint import atomic_write_text
+from modeling_minigpt.files import atomic_write_text
+from training.layout import LOSS_CURVE
 
-LOSS_CURVE = "loss_curve.png"
 CARD_NAME = "README.md"
 # The usage example's model id when the Hub repo is not known yet. Not the folder's own name:
 # cards are written into a temporary folder that is renamed afterwards.

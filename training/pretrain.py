@@ -1,9 +1,10 @@
 """Pretraining a MiniGPT from a text corpus: the job behind `scripts/pretrain.py`.
 
 `run_pretraining(model_args, data_args, loop_args)` checks every input, builds the tokenizer,
-the windowed datasets and the model, hands them to `training.loop.train_loop`, evaluates the
-result on the whole validation set and saves a Hugging Face folder (`output_dir/model`: weights,
-code for trust_remote_code, tokenizer, model card with the loss curve).
+the windowed datasets and the model, and goes through the run lifecycle of `training.run`:
+train, evaluate the result on the whole validation set, and save a Hugging Face folder
+(`output_dir/model`: weights, code for trust_remote_code, tokenizer, model card with the loss
+curve).
 
 Order matters for "nothing half-written": everything that can reject the inputs (missing files,
 a tokenizer that does not fit the model, a corpus shorter than a window, an output folder that
@@ -12,8 +13,8 @@ holds another run) runs before the first byte is written to the output folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,35 +24,20 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+import training.run as lifecycle
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from tokenization import EMBEDDED_CORPUS, embedded_documents, train_bpe
+from tokenization import EMBEDDED_CORPUS, train_bpe
+from tokenization.corpus import DataError, open_source, read_text
+from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
 from tokenization.train import save_atomically
-from training.checkpoint import atomic_write_json, check_run_folder, start_run_folder
-from training.data import DataError, build_lm_datasets, check_tokenizer, collate_windows, resolve_tokenizer, tokenizer_fingerprint
+from training.collate import collate_windows
+from training.data import build_lm_datasets, check_pipeline_tokenizer
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
-from training.loop import (
-    LOSS_CURVE_FILE,
-    METRICS_FILE,
-    LoopArguments,
-    MetricsLog,
-    TrainState,
-    build_optimizer,
-    describe_schedule,
-    file_identity,
-    make_accelerator,
-    make_train_dataloader,
-    optimization_fingerprint,
-    resume_from_latest,
-    save_model_folder,
-    start_trackers,
-    train_loop,
-)
-from training.model_card import EvalInfo, TrainingInfo, describe_hardware
-from training.plots import plot_loss_curve
+from training.generate import greedy_generate
+from training.layout import RunLayout
+from training.loop import LoopArguments, make_train_dataloader
+from training.model_card import EvalInfo
 
-MODEL_DIR = "model"
-TOKENIZER_DIR = "tokenizer"
-FINAL_METRICS_FILE = "final_metrics.json"
 # Model fields a run may set; anything not given comes from the preset.
 _SHAPE_FIELDS = ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate")
 
@@ -60,13 +46,20 @@ _SHAPE_FIELDS = ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate"
 class ModelArguments:
     """The model's shape: a preset plus any overridden field."""
 
-    preset: str = field(default="tiny", metadata={"help": "MiniGPTConfig preset to start from (tiny, gpt2-small, ...)."})
-    vocab_size: int | None = field(
-        default=None, metadata={"help": "Vocabulary size; default: the tokenizer's. If given, it must equal the tokenizer's."}
+    preset: str = field(
+        default="tiny", metadata={"help": "MiniGPTConfig preset to start from (tiny, gpt2-small, ...)."}
     )
-    context_length: int | None = field(default=None, metadata={"help": "Tokens the model reads at once (T). Default: the preset's."})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Vocabulary size; default: the tokenizer's. If given, it must equal the tokenizer's."},
+    )
+    context_length: int | None = field(
+        default=None, metadata={"help": "Tokens the model reads at once (T). Default: the preset's."}
+    )
     emb_dim: int | None = field(default=None, metadata={"help": "Width of the residual stream. Default: the preset's."})
-    n_heads: int | None = field(default=None, metadata={"help": "Attention heads (must divide emb_dim). Default: the preset's."})
+    n_heads: int | None = field(
+        default=None, metadata={"help": "Attention heads (must divide emb_dim). Default: the preset's."}
+    )
     n_layers: int | None = field(default=None, metadata={"help": "Transformer blocks. Default: the preset's."})
     drop_rate: float | None = field(default=None, metadata={"help": "Dropout probability. Default: the preset's."})
 
@@ -77,24 +70,46 @@ class DataArguments:
 
     train_file: str = field(
         default=EMBEDDED_CORPUS,
-        metadata={"help": "Training text: a UTF-8 file, a folder of .txt files, or a .jsonl/.parquet with a 'text' column. "
-                  f"Default {EMBEDDED_CORPUS!r}: CPython's own documentation (pydoc_data.topics, ~465k characters)."},
+        metadata={
+            "help": "Training text: a UTF-8 file, a folder of .txt files, a .jsonl/.csv/.parquet file or save_to_disk "
+            "folder with a 'text' column, or a dataset name. "
+            f"Default {EMBEDDED_CORPUS!r}: CPython's own documentation (pydoc_data.topics, ~465k characters)."
+        },
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Held-out text file. Default: hold out part of train_file."})
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of train_file held out (at its end) when there is no validation_file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Held-out text file. Default: hold out part of train_file."}
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of train_file held out (at its end) when there is no validation_file."}
+    )
     split_by: Literal["characters", "tokens", "documents"] = field(
         default="tokens",
-        metadata={"help": "How validation_fraction is cut: the last characters of a single text file (read into memory), "
-                  "the last tokens of the stream, or every n-th document."},
+        metadata={
+            "help": "How validation_fraction is cut: the last characters of a single text file (read into memory), "
+            "the last tokens of the stream, or every n-th document."
+        },
     )
-    tokenizer_path: str | None = field(default=None, metadata={"help": "Folder of a saved tokenizer. Default: train a byte-level BPE on the training text."})
-    tokenizer_vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size of the BPE trained when no tokenizer_path is given."})
-    stride: int | None = field(default=None, metadata={"help": "Tokens between training window starts. Default: context_length (no overlap)."})
+    tokenizer_path: str | None = field(
+        default=None,
+        metadata={"help": "Folder of a saved tokenizer. Default: train a byte-level BPE on the training text."},
+    )
+    tokenizer_vocab_size: int = field(
+        default=1024, metadata={"help": "Vocabulary size of the BPE trained when no tokenizer_path is given."}
+    )
+    stride: int | None = field(
+        default=None, metadata={"help": "Tokens between training window starts. Default: context_length (no overlap)."}
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "Windows per evaluation batch, per process."})
-    eval_batches: int = field(default=20, metadata={"help": "Batches per process for the periodic evaluation (the final one uses all)."})
-    sample_prompt: str = field(default="", metadata={"help": "Prompt of the sample generated at each evaluation; empty: start of a document."})
+    eval_batches: int = field(
+        default=20, metadata={"help": "Batches per process for the periodic evaluation (the final one uses all)."}
+    )
+    sample_prompt: str = field(
+        default="", metadata={"help": "Prompt of the sample generated at each evaluation; empty: start of a document."}
+    )
     sample_tokens: int = field(default=48, metadata={"help": "Tokens generated (greedily) for the sample."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches the tokenized windows. Default: its own cache."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where `datasets` caches the tokenized windows. Default: its own cache."}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.validation_fraction < 1:
@@ -131,105 +146,61 @@ class _Data:
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments) -> PretrainResult:
     """Pretrain, evaluate and save; resumes when `loop_args.resume` (see module docstring)."""
-    if not loop_args.output_dir:
-        raise ValueError("--output_dir is required: the folder for checkpoints, logs and the final model")
+    run = lifecycle.open_run("pretrain", "Pretraining", loop_args)
     if not data_args.train_file:
         raise ValueError("--train_file is required: the text to pretrain on")
-    accelerator = make_accelerator(loop_args)
-    output_dir = Path(loop_args.output_dir)
-
-    # --- 1. every check, before anything is written ---------------------------------------
-    tokenizer = _tokenizer(accelerator, data_args, output_dir, loop_args.resume)
+    tokenizer = _tokenizer(run.accelerator, data_args, run.layout, loop_args.resume)
     model_config = build_model_config(model_args, tokenizer)
-    fingerprint = run_fingerprint(model_args, data_args, loop_args, model_config)
-    check_run_folder(output_dir, fingerprint, resume=loop_args.resume, overwrite=loop_args.overwrite)
-    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
+    with run.accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
         data = _build_data(data_args, tokenizer, model_config.context_length)
-
-    # --- 2. the run folder ----------------------------------------------------------------
-    config = {"model": model_config.to_diff_dict(), "model_args": asdict(model_args), "data": asdict(data_args), "loop": asdict(loop_args)}
-    if accelerator.is_main_process:
-        start_run_folder(output_dir, fingerprint, config, overwrite=loop_args.overwrite)
-        if data_args.tokenizer_path is None:
-            save_atomically(tokenizer, output_dir / TOKENIZER_DIR)
-        _print_config(config, output_dir, accelerator.num_processes, len(data.train), len(data.validation))
-    accelerator.wait_for_everyone()
-
-    # --- 3. model, optimizer, data loaders, resume ----------------------------------------
     set_seed(loop_args.seed)  # the same initial weights on every process and in every rerun
-    model = MiniGPTForCausalLM(model_config)
-    optimizer = build_optimizer(model, loop_args.learning_rate, loop_args.weight_decay, (loop_args.adam_beta1, loop_args.adam_beta2))
-    train_loader = make_train_dataloader(data.train, loop_args.per_device_batch_size, collate_windows, loop_args.seed)
-    val_loader = DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    metrics = MetricsLog(output_dir / METRICS_FILE, enabled=accelerator.is_main_process)
-    resumed_at = resume_from_latest(accelerator, output_dir, metrics) if loop_args.resume else None
-    if accelerator.is_main_process and loop_args.resume:
-        print(f"resuming from step {resumed_at}" if resumed_at is not None else "no checkpoint yet: starting from step 0")
-    start_trackers(accelerator, "pretrain", _flat(config), resumed_at)
-
-    # --- 4. train --------------------------------------------------------------------------
-    def eval_fn(model: torch.nn.Module) -> dict[str, float | str]:
-        result = evaluate_loss(model, val_loader, accelerator, max_batches=data_args.eval_batches)
-        values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
-        if accelerator.is_main_process:
-            values["sample"] = generate_sample(accelerator.unwrap_model(model), tokenizer, data_args.sample_prompt, data_args.sample_tokens)
-        return values
-
-    def on_eval(state: TrainState) -> None:
-        plot_loss_curve(metrics.records(), output_dir / LOSS_CURVE_FILE, title=f"Pretraining {output_dir.name}")
-
-    train_loop(accelerator, model, optimizer, train_loader, loop_args, state, metrics, eval_fn=eval_fn, on_eval=on_eval)
-
-    # --- 5. final evaluation on the whole validation set, then the model folder -------------
-    report = final_evaluation(accelerator, model, tokenizer, val_loader, data.validation_text, model_config.context_length)
-    tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
-    chars_per_token = training_chars_per_token(data.train, tokenizer)
-    result = PretrainResult(
-        output_dir=output_dir,
-        model_dir=output_dir / MODEL_DIR,
-        steps=state.step,
-        tokens_seen=state.tokens_seen,
-        train_seconds=state.train_seconds,
-        tokens_per_second=tokens_per_second,
-        chars_per_second=tokens_per_second * chars_per_token,
-        report=report,
+    config = {"model": model_config.to_diff_dict(), "model_args": asdict(model_args), "data": asdict(data_args)}
+    prepared = lifecycle.prepare(
+        run,
+        MiniGPTForCausalLM(model_config),
+        make_train_dataloader(data.train, loop_args.per_device_batch_size, collate_windows, loop_args.seed),
+        DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows),
+        fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
+        config={**config, "loop": asdict(loop_args)},
+        summary=f"processes: {run.accelerator.num_processes}; training windows: {len(data.train):,}; "
+        f"validation windows: {len(data.validation):,}",
     )
-    if accelerator.is_main_process:
-        plot_loss_curve(metrics.records(), output_dir / LOSS_CURVE_FILE, title=f"Pretraining {output_dir.name}")
-        training_info, eval_info = model_card_info(model_config, model_args, data, loop_args, state, report, accelerator.num_processes)
-        card = {"training_info": training_info, "eval_results": eval_info, "model_name": output_dir.resolve().name}
-        save_model_folder(accelerator.unwrap_model(model), tokenizer, output_dir / MODEL_DIR, card=card, extra_files=[output_dir / LOSS_CURVE_FILE])
-        atomic_write_json(output_dir / FINAL_METRICS_FILE, _result_summary(result))
-        print(f"\nfinal validation ({data.validation_description}):\n{report.to_text()}")
-        print(f"{state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds:.1f} s (evaluations included): "
-              f"{tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s")
-        print(f"model saved to {result.model_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if run.is_main and data_args.tokenizer_path is None:
+        save_atomically(tokenizer, run.layout.tokenizer)
+    lifecycle.train(prepared, partial(periodic_evaluation, prepared, tokenizer, data_args))
+    report = final_evaluation(prepared, tokenizer, data.validation_text, model_config.context_length)
+    result = _result(prepared, report, training_chars_per_token(data.train, tokenizer))
+    lifecycle.finish(
+        prepared,
+        tokenizer,
+        card=_model_card(prepared, model_args, data, report, model_config.context_length),
+        json_files={run.layout.final_metrics: _result_summary(result)},
+        report=f"\nfinal validation ({data.validation_description}):\n{report.to_text()}\n"
+        f"{result.steps} steps, {result.tokens_seen:,} tokens in {result.train_seconds:.1f} s (evaluations included): "
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s",
+    )
     return result
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _tokenizer(accelerator: Accelerator, data_args: DataArguments, output_dir: Path, resume: bool) -> PreTrainedTokenizerBase:
+def _tokenizer(
+    accelerator: Accelerator, data_args: DataArguments, layout: RunLayout, resume: bool
+) -> PreTrainedTokenizerBase:
     """The given tokenizer; on resume, the one this run trained; otherwise a BPE trained in memory.
 
     Training happens on every process (it is deterministic; checked below) so nothing needs to
     be written before the output folder has been checked.
     """
     if data_args.tokenizer_path is not None:
-        return resolve_tokenizer(data_args.tokenizer_path)
-    saved = output_dir / TOKENIZER_DIR
-    if resume and (saved / "tokenizer.json").is_file():
-        return resolve_tokenizer(saved)
+        return load_tokenizer(data_args.tokenizer_path)
+    if resume and (layout.tokenizer / "tokenizer.json").is_file():
+        return load_tokenizer(layout.tokenizer)
     if data_args.split_by == "characters" and not data_args.validation_file:
         source = [_character_split(data_args)[0]]  # never the held-out text
     else:
-        source = _checked_path(data_args.train_file, "--train_file")
+        source = open_source(data_args.train_file, what="--train_file")
     tokenizer = train_bpe(source, data_args.tokenizer_vocab_size, show_progress=False)
     if len(set(gather_object([tokenizer_fingerprint(tokenizer)]))) > 1:
         raise RuntimeError("the processes trained different tokenizers from the same text: pass --tokenizer_path")
@@ -238,7 +209,9 @@ def _tokenizer(accelerator: Accelerator, data_args: DataArguments, output_dir: P
 
 def build_model_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> MiniGPTConfig:
     """The preset with the given fields; vocab_size must match the tokenizer (DataError otherwise)."""
-    check_tokenizer(tokenizer, model_args.vocab_size)
+    check_pipeline_tokenizer(tokenizer)
+    if model_args.vocab_size is not None:
+        check_tokenizer(tokenizer, model_args.vocab_size)
     overrides = {name: getattr(model_args, name) for name in _SHAPE_FIELDS if getattr(model_args, name) is not None}
     return MiniGPTConfig.from_preset(
         model_args.preset,
@@ -250,108 +223,110 @@ def build_model_config(model_args: ModelArguments, tokenizer: PreTrainedTokenize
     )
 
 
-def run_fingerprint(
+def _fingerprint(
     model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments, model_config: MiniGPTConfig
 ) -> dict[str, Any]:
-    """What must be equal for a resumed run to continue the same run (see `check_run_folder`).
+    """What must be equal for a resumed run to continue the same run (see `training.run.check_run_folder`).
 
     Logging, evaluation and checkpoint cadence may change between segments; the model's shape,
     the tokenizer, the data and the optimisation may not.
     """
     if data_args.tokenizer_path:
         path = data_args.tokenizer_path
-        tokenizer = {"path": str(Path(path).resolve()), "hash": tokenizer_fingerprint(resolve_tokenizer(path))}
+        tokenizer = {"path": str(Path(path).resolve()), "hash": tokenizer_fingerprint(load_tokenizer(path))}
     else:
         tokenizer = {"trained_vocab_size": data_args.tokenizer_vocab_size}
-    files = {name: file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
+    files = {name: lifecycle.file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
     data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride")}
-    return {
-        "model": {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)},
-        "tokenizer": tokenizer,
-        "data": {**files, **data},
-        "optimization": optimization_fingerprint(loop_args),
-    }
-
-
-def _checked_path(path: str, flag: str) -> Path | str:
-    if path == EMBEDDED_CORPUS:
-        return path  # not a file: the documentation that ships with CPython
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{flag} {path} does not exist")
-    return p
+    model = {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)}
+    return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data})
 
 
 def _character_split(data_args: DataArguments) -> tuple[str, str]:
     """(training, validation) text of train_file, cut `validation_fraction` of the characters from its end."""
-    text = _read_text(data_args.train_file, "--train_file")
+    text = read_text(data_args.train_file, what="--train_file")
     cut = len(text) - round(data_args.validation_fraction * len(text))
     return text[:cut], text[cut:]
 
 
-def _source_name(source: Path | str) -> str:
+def _source_name(source: str) -> str:
     return "CPython's documentation (pydoc_data.topics)" if source == EMBEDDED_CORPUS else Path(source).name
-
-
-def _read_text(path: str, flag: str) -> str:
-    if path == EMBEDDED_CORPUS:
-        return "\n\n".join(embedded_documents())
-    p = _checked_path(path, flag)
-    if not p.is_file():
-        raise DataError(f"{flag} {path}: split_by=characters needs a single text file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{flag} {path} is not UTF-8 text (byte {error.start}): {error.reason}") from None
 
 
 def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> _Data:
     """Training and validation windows (and the validation text when it is a text)."""
     common = dict(context_length=context_length, cache_dir=data_args.cache_dir)
-    train_file = _checked_path(data_args.train_file, "--train_file")
+    train_file = open_source(data_args.train_file, what="--train_file")
+    name = _source_name(data_args.train_file)
     if data_args.validation_file is not None:
-        validation_text = _read_text(data_args.validation_file, "--validation_file")
-        train = build_lm_datasets(train_file, tokenizer, stride=data_args.stride, validation_fraction=0, **common)["train"]
+        validation_text = read_text(data_args.validation_file, what="--validation_file")
+        train = build_lm_datasets(train_file, tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
+            "train"
+        ]
         validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, _source_name(train_file), Path(data_args.validation_file).name)
+        return _Data(train, validation, validation_text, name, Path(data_args.validation_file).name)
     if not 0 < data_args.validation_fraction < 1:
-        raise DataError(f"--validation_fraction must be in (0, 1) without a --validation_file, got {data_args.validation_fraction}")
+        raise DataError(
+            f"--validation_fraction must be in (0, 1) without a --validation_file, got {data_args.validation_fraction}"
+        )
     if data_args.split_by == "characters":
         train_text, validation_text = _character_split(data_args)
-        train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)["train"]
+        train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
+            "train"
+        ]
         validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, *_split_descriptions(data_args, _source_name(train_file)))
+        return _Data(train, validation, validation_text, *_split_descriptions(data_args, name))
     splits = build_lm_datasets(
-        train_file, tokenizer, stride=data_args.stride, validation_fraction=data_args.validation_fraction, split_by=data_args.split_by, **common
+        train_file,
+        tokenizer,
+        stride=data_args.stride,
+        validation_fraction=data_args.validation_fraction,
+        split_by=data_args.split_by,
+        **common,
     )
-    return _Data(splits["train"], splits["validation"], None, *_split_descriptions(data_args, _source_name(train_file)))
+    return _Data(splits["train"], splits["validation"], None, *_split_descriptions(data_args, name))
 
 
 def _split_descriptions(data_args: DataArguments, name: str) -> tuple[str, str]:
     """(training data, validation data) in words, for the printout and the model card."""
     held_out, unit = data_args.validation_fraction, data_args.split_by
     if unit == "documents":
-        return f"{name} without the held-out {held_out:.0%} of its documents", f"{held_out:.0%} of the documents of {name} (held out)"
+        return (
+            f"{name} without the held-out {held_out:.0%} of its documents",
+            f"{held_out:.0%} of the documents of {name} (held out)",
+        )
     return f"first {1 - held_out:.0%} of the {unit} of {name}", f"last {held_out:.0%} of the {unit} of {name}"
 
 
 # ----------------------------------------------------------------------------- evaluation and output
 
 
-@torch.no_grad()
-def generate_sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt` (of a document start when empty). Greedy: no RNG is drawn,
-    so sampling during training cannot change what a resumed run computes."""
+def periodic_evaluation(
+    prepared: lifecycle.PreparedRun,
+    tokenizer: PreTrainedTokenizerBase,
+    data_args: DataArguments,
+    model: torch.nn.Module,
+) -> dict[str, float | str]:
+    """The loop's evaluation: loss and perplexity on the first `eval_batches` validation batches, and a sample."""
+    accelerator = prepared.run.accelerator
+    result = evaluate_loss(model, prepared.eval_loader, accelerator, max_batches=data_args.eval_batches)
+    values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        values["sample"] = generate_sample(unwrapped, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+    return values
+
+
+def generate_sample(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int
+) -> str:
+    """Greedy continuation of `prompt` (of a document start when empty), special tokens shown."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [tokenizer.eos_token_id]
-    max_new_tokens = min(max_new_tokens, model.config.context_length - 1)
-    input_ids = torch.tensor([ids[-(model.config.context_length - max_new_tokens) :]], device=model.device)  # (1, T0)
-    was_training = model.training
-    model.eval()
-    output = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - 1)
+    [new] = greedy_generate(
+        model, [ids], max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    model.train(was_training)
-    return prompt + tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=False)
+    return prompt + tokenizer.decode(new, skip_special_tokens=False)
 
 
 def training_chars_per_token(windows: Any, tokenizer: PreTrainedTokenizerBase, max_windows: int = 4096) -> float:
@@ -364,10 +339,8 @@ def training_chars_per_token(windows: Any, tokenizer: PreTrainedTokenizerBase, m
 
 
 def final_evaluation(
-    accelerator: Accelerator,
-    model: torch.nn.Module,
+    prepared: lifecycle.PreparedRun,
     tokenizer: PreTrainedTokenizerBase,
-    val_loader: DataLoader,
     validation_text: str | None,
     context_length: int,
 ) -> MetricsReport:
@@ -377,35 +350,59 @@ def final_evaluation(
     the last one moved to end at the text's end), every character exactly once, each token with
     on average half a window of context, as during training. Otherwise all validation windows.
     """
+    model, accelerator = prepared.model, prepared.run.accelerator
     if validation_text is not None:
-        return evaluate_texts(model, tokenizer, [validation_text], context_length=context_length, stride=context_length, accelerator=accelerator)
-    result = evaluate_loss(model, val_loader, accelerator, byte_table=token_byte_table(tokenizer))
+        window = dict(context_length=context_length, stride=context_length)
+        return evaluate_texts(model, tokenizer, [validation_text], **window, accelerator=accelerator)
+    result = evaluate_loss(model, prepared.eval_loader, accelerator, byte_table=token_byte_table(tokenizer))
     return MetricsReport.from_result(result, context_length=context_length, stride=context_length)
 
 
-def model_card_info(
-    model_config: MiniGPTConfig, model_args: ModelArguments, data: _Data, loop_args: LoopArguments,
-    state: TrainState, report: MetricsReport, num_processes: int,
-) -> tuple[TrainingInfo, EvalInfo]:
-    """What the model card says about this run and its final evaluation."""
-    schedule = describe_schedule(loop_args, num_processes, model_config.context_length)
-    training: TrainingInfo = {
-        "preset": model_args.preset,
-        "data": f"{data.train_description} ({len(data.train):,} windows)",
-        "tokens_seen": state.tokens_seen,
-        "steps": state.step,
-        "schedule": schedule,
-        "wall_time_seconds": state.train_seconds,
-        "hardware": describe_hardware(num_processes),
+def eval_info(dataset_name: str, report: MetricsReport) -> EvalInfo:
+    """What the model card says about the final evaluation."""
+    evaluation: EvalInfo = {
+        "dataset_name": dataset_name,
+        "val_loss": report.loss,
+        "perplexity": report.perplexity,
+        "num_tokens": report.n_tokens,
     }
-    evaluation: EvalInfo = {"dataset_name": data.validation_description, "val_loss": report.loss, "perplexity": report.perplexity, "num_tokens": report.n_tokens}
     if report.loss_ci:
-        evaluation.update(val_loss_ci=tuple(report.loss_ci), perplexity_ci=tuple(report.perplexity_ci), confidence_level=report.confidence)
+        evaluation.update(
+            val_loss_ci=tuple(report.loss_ci),
+            perplexity_ci=tuple(report.perplexity_ci),
+            confidence_level=report.confidence,
+        )
     if report.bits_per_byte is not None:
         evaluation["bits_per_byte"] = report.bits_per_byte
     if report.bits_per_byte_ci:
         evaluation["bits_per_byte_ci"] = tuple(report.bits_per_byte_ci)
-    return training, evaluation
+    return evaluation
+
+
+def _model_card(
+    prepared: lifecycle.PreparedRun, model_args: ModelArguments, data: _Data, report: MetricsReport, context_length: int
+) -> dict[str, Any]:
+    data_in_words = f"{data.train_description} ({len(data.train):,} windows)"
+    training = lifecycle.training_info(prepared, data_in_words, tokens_per_sequence=context_length)
+    return {
+        "training_info": {"preset": model_args.preset, **training},
+        "eval_results": eval_info(data.validation_description, report),
+    }
+
+
+def _result(prepared: lifecycle.PreparedRun, report: MetricsReport, chars_per_token: float) -> PretrainResult:
+    state, layout = prepared.state, prepared.run.layout
+    tokens_per_second = state.tokens_seen / max(state.train_seconds, 1e-9)
+    return PretrainResult(
+        output_dir=layout.root,
+        model_dir=layout.model,
+        steps=state.step,
+        tokens_seen=state.tokens_seen,
+        train_seconds=state.train_seconds,
+        tokens_per_second=tokens_per_second,
+        chars_per_second=tokens_per_second * chars_per_token,
+        report=report,
+    )
 
 
 def _result_summary(result: PretrainResult) -> dict[str, Any]:
@@ -417,24 +414,3 @@ def _result_summary(result: PretrainResult) -> dict[str, Any]:
         "chars_per_second": result.chars_per_second,
         "validation": result.report.to_dict(),
     }
-
-
-def _flat(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One level of `section.key` names, for the trackers' hyperparameter table."""
-    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
-
-
-def _print_config(config: dict[str, Any], output_dir: Path, num_processes: int, n_train: int, n_val: int) -> None:
-    print("resolved configuration:")
-    print(json.dumps(config, indent=2, sort_keys=True, default=str))
-    print(f"processes: {num_processes}; training windows: {n_train:,}; validation windows: {n_val:,}")
-    print(f"outputs: {output_dir.resolve()}")
-    for name, what in [
-        ("run_config.json", "configuration and resume fingerprint"),
-        ("checkpoints/step_N", "accelerate checkpoints (resume with --resume)"),
-        (METRICS_FILE, "training/validation loss log"),
-        (LOSS_CURVE_FILE, "loss curve"),
-        ("logs/", "TensorBoard logs"),
-        (f"{MODEL_DIR}/", "final model, tokenizer and model card"),
-    ]:
-        print(f"  {name:<22} {what}")

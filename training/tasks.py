@@ -6,24 +6,98 @@ same seed gives the same records in every Python process (no `hash()` of strings
 iteration order). Answers are a few tokens to a few dozen, short enough that a ~1M-parameter
 model can learn some kinds in a few CPU minutes.
 
-The metric is exact match of the model's greedy answer against `output`.
+The metric is exact match of the model's greedy answer against `output`
+(`training.evaluate.exact_match`).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable, Hashable, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeVar
 
 # Short, common English words: cheap for a small BPE vocabulary and easy to read in a demo.
 WORDS: tuple[str, ...] = (
-    "apple", "bird", "blue", "boat", "book", "bread", "cake", "car", "cat", "chair",
-    "cloud", "cold", "corn", "cow", "cup", "desk", "dog", "door", "duck", "egg",
-    "farm", "fish", "flag", "frog", "gate", "gold", "grass", "green", "hat", "hill",
-    "horse", "house", "ice", "jam", "key", "kite", "lake", "lamp", "leaf", "lion",
-    "milk", "moon", "mouse", "nest", "night", "oak", "orange", "owl", "pen", "pig",
-    "plum", "rain", "red", "ring", "river", "road", "rock", "rose", "salt", "sand",
-    "sea", "seed", "sheep", "ship", "shoe", "snow", "sock", "star", "stone", "sun",
-    "table", "tea", "tiger", "train", "tree", "wall", "water", "whale", "wind", "wolf",
+    "apple",
+    "bird",
+    "blue",
+    "boat",
+    "book",
+    "bread",
+    "cake",
+    "car",
+    "cat",
+    "chair",
+    "cloud",
+    "cold",
+    "corn",
+    "cow",
+    "cup",
+    "desk",
+    "dog",
+    "door",
+    "duck",
+    "egg",
+    "farm",
+    "fish",
+    "flag",
+    "frog",
+    "gate",
+    "gold",
+    "grass",
+    "green",
+    "hat",
+    "hill",
+    "horse",
+    "house",
+    "ice",
+    "jam",
+    "key",
+    "kite",
+    "lake",
+    "lamp",
+    "leaf",
+    "lion",
+    "milk",
+    "moon",
+    "mouse",
+    "nest",
+    "night",
+    "oak",
+    "orange",
+    "owl",
+    "pen",
+    "pig",
+    "plum",
+    "rain",
+    "red",
+    "ring",
+    "river",
+    "road",
+    "rock",
+    "rose",
+    "salt",
+    "sand",
+    "sea",
+    "seed",
+    "sheep",
+    "ship",
+    "shoe",
+    "snow",
+    "sock",
+    "star",
+    "stone",
+    "sun",
+    "table",
+    "tea",
+    "tiger",
+    "train",
+    "tree",
+    "wall",
+    "water",
+    "whale",
+    "wind",
+    "wolf",
 )
 
 # Keys for the "extract a field" task; values come from WORDS.
@@ -83,7 +157,7 @@ def extract_field(rng: random.Random) -> Record:
     keys = rng.sample(FIELD_KEYS, rng.randint(2, 4))
     values = rng.sample(WORDS, len(keys))
     asked = rng.randrange(len(keys))
-    text = "\n".join(f"{k}: {v}" for k, v in zip(keys, values))
+    text = "\n".join(f"{k}: {v}" for k, v in zip(keys, values, strict=True))
     template = rng.choice(("What is the {} in the text?", "Give the value of the field {}."))
     return _record(template.format(keys[asked]), text, values[asked])
 
@@ -177,21 +251,3 @@ def make_task_splits(
 ) -> tuple[list[Record], list[Record]]:
     """Disjoint (train, held-out) task records drawn from one seeded stream."""
     return split_tasks(generate_tasks(n_heldout + n_train, seed, kinds), n_heldout)
-
-
-def exact_match(prediction: str, expected: str) -> bool:
-    """True when the two are equal after stripping surrounding whitespace only.
-
-    Case, punctuation and inner spacing all count: "3, 7" does not match "3,7". Stripping
-    the ends forgives the newline or space a model may emit before stopping, nothing more.
-    """
-    return prediction.strip() == expected.strip()
-
-
-def exact_match_accuracy(predictions: Sequence[str], expected: Sequence[str]) -> float:
-    """Fraction of predictions that `exact_match` their expected answer."""
-    if len(predictions) != len(expected):
-        raise ValueError(f"{len(predictions)} predictions for {len(expected)} expected answers")
-    if not predictions:
-        raise ValueError("exact_match_accuracy needs at least one prediction")
-    return sum(exact_match(p, e) for p, e in zip(predictions, expected)) / len(predictions)

@@ -58,8 +58,7 @@ DEFAULT_BRANCH = "main"
 USER = "test-user"
 # What the Hub puts in the first commit of every new repo.
 INITIAL_GITATTRIBUTES = (
-    b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
-    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 )
 # The Hub answers this message for a token it does not know; the client then does NOT treat
 # the 401 as "repo not found".

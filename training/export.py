@@ -1,39 +1,134 @@
-"""Push a saved MiniGPT folder to the Hugging Face Hub with the real `huggingface_hub` client.
+"""A saved folder, and the way to the Hub: what a saved model folder is, writing one (plain, or a
+LoRA adapter and the merged model), and pushing it.
 
 A run folder holds what a user needs (weights, config, the modeling code for
 `trust_remote_code`, tokenizer, generation config, model card, plots) next to what they do not
 (resumable checkpoints with optimizer state, temporaries of atomic writes). `push_folder` uploads
-the first kind in one commit. The client itself leaves files whose content the Hub already has
-out of the commit, and makes no commit at all when nothing changed.
+the first kind in one commit, with the real `huggingface_hub` client; the client itself leaves
+files whose content the Hub already has out of the commit, and makes no commit at all when
+nothing changed.
 
 The token is never an argument anyone has to see: by default it is resolved by
 `huggingface_hub` (`HF_TOKEN`, then the login saved by `hf auth login`), and nothing here prints,
 logs or stores it.
-
-This module imports no torch, so the push script starts fast.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import HfApi
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS as HUB_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
+
+from modeling_minigpt.files import TEMPORARY_PATTERNS, replace_dir, staging_dir
+from tokenization.corpus import DataFileNotFoundError
+from training.layout import CHECKPOINTS
+from training.model_card import write_model_card
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+
+# ----------------------------------------------------------------------------- saved folders
+
+
+def check_model_folder(path: str | os.PathLike[str] | None, what: str = "model folder") -> Path:
+    """`path` as a Path if it is a folder written by `save_pretrained` (it has a config.json)."""
+    if not path:
+        raise ValueError(f"{what} is required: a folder written by save_pretrained (e.g. a pretraining run's model/)")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataFileNotFoundError(f"{what} {folder} does not exist (or is not a folder)")
+    if not (folder / "config.json").is_file():
+        raise DataFileNotFoundError(
+            f"{what} {folder} has no config.json: it is not a saved model folder (save_pretrained writes one)"
+        )
+    return folder
+
+
+def save_model_folder(
+    model: Any,
+    folder: str | os.PathLike[str],
+    tokenizer: Any | None = None,
+    card: Mapping[str, Any] | None = None,
+    extra_files: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """A Hugging Face folder, all or nothing: built in `.tmp-<name>` beside it, then renamed.
+
+    `save_pretrained` of the unwrapped model (with its code for trust_remote_code) and of the
+    tokenizer if given, any `extra_files` that exist, copied byte for byte (the loss curve the card
+    links to; a converted checkpoint's tokenizer files), and, if `card` is given, a model card
+    from `write_model_card(folder, config=model.config, **card)`. Main process only.
+    """
+    folder = Path(folder)
+    tmp = staging_dir(folder)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for extra in map(Path, extra_files):
+        if extra.is_file():
+            shutil.copy2(extra, tmp / extra.name)
+    if card is not None:
+        write_model_card(tmp, config=model.config, **card)
+    return replace_dir(tmp, folder)
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a PEFT wrapper. Without importing peft: if it was never imported, nothing is one."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def merge_lora(model: PeftModel) -> PreTrainedModel:
+    """The base model with every adapter update added into its weights (PEFT removed).
+
+    This consumes `model`: save the adapter first if you want it. The result is an ordinary
+    MiniGPT model, so `save_pretrained` writes the code files and `auto_map` as usual.
+    """
+    return model.merge_and_unload()
+
+
+def save_finetuned(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: Any,
+    model_dir: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str],
+    card: Mapping[str, Any] | None = None,
+    extra_files: Sequence[str | os.PathLike[str]] = (),
+) -> PreTrainedModel:
+    """Save a fine-tuned model (main process only); return the plain model that was saved.
+
+    A PEFT model is saved twice: the adapter alone in `adapter_dir` (with the tokenizer), then
+    merged into its base in `model_dir`. A plain model goes to `model_dir` only. Either way
+    `model_dir` is a complete folder (weights, code, config with `auto_map`, tokenizer, card)
+    that `AutoModelFor*.from_pretrained(model_dir, trust_remote_code=True)` loads.
+    """
+    if is_peft_model(model):
+        save_model_folder(model, adapter_dir, tokenizer)
+        model = merge_lora(model)
+    save_model_folder(model, model_dir, tokenizer, card=card, extra_files=extra_files)
+    return model
+
+
+# ----------------------------------------------------------------------------- the Hub
 
 DEFAULT_BRANCH = "main"
 
 # Run-folder content that is not part of the published model. `*` matches across "/" here
 # (fnmatch), so "checkpoints/*" covers every file below checkpoints/.
 RUN_ONLY_PATTERNS: list[str] = [
-    "checkpoints/*",  # accelerate.save_state folders: optimizer state, RNG, several copies of the weights
-    "*.tmp",  # an atomic write in progress (training.checkpoint.atomic_path)
-    ".tmp-*",  # a checkpoint folder being written
-    ".old-*",  # a replaced folder about to be deleted
-    "*events.out.tfevents.*",  # TensorBoard event logs
+    f"{CHECKPOINTS}/*",  # accelerate.save_state folders: optimizer state, RNG, several copies of the weights
+    *TEMPORARY_PATTERNS,  # atomic writes in progress, folders being built or replaced (modeling_minigpt.files)
+    "*events.out.tfevents.*",  # TensorBoard event logs (TensorBoard's own file names)
 ]
 
 # "namespace/name", each part made of the characters the Hub accepts.
@@ -62,11 +157,7 @@ def files_to_push(folder: str | os.PathLike[str], ignore_patterns: list[str] | N
 
 def check_push_inputs(folder: str | os.PathLike[str], repo_id: str) -> Path:
     """Fail before any network call, with the offending value named, if the push cannot make sense."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"folder to push {folder} does not exist or is not a folder")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: it is not a saved model folder (save_pretrained writes one)")
+    folder = check_model_folder(folder, "folder to push")
     if not _REPO_ID_RE.fullmatch(repo_id):
         raise ValueError(f"repo id {repo_id!r} must look like 'namespace/name' (a user or organization, then a name)")
     return folder

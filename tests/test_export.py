@@ -1,6 +1,7 @@
-"""Push to the Hub and load back, with the real `huggingface_hub` client and a Hub-compatible server.
+"""training/export.py: a saved folder and the way to the Hub, with the real `huggingface_hub` client and a
+Hub-compatible server.
 
-No Hub is reachable from CI, so `tests/hub_server.py` serves the Hub API on 127.0.0.1 for the
+No Hub is reachable from CI, so `tests/helpers/hub_server.py` serves the Hub API on 127.0.0.1 for the
 lifetime of this module. Pushes and loads run in fresh processes with `HF_ENDPOINT` pointing at
 it (the client reads it at import) and an empty `HF_HOME`, exactly as a user's would.
 """
@@ -17,19 +18,41 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.hub_server import HubServer
+from helpers.models import tiny_config
 from huggingface_hub import HfApi, constants, hf_hub_download
-from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from peft import PeftModel
 
-from hub_server import HubServer
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from training.hub import RUN_ONLY_PATTERNS, files_to_push, push_folder
+from training.export import (
+    RUN_ONLY_PATTERNS,
+    files_to_push,
+    push_folder,
+    save_finetuned,
+)
+from training.lora import LoraArguments, apply_lora
 from training.model_card import write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 PUSH_SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"
+
+
 FAKE_TOKEN = "hf_FAKEtoken1234567890"
+
+
 WRONG_TOKEN = "hf_FAKEwrongToken0987654321"
+
+
 PROMPT = "The return statement"
+
+
 # Files a user needs from a run folder; the checkpoint written into the fixture must stay behind.
 EXPECTED_FILES = {
     ".gitattributes",
@@ -277,7 +300,7 @@ def test_bad_inputs_fail_before_any_request(hub, model_folder, api, tmp_path):
     requests_before = len(hub.requests)
     result = run_push(tmp_path / "nowhere", "test-user/x", env=hub_env(hub, tmp_path / "hf_home"))
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: ValueError: folder to push {tmp_path / 'nowhere'} does not exist")
+    assert result.stderr.startswith(f"error: folder to push {tmp_path / 'nowhere'} does not exist")
     with pytest.raises(ValueError, match="'namespace/name'"):
         push_folder(model_folder, "no-namespace", endpoint=hub.url, token=FAKE_TOKEN)
     with pytest.raises(ValueError, match="no config.json"):
@@ -327,3 +350,61 @@ def test_model_and_tokenizer_push_to_hub(hub, tiny_tokenizer, api, tmp_path):
     files = set(api.list_repo_files("test-user/from-python"))
     assert {"config.json", "model.safetensors", "modeling_minigpt.py", "attention.py", "tokenizer.json"} <= files
     assert FAKE_TOKEN not in result.stdout + result.stderr
+
+
+FRESH_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+ids = torch.load(sys.argv[2])
+torch.save({"logits": model(input_ids=ids).logits.detach(), "module": type(model).__module__,
+            "has_template": tok.chat_template is not None}, sys.argv[3])
+"""
+
+
+def test_save_finetuned_writes_adapter_and_a_merged_folder_that_loads_fresh(tmp_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(tiny_tokenizer))
+    base_dir = tmp_path / "base"
+    MiniGPTForCausalLM(config).save_pretrained(base_dir)
+    base = MiniGPTForCausalLM.from_pretrained(base_dir).eval()
+    model = apply_lora(base, LoraArguments(lora_r=4, lora_dropout=0.0)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 10))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    merged = save_finetuned(model, tiny_tokenizer, tmp_path / "model", tmp_path / "adapter")
+    assert type(merged) is MiniGPTForCausalLM
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(
+        os.listdir(tmp_path / "adapter")
+    )
+    assert {
+        "config.json",
+        "modeling_minigpt.py",
+        "attention.py",
+        "configuration_minigpt.py",
+        "chat_template.jinja",
+    } <= set(os.listdir(tmp_path / "model"))
+
+    # The adapter alone, on a freshly loaded base.
+    reloaded = PeftModel.from_pretrained(MiniGPTForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    # The merged folder in a fresh process, from its own code (the repo is not importable there).
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, str(tmp_path / "model"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    out = torch.load(tmp_path / "out.pt")
+    assert out["module"].startswith("transformers_modules.") and out["has_template"]
+    torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,115 @@
+"""Tiny runs and their outputs: pretraining settings and flags, a saved base model, metrics, scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from training.loop import LoopArguments
+from training.pretrain import DataArguments, ModelArguments
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN_SCRIPT = REPO_ROOT / "scripts" / "pretrain.py"
+
+
+TINY_MODEL = dict(preset="tiny", context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
+
+
+TINY_LOOP = dict(
+    max_steps=20,
+    per_device_batch_size=8,
+    learning_rate=3e-3,
+    min_learning_rate=3e-4,
+    warmup_steps=4,
+    log_every=1,
+    eval_every=10,
+    save_every=5,
+    keep_last=2,
+    report_to="tensorboard",
+)
+
+
+def argument_groups(defaults: dict[type, dict[str, Any]], overrides: dict[str, Any]) -> tuple:
+    """One instance of each argument dataclass, from `defaults`; each override goes to the class with that field."""
+    groups = {cls: dict(values) for cls, values in defaults.items()}
+    for key, value in overrides.items():
+        groups[next(cls for cls in groups if key in cls.__dataclass_fields__)][key] = value
+    return tuple(cls(**values) for cls, values in groups.items())
+
+
+def tiny_args(output_dir: Path, corpus: Path, tokenizer: Path | None, cache: Path, **overrides):
+    """(ModelArguments, DataArguments, LoopArguments) of a tiny pretraining run."""
+    data = dict(
+        train_file=str(corpus),
+        tokenizer_path=str(tokenizer) if tokenizer else None,
+        split_by="characters",
+        tokenizer_vocab_size=400,
+        eval_batches=2,
+        eval_batch_size=8,
+        sample_tokens=8,
+        cache_dir=str(cache),
+    )
+    loop = dict(TINY_LOOP, output_dir=str(output_dir))
+    return argument_groups({ModelArguments: TINY_MODEL, DataArguments: data, LoopArguments: loop}, overrides)
+
+
+def script_flags(output_dir: Path, corpus: Path, tokenizer: Path, cache: Path, **overrides) -> list[str]:
+    """The same tiny run as command-line flags for scripts/pretrain.py."""
+    model, data, loop = tiny_args(output_dir, corpus, tokenizer, cache, **overrides)
+    flags = []
+    for group in (model, data, loop):
+        for name, value in vars(group).items():
+            if value is not None and value is not False:
+                flags += [f"--{name}", str(value)]
+    return flags
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_losses(output_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, training loss, learning rate) of every training entry of the run's metrics.jsonl."""
+    return [(r["step"], r["train_loss"], r["lr"]) for r in read_metrics(output_dir) if "train_loss" in r]
+
+
+def listing(folder: Path) -> dict[str, int]:
+    """Every file under `folder` with its size: a snapshot to prove nothing was written."""
+    return (
+        {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        if folder.exists()
+        else {}
+    )
+
+
+def save_tiny_base(folder: Path, tokenizer, seed: int = 0, context_length: int = 192, drop_rate: float = 0.0) -> Path:
+    """A randomly initialised 2-layer MiniGPT saved with `tokenizer`: the 'pretrained' input folder."""
+    torch.manual_seed(seed)
+    config = MiniGPTConfig.from_preset(
+        "tiny",
+        vocab_size=len(tokenizer),
+        context_length=context_length,
+        emb_dim=32,
+        n_heads=2,
+        n_layers=2,
+        drop_rate=drop_rate,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    MiniGPTForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,37 @@
+"""training/cli.py: a YAML/JSON file then flags, into typed dataclasses."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.cli import parse_config_args
+from training.loop import LoopArguments
+from training.lora import LoraArguments
+from training.sft import SFTArguments
+
+
+def test_config_file_then_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_path: base\nmax_steps: 7\nlora_r: 2\nmask_prompt: false\n")
+    sft, lora, loop = parse_config_args(
+        (SFTArguments, LoraArguments, LoopArguments), [str(config), "--max_steps", "9", "--output_dir", "o"]
+    )
+    assert (sft.model_path, sft.mask_prompt, lora.lora_r, loop.max_steps, loop.output_dir) == ("base", False, 2, 9, "o")
+    config.write_text("max_step: 7\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['max_step'\]"):
+        parse_config_args((SFTArguments, LoraArguments, LoopArguments), [str(config)])
+
+
+def test_errors_are_one_line_with_exit_code_1_and_foreign_classes_named(capsys):
+    from tokenization.corpus import DataFileNotFoundError
+    from training.cli import report_error
+
+    class RepositoryNotFoundError(OSError):  # another library's error, like the Hub client's
+        pass
+
+    assert report_error(DataFileNotFoundError("--train_file x.txt does not exist")) == 1
+    assert capsys.readouterr().err == "error: --train_file x.txt does not exist\n"
+    assert report_error(ValueError("--max_steps must be >= 1, got 0")) == 1
+    assert capsys.readouterr().err == "error: --max_steps must be >= 1, got 0\n"
+    assert report_error(RepositoryNotFoundError("404 Client Error.")) == 1
+    assert capsys.readouterr().err == "error: RepositoryNotFoundError: 404 Client Error.\n"
