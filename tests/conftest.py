@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.models import LABELS
-from helpers.runs import save_tiny_base
+from helpers.runs import reset_accelerate_state, save_tiny_base
 from helpers.texts import UNICODE_TEXT
 
 import tokenization
@@ -17,6 +17,14 @@ from modeling_minigpt.convert import minigpt_to_gpt2
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every test starts and ends with a clean Accelerate state (see `reset_accelerate_state`)."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="session")

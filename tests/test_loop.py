@@ -1,14 +1,17 @@
-"""training/loop.py: exact resume in-process, the NaN guard, the metrics log and the optimizer's decay groups."""
+"""training/loop.py: exact resume in-process (AdamW and Muon, fp32 and bf16), the NaN guard, a time budget
+on an injected clock, the metrics log, the optimizers' groups and state, and the mixed-precision choice."""
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.utils import set_seed
-from helpers.runs import logged_losses, read_metrics
+from helpers.runs import logged_losses, read_metrics, reset_accelerate_state
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from training.checkpoint import (
@@ -23,18 +26,22 @@ from training.loop import (
     MetricsLog,
     NonFiniteLossError,
     TrainState,
+    build_muon_optimizer,
     build_optimizer,
+    hidden_matrices,
     make_accelerator,
+    make_optimizer,
     make_train_dataloader,
+    resolve_mixed_precision,
     resume_from_latest,
     train_loop,
 )
+from training.schedule import lr_factor
 
 
 def _tiny_setup(output_dir: Path, **loop_overrides):
     """A 2-layer model with dropout on random windows: (accelerator, model, optimizer, loader, args, state, metrics)."""
-    args = LoopArguments(
-        output_dir=str(output_dir),
+    defaults = dict(
         max_steps=16,
         per_device_batch_size=4,
         gradient_accumulation_steps=2,
@@ -44,8 +51,9 @@ def _tiny_setup(output_dir: Path, **loop_overrides):
         save_every=3,
         keep_last=3,
         report_to="none",
-        **loop_overrides,
+        mixed_precision="no",
     )
+    args = LoopArguments(output_dir=str(output_dir), **{**defaults, **loop_overrides})
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     windows = [{"input_ids": row} for row in torch.randint(0, 97, (44, 17), generator=torch.Generator().manual_seed(0))]
@@ -56,7 +64,7 @@ def _tiny_setup(output_dir: Path, **loop_overrides):
         "tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.2
     )
     model = MiniGPTForCausalLM(config)
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    optimizer = make_optimizer(model, args)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -81,16 +89,21 @@ def _interrupt_after(micro_batches: int):
     return loss_fn
 
 
-def test_resume_in_process_is_bit_exact_mid_epoch_with_accumulation(tmp_path):
-    """Checkpoint at step 9 = 18 micro-batches = epoch 1, batch 7 of 11: resume must skip exactly those."""
-    setup = _tiny_setup(tmp_path / "full")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_resume_in_process_is_bit_exact_mid_epoch_with_accumulation(tmp_path, optimizer, precision):
+    """Checkpoint at step 9 = 18 micro-batches = epoch 1, batch 7 of 11: resume must skip exactly those.
+    Both optimizers, in fp32 and under bf16 autocast (forced, so the bf16 path runs on any CPU)."""
+    flags = dict(optimizer=optimizer, mixed_precision=precision)
+    setup = _tiny_setup(tmp_path / "full", **flags)
+    assert setup[0].mixed_precision == precision
     train_loop(*setup)
     full = setup[0].unwrap_model(setup[1]).state_dict()
 
-    setup = _tiny_setup(tmp_path / "cut")
+    setup = _tiny_setup(tmp_path / "cut", **flags)
     with pytest.raises(Interrupted):
         train_loop(*setup, loss_fn=_interrupt_after(2 * 10 + 1))  # dies inside step 11
-    setup = _tiny_setup(tmp_path / "cut")
+    setup = _tiny_setup(tmp_path / "cut", **flags)
     accelerator, model, _, _, _, state, metrics = setup
     assert resume_from_latest(accelerator, tmp_path / "cut", metrics) == 9
     assert (state.step, state.epoch, state.batches_in_epoch) == (9, 1, 7)
@@ -171,3 +184,199 @@ def test_tied_weights_are_optimized_once():
     model = torch.nn.ModuleDict({"wte": embedding, "head": head})
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 1
+
+
+# ----------------------------------------------------------------------------- a time budget, on an injected clock
+
+
+def _run_on_a_fake_clock(output_dir: Path, seconds_per_micro_batch: float, **overrides):
+    """A time-budgeted run whose clock advances only as micro-batches are computed: a machine of a
+    known speed, so the test needs no real time. Returns (state, logged training entries, args)."""
+    setup = _tiny_setup(output_dir, **{"max_steps": 10**6, "save_every": 10**6, **overrides})
+    now = 0.0
+
+    def loss_fn(model, batch):
+        nonlocal now
+        now += seconds_per_micro_batch
+        return model(**batch).loss
+
+    train_loop(*setup, loss_fn=loss_fn, clock=lambda: now)
+    return setup[5], [r for r in read_metrics(output_dir) if "train_loss" in r], setup[4]
+
+
+def test_time_budget_stops_by_the_clock_and_decays_to_the_floor(tmp_path):
+    # 2 micro-batches a step at 0.25 s each: 0.5 s a step, so a 3 s budget ends after step 6.
+    state, train, args = _run_on_a_fake_clock(tmp_path / "a", 0.25, max_time_seconds=3.0)
+    assert state.step == 6 and state.train_seconds == 3.0
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["elapsed_seconds"] for r in train] == [0.5 * s for s in range(1, 7)]
+    # Warmup counts steps (3), then the cosine runs over the clock: step s starts at 0.5 s x s.
+    expected = [args.learning_rate * lr_factor(args, s, 0.5 * s) for s in range(6)]
+    assert [r["lr"] for r in train] == pytest.approx(expected, rel=1e-12)
+    assert [r["lr"] for r in train][:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # warmup to the 1e-3 peak
+    decay = [r["lr"] for r in train][2:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    # at the budget's end the schedule stands at the floor
+    assert args.learning_rate * lr_factor(args, 6, 3.0) == pytest.approx(args.min_learning_rate)
+
+
+def test_a_machine_twice_as_fast_takes_twice_the_steps_in_the_same_budget(tmp_path):
+    slow, *_ = _run_on_a_fake_clock(tmp_path / "slow", 0.25, max_time_seconds=3.0)
+    fast, *_ = _run_on_a_fake_clock(tmp_path / "fast", 0.125, max_time_seconds=3.0)
+    assert (slow.step, fast.step) == (6, 12)
+    capped, *_ = _run_on_a_fake_clock(tmp_path / "capped", 0.125, max_time_seconds=3.0, max_steps=5)
+    assert capped.step == 5  # max_steps stays an upper bound
+
+
+# ----------------------------------------------------------------------------- Muon + AdamW as one optimizer
+
+
+def _tiny_lm(seed: int = 0, tied: bool = True) -> MiniGPTForCausalLM:
+    torch.manual_seed(seed)
+    config = MiniGPTConfig.from_preset(
+        "tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, tie_word_embeddings=tied
+    )
+    return MiniGPTForCausalLM(config)
+
+
+def _train_steps(model, optimizers, steps: int, seed: int) -> None:
+    batches = torch.randint(0, 97, (steps, 4, 17), generator=torch.Generator().manual_seed(seed))
+    for window in batches:
+        batch = collate_windows([{"input_ids": row} for row in window])
+        model(**batch).loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_takes_the_matrices_inside_the_blocks_and_adamw_the_rest(tied):
+    model = _tiny_lm(tied=tied)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_muon_optimizer(model, lr=3e-3, muon_lr=0.02, weight_decay=0.1)
+    muon, decayed, plain = optimizer.param_groups
+    projections = ("W_query", "W_key", "W_value", "out_proj", "fc_in", "fc_out")
+    expected = {
+        f"model.trf_blocks.{i}.{sub}.{w}.weight"
+        for i in range(2)
+        for sub, w in (*(("att", w) for w in projections[:4]), *(("ff", w) for w in projections[4:]))
+    }
+    assert {names[id(p)] for p in muon["params"]} == expected
+    embeddings = {"model.tok_emb.weight", "model.pos_emb.weight"} | (set() if tied else {"lm_head.weight"})
+    assert {names[id(p)] for p in decayed["params"]} == embeddings
+    assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (0.02, 0.02, 0.1),
+        (3e-3, 3e-3, 0.1),
+        (3e-3, 3e-3, 0.0),
+    ]
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        hidden_matrices(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_muon_with_adamw_steps_exactly_like_torchs_two_optimizers():
+    model = _tiny_lm()
+    reference = copy.deepcopy(model)
+    combined = build_muon_optimizer(model, lr=3e-3, muon_lr=0.02, weight_decay=0.1)
+    params = dict(reference.named_parameters())
+    hidden = [p for n, p in params.items() if ".trf_blocks." in n and p.dim() == 2]
+    ids = {id(p) for p in hidden}
+    rest = [p for p in params.values() if id(p) not in ids]
+    parts = [
+        torch.optim.Muon(hidden, lr=0.02, weight_decay=0.1),
+        torch.optim.AdamW(
+            [
+                {"params": [p for p in rest if p.dim() == 2], "weight_decay": 0.1},
+                {"params": [p for p in rest if p.dim() == 1], "weight_decay": 0.0},
+            ],
+            lr=3e-3,
+            betas=(0.9, 0.95),
+        ),
+    ]
+    _train_steps(model, [combined], 3, seed=1)
+    _train_steps(reference, parts, 3, seed=1)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(
+        ours["model.trf_blocks.0.att.W_query.weight"], _tiny_lm().state_dict()["model.trf_blocks.0.att.W_query.weight"]
+    )
+
+
+def test_muon_state_dict_is_plain_and_resumes_exactly_after_a_weights_only_load():
+    model = _tiny_lm()
+    optimizer = build_muon_optimizer(model, lr=3e-3, muon_lr=0.02, weight_decay=0.1)
+    _train_steps(model, [optimizer], 2, seed=1)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # no pickled objects: only tensors, numbers, tuples, dicts
+    # the standard layout: parameters numbered 0..N-1 over all groups, Muon's group first
+    assert sorted(saved["state"]) == list(range(len(list(model.parameters()))))
+    assert [len(g["params"]) for g in saved["param_groups"]] == [len(g["params"]) for g in optimizer.param_groups]
+    assert len(saved["param_groups"]) == 3 and saved["param_groups"][0]["ns_steps"] == 5  # Muon's group first
+    assert set(saved["state"][0]) == {"momentum_buffer"}
+    assert set(saved["state"][len(saved["state"]) - 1]) == {"exp_avg", "exp_avg_sq", "step"}
+
+    restored_model = copy.deepcopy(model)
+    restored = build_muon_optimizer(
+        restored_model, lr=1.0, muon_lr=1.0, weight_decay=0.0
+    )  # settings come from the state
+    restored.load_state_dict(saved)
+    assert [g["initial_lr"] for g in restored.param_groups] == [0.02, 3e-3, 3e-3]
+    assert restored.muon.state is restored.state and restored.muon.param_groups[0] is restored.param_groups[0]
+    _train_steps(model, [optimizer], 2, seed=2)
+    _train_steps(restored_model, [restored], 2, seed=2)
+    ours, theirs = model.state_dict(), restored_model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_the_schedule_scales_each_group_from_its_own_peak(tmp_path):
+    setup = _tiny_setup(tmp_path, optimizer="muon", muon_learning_rate=0.02, max_steps=5, warmup_steps=2)
+    optimizer, args = setup[2], setup[4]
+    train_loop(*setup)
+    factor = lr_factor(args, 4, 0.0)  # the last step's factor
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02 * factor, 1e-3 * factor, 1e-3 * factor])
+    assert read_metrics(tmp_path)[-1]["lr"] == pytest.approx(1e-3 * factor)  # the log follows --learning_rate
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"avx512_bf16": True, "avx512_f": True}, "bf16"),
+        ({"amx_bf16": True}, "bf16"),
+        ({"avx512_f": True, "avx2": True}, "no"),
+    ],
+)
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    mode, why = resolve_mixed_precision("auto", torch.device("cpu"))
+    assert mode == expected and why.startswith("auto: ")
+    assert "avx512_bf16" in why or "amx_bf16" in why
+    assert resolve_mixed_precision("no", torch.device("cpu")) == ("no", "as requested")
+    assert resolve_mixed_precision("bf16", torch.device("cpu")) == ("bf16", "as requested")
+
+
+def test_the_accelerator_uses_and_prints_the_choice(tmp_path, capsys):
+    expected, why = resolve_mixed_precision("auto", torch.device("cpu"))
+    accelerator = make_accelerator(LoopArguments(output_dir=str(tmp_path), report_to="none"))  # auto is the default
+    assert accelerator.mixed_precision == expected
+    assert f"({why})" in capsys.readouterr().out
+
+
+def test_bf16_autocast_changes_the_arithmetic_but_keeps_fp32_weights_and_state(tmp_path):
+    fp32 = _tiny_setup(tmp_path / "fp32", max_steps=4)
+    train_loop(*fp32)
+    reset_accelerate_state()  # the next run switches to bf16 in this process
+    bf16 = _tiny_setup(tmp_path / "bf16", max_steps=4, mixed_precision="bf16")
+    train_loop(*bf16)
+    model, optimizer = bf16[0].unwrap_model(bf16[1]), bf16[2]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert state and all(t.dtype == torch.float32 for t in state)
+    losses = [[loss for _, loss, _ in logged_losses(tmp_path / name)] for name in ("fp32", "bf16")]
+    assert losses[0] != losses[1]  # autocast really ran in bf16 ...
+    assert losses[0] == pytest.approx(losses[1], abs=0.05)  # ... and trains the same model

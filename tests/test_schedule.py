@@ -7,7 +7,7 @@ import math
 import pytest
 
 from training.loop import LoopArguments
-from training.schedule import learning_rate, lr_at_step
+from training.schedule import describe_schedule, lr_at_step, lr_factor
 
 SCHEDULE = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, total_steps=110)
 
@@ -43,10 +43,11 @@ def test_no_warmup_and_fractional_total():
 
 
 def test_loop_schedule_by_steps_or_by_time():
+    """The loop's factor on each group's peak: 1 at the peak, min / max at the floor."""
     by_steps = LoopArguments(output_dir="x", learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
-    assert [learning_rate(by_steps, s, elapsed_seconds=999.0) for s in (0, 60, 110)] == [
-        lr_at_step(s, **SCHEDULE) for s in (0, 60, 110)
-    ]  # the clock plays no part
+    assert [1e-3 * lr_factor(by_steps, s, elapsed_seconds=999.0) for s in (0, 60, 110)] == pytest.approx(
+        [lr_at_step(s, **SCHEDULE) for s in (0, 60, 110)], rel=1e-12
+    )  # the clock plays no part
     by_time = LoopArguments(
         output_dir="x",
         learning_rate=1e-3,
@@ -55,11 +56,28 @@ def test_loop_schedule_by_steps_or_by_time():
         max_steps=10**9,
         max_time_seconds=100.0,
     )
-    assert learning_rate(by_time, 4, elapsed_seconds=50.0) == pytest.approx(5e-4)  # warmup counts steps
-    assert learning_rate(by_time, 500, elapsed_seconds=50.0) == pytest.approx(5.5e-4)  # half the budget: midpoint
-    assert learning_rate(by_time, 10**6, elapsed_seconds=100.0) == pytest.approx(1e-4)
-    lrs = [learning_rate(by_time, 10 + t, elapsed_seconds=float(t)) for t in range(101)]
+    assert lr_factor(by_time, 4, elapsed_seconds=50.0) == pytest.approx(0.5)  # warmup counts steps
+    assert lr_factor(by_time, 500, elapsed_seconds=50.0) == pytest.approx(0.55)  # half the budget: midpoint
+    assert lr_factor(by_time, 10**6, elapsed_seconds=100.0) == pytest.approx(0.1)
+    lrs = [lr_factor(by_time, 10 + t, elapsed_seconds=float(t)) for t in range(101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_every_group_decays_to_the_same_fraction_of_its_own_peak():
+    args = LoopArguments(output_dir="x", learning_rate=2e-3, min_learning_rate=2e-4, warmup_steps=0, max_steps=10)
+    assert lr_factor(args, 0, 0.0) == 1.0 and lr_factor(args, 10, 0.0) == pytest.approx(0.1)
+    zero = LoopArguments(output_dir="x", learning_rate=0.0, min_learning_rate=0.0, warmup_steps=0, max_steps=10)
+    assert lr_factor(zero, 10, 0.0) == 0.0
+
+
+def test_the_model_card_names_both_optimizers_of_a_muon_run():
+    muon = LoopArguments(
+        output_dir="x", optimizer="muon", muon_learning_rate=0.02, learning_rate=3e-3, min_learning_rate=3e-4
+    )
+    text = describe_schedule(muon, num_processes=1)
+    assert text.startswith("Muon (peak lr 0.02, weight decay 0.1) for the matrices inside the blocks, AdamW (peak lr")
+    assert "cosine decay to 10% of the peak" in text
+    assert describe_schedule(LoopArguments(output_dir="x"), 1).startswith("AdamW (peak lr 0.001, betas 0.9, 0.95")
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,10 @@
 
 Callers build the model and dataloaders (`training.run` does it for every job) and supply two
 callbacks: `loss_fn(model, batch)` and `eval_fn(model)`. Everything else lives here once: the
-optimizer's weight-decay groups, the Accelerator setup (gradient accumulation, mixed precision,
-a seeded data order), exact resume (`TrainState` + `accelerator.save_state`), the metrics log
-and the loop itself:
+optimizer (AdamW with weight-decay groups, or Muon for the hidden matrices plus AdamW, as one
+optimizer), the Accelerator setup (gradient accumulation, mixed precision chosen for the
+hardware, a seeded data order), exact resume (`TrainState` + `accelerator.save_state`), the
+metrics log and the loop itself:
 
     accumulate -> backward -> clip -> step -> schedule
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, broadcast
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,7 +36,7 @@ from modeling_minigpt.files import atomic_path
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.generate import eval_mode
 from training.layout import RunLayout
-from training.schedule import learning_rate
+from training.schedule import lr_factor
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -79,9 +80,28 @@ class LoopArguments:
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 disables clipping."}
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(
-        default="no",
-        metadata={"help": "Autocast dtype. Keep 'no' on CPU: bf16 matmuls measured ~35x slower than fp32 here."},
+    optimizer: Literal["adamw", "muon"] = field(
+        default="adamw",
+        metadata={
+            "help": "adamw: AdamW for every parameter. muon: torch.optim.Muon for the 2-D matrices inside the "
+            "transformer blocks (at --muon_learning_rate), AdamW for embeddings, head, biases and norms "
+            "(at --learning_rate)."
+        },
+    )
+    muon_learning_rate: float = field(
+        default=0.02,
+        metadata={
+            "help": "Muon's peak learning rate (--optimizer muon); the schedule scales it like --learning_rate, "
+            "down to the same fraction --min_learning_rate / --learning_rate."
+        },
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto",
+        metadata={
+            "help": "Autocast dtype; weights and optimizer state stay fp32. auto: bf16 where the hardware runs it "
+            "natively (a CPU with AVX-512 BF16 or AMX, a GPU with bf16), fp32 ('no') elsewhere: on CPUs without "
+            "them bf16 matmuls run far slower than fp32. The choice is printed."
+        },
     )
     seed: int = field(default=1337, metadata={"help": "Seeds weights init, dropout and the data order."})
     log_every: int = field(default=10, metadata={"help": "Log the mean training loss every N steps."})
@@ -111,6 +131,8 @@ class LoopArguments:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not self.muon_learning_rate > 0:
+            raise ValueError(f"--muon_learning_rate must be > 0, got {self.muon_learning_rate}")
         if self.max_time_seconds is not None and self.max_time_seconds <= 0:
             raise ValueError(f"--max_time_seconds must be > 0, got {self.max_time_seconds}")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
@@ -154,11 +176,135 @@ def build_optimizer(
     parameters are left out.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    return torch.optim.AdamW(_decay_groups(params, lr, weight_decay), betas=betas)
+
+
+def _decay_groups(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's two groups: matrices decayed, vectors (biases, norms) not. `initial_lr` is the
+    group's peak learning rate, which the schedule scales (`train_loop`)."""
+    peak = {"lr": lr, "initial_lr": lr}
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **peak},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **peak},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable 2-D weights inside the model's repeated blocks: what Muon is for.
+
+    Hugging Face models name their block class in `_no_split_modules` (MiniGPT: TransformerBlock);
+    that tells the hidden matrices (attention and MLP projections, hidden state to hidden state)
+    apart from the embeddings and the head, which map tokens in and out and suit AdamW better
+    (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024).
+    """
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(
+            f"--optimizer muon needs a model that names its repeated blocks in `_no_split_modules`; "
+            f"{type(model).__name__} does not: use --optimizer adamw"
+        )
+    hidden: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            hidden.update({id(p): p for p in module.parameters() if p.requires_grad and p.dim() == 2})
+    return list(hidden.values())
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon for the hidden matrices and AdamW for the rest, as ONE optimizer.
+
+    The loop, `accelerator.prepare`, checkpoints and the schedule see a plain Optimizer: one list
+    of param_groups (Muon's first; each keeps its own `lr` and `initial_lr`), one `state` keyed by
+    parameter, and the standard state_dict (parameters numbered over all groups; plain tensors,
+    numbers and tuples, which `torch.load(weights_only=True)` reads). The two parts share these
+    group dicts and this state, so nothing needs syncing; `load_state_dict` re-links them after
+    torch has replaced both.
+    """
+
+    def __init__(
+        self,
+        muon_groups: list[dict[str, Any]],
+        adamw_groups: list[dict[str, Any]],
+        *,
+        betas: tuple[float, float] = (0.9, 0.95),
+    ):
+        self.muon = torch.optim.Muon(muon_groups)
+        self.adamw = torch.optim.AdamW(adamw_groups, betas=betas)
+        # add_param_group keeps each group dict as given: these are the parts' own dicts.
+        super().__init__([*self.muon.param_groups, *self.adamw.param_groups], defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        split = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:split], self.param_groups[split:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def build_muon_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    muon_lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+) -> MuonWithAdamW:
+    """Muon (at `muon_lr`, decoupled weight decay) on `hidden_matrices(model)`; AdamW (at `lr`, the
+    groups of `build_optimizer`) on every other trainable parameter.
+
+    Muon keeps torch's defaults: momentum 0.95 with Nesterov, 5 Newton-Schulz steps (run in bf16
+    by torch), and the update scaled by sqrt(max(1, rows / columns)).
+    """
+    hidden = hidden_matrices(model)
+    if not hidden:
+        raise ValueError("--optimizer muon: the model has no trainable 2-D weights inside its blocks")
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    muon = [{"params": hidden, "lr": muon_lr, "weight_decay": weight_decay, "initial_lr": muon_lr}]
+    return MuonWithAdamW(muon, _decay_groups(rest, lr, weight_decay), betas=betas)
+
+
+def make_optimizer(model: torch.nn.Module, args: LoopArguments) -> torch.optim.Optimizer:
+    """The optimizer `args` asks for, over the model's trainable parameters."""
+    betas = (args.adam_beta1, args.adam_beta2)
+    if args.optimizer == "muon":
+        return build_muon_optimizer(model, args.learning_rate, args.muon_learning_rate, args.weight_decay, betas)
+    return build_optimizer(model, args.learning_rate, args.weight_decay, betas)
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """(the autocast mode for Accelerate, why): `requested` itself unless it is "auto".
+
+    auto picks bf16 only where the hardware has bf16 arithmetic. Measured: on a CPU with AVX-512
+    BF16 a bf16 matmul ran at 2.25x fp32, while on a CPU with AVX-512 but without BF16 bf16 ran
+    ~35x SLOWER than fp32. So it is decided at run time from the CPU's feature flags.
+    """
+    if requested != "auto":
+        return requested, "as requested"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"auto: the GPU ({name}) supports bf16"
+        return "no", f"auto: the GPU ({name}) has no bf16 support"
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        native = [flag for flag in ("amx_bf16", "avx512_bf16") if capabilities.get(flag)]
+        if native:
+            return "bf16", f"auto: this CPU has native bf16 instructions ({', '.join(native)})"
+        return "no", "auto: fp32, this CPU has no native bf16 instructions (avx512_bf16, amx_bf16)"
+    return "no", f"auto: fp32 on a {device.type} device (bf16 not measured there)"
 
 
 def make_accelerator(args: LoopArguments) -> Accelerator:
@@ -167,9 +313,15 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
     The gradient-accumulation counter ignores epoch ends (`sync_with_dataloader=False`) so every
     optimizer step sees exactly `gradient_accumulation_steps` micro-batches, even across epochs.
     The seedable sampler makes the shuffled order a function of (seed, epoch) on every process.
+    Mixed precision: `resolve_mixed_precision`, printed by the main process. Accelerate's autocast
+    keeps the weights and the optimizer state in fp32 (only matmuls run in bf16).
     """
+    process = PartialState()  # the device this process will run on (honours --cpu / ACCELERATE_USE_CPU)
+    mixed_precision, why = resolve_mixed_precision(args.mixed_precision, process.device)
+    if process.is_main_process:
+        print(f"mixed precision: {'bf16 autocast' if mixed_precision == 'bf16' else mixed_precision} ({why})")
     return Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
@@ -296,14 +448,15 @@ def _micro_batches(accelerator: Accelerator, dataloader: DataLoader, state: Trai
 
 class _Clock:
     """Wall time across resumed segments; with `synchronized`, rank 0's clock is broadcast so that
-    every process takes the same time-dependent decisions (learning rate, when to stop)."""
+    every process takes the same time-dependent decisions (learning rate, when to stop).
+    `now` reads the time in seconds (a test passes its own clock)."""
 
-    def __init__(self, accelerator: Accelerator, state: TrainState, synchronized: bool):
-        self.accelerator, self.state, self.synchronized = accelerator, state, synchronized
-        self.start, self.start_seconds = time.perf_counter(), state.train_seconds
+    def __init__(self, accelerator: Accelerator, state: TrainState, synchronized: bool, now: Callable[[], float]):
+        self.accelerator, self.state, self.synchronized, self.now = accelerator, state, synchronized, now
+        self.start, self.start_seconds = now(), state.train_seconds
 
     def tick(self) -> float:
-        elapsed = torch.tensor(self.start_seconds + time.perf_counter() - self.start, dtype=torch.float64)
+        elapsed = torch.tensor(self.start_seconds + self.now() - self.start, dtype=torch.float64)
         if self.synchronized and self.accelerator.num_processes > 1:
             elapsed = broadcast(elapsed, from_process=0)
         self.state.train_seconds = elapsed.item()
@@ -313,24 +466,25 @@ class _Clock:
 class _LogWindow:
     """Mean training loss and training throughput since the last log line."""
 
-    def __init__(self, tokens_seen: int):
+    def __init__(self, tokens_seen: int, now: Callable[[], float]):
+        self.now = now
         self._reset(tokens_seen)
 
     def _reset(self, tokens_seen: int) -> None:
         self.loss_sum, self.steps, self.tokens_start = 0.0, 0, tokens_seen
-        self.start, self.pause_seconds = time.perf_counter(), 0.0
+        self.start, self.pause_seconds = self.now(), 0.0
 
     def add(self, step_loss: float) -> None:
         self.loss_sum, self.steps = self.loss_sum + step_loss, self.steps + 1
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        start = time.perf_counter()
+        start = self.now()
         yield
-        self.pause_seconds += time.perf_counter() - start
+        self.pause_seconds += self.now() - start
 
     def flush(self, tokens_seen: int) -> dict[str, float]:
-        seconds = max(time.perf_counter() - self.start - self.pause_seconds, 1e-9)
+        seconds = max(self.now() - self.start - self.pause_seconds, 1e-9)
         values = {
             "train_loss": self.loss_sum / self.steps,
             "tokens_per_second": (tokens_seen - self.tokens_start) / seconds,
@@ -351,6 +505,7 @@ def train_loop(
     loss_fn: LossFn = causal_lm_loss,
     eval_fn: EvalFn | None = None,
     on_eval: Callable[[TrainState], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float | str] | None:
     """Train until `args.max_steps` (or `args.max_time_seconds`) from wherever `state` stands;
     return the values of the last evaluation (the one at the final step), None if none ran.
@@ -360,6 +515,9 @@ def train_loop(
     this; logs and checkpoint bookkeeping happen on the main process. `eval_fn(model)` returns
     metrics (floats) and optionally texts; it runs every `eval_every` steps and at the end, in
     eval mode without gradients, followed by `on_eval(state)` (e.g. redraw the loss curve).
+    `clock` reads the time in seconds, for `max_time_seconds` and the logged throughput.
+    Each parameter group's learning rate is its `initial_lr` (its peak; the current lr when a
+    group has none) times the schedule's factor (`training.schedule.lr_factor`).
     Raises NonFiniteLossError, before updating the weights, if a step's loss or gradient is not finite.
     """
     if len(train_dataloader) == 0:
@@ -369,7 +527,7 @@ def train_loop(
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure the norm, never clip
     batches = _micro_batches(accelerator, train_dataloader, state)
     timed = args.max_time_seconds is not None
-    clock = _Clock(accelerator, state, synchronized=timed)
+    timer = _Clock(accelerator, state, synchronized=timed, now=clock)
     progress = tqdm(  # mininterval: redrawing costs ~3 ms, noticeable next to a small model's step
         total=None if timed else args.max_steps,
         initial=state.step,
@@ -378,16 +536,19 @@ def train_loop(
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
     )
-    window = _LogWindow(state.tokens_seen)
+    window = _LogWindow(state.tokens_seen, now=clock)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     evaluation = None
     model.train()
 
-    elapsed = clock.tick()
+    elapsed = timer.tick()
     done = state.step >= args.max_steps or (timed and elapsed >= args.max_time_seconds)
     while not done:
-        lr = learning_rate(args, state.step, elapsed)
+        factor = lr_factor(args, state.step, elapsed)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["initial_lr"] * factor
+        lr = args.learning_rate * factor  # what the log calls lr: the schedule of --learning_rate
 
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(accumulation):
@@ -413,7 +574,7 @@ def train_loop(
         state.step += 1
         progress.update(1)
 
-        elapsed = clock.tick()
+        elapsed = timer.tick()
         done = state.step >= args.max_steps or (timed and elapsed >= args.max_time_seconds)
         window.add(step_loss.item())
         save_now = done or state.step % args.save_every == 0

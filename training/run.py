@@ -47,10 +47,10 @@ from training.loop import (
     LossFn,
     MetricsLog,
     TrainState,
-    build_optimizer,
     causal_lm_loss,
     log_metrics,
     make_accelerator,
+    make_optimizer,
     resume_from_latest,
     start_trackers,
     train_loop,
@@ -317,7 +317,7 @@ def prepare(
         print(describe_run_files())
     accelerator.wait_for_everyone()
 
-    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
+    optimizer = make_optimizer(model, args)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)

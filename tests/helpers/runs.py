@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from training.loop import LoopArguments
@@ -32,7 +33,15 @@ TINY_LOOP = dict(
     save_every=5,
     keep_last=2,
     report_to="tensorboard",
+    mixed_precision="no",  # the same numbers on every CPU (auto would pick bf16 where it is native)
 )
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, which refuses a second mixed precision in one process
+    (tests pick fp32 for numbers, bf16 where that path is tested, and scripts default to auto)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def argument_groups(defaults: dict[type, dict[str, Any]], overrides: dict[str, Any]) -> tuple:
