@@ -28,7 +28,13 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, broadcast
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    broadcast,
+    parse_flag_from_env,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -316,7 +322,9 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
     Mixed precision: `resolve_mixed_precision`, printed by the main process. Accelerate's autocast
     keeps the weights and the optimizer state in fp32 (only matmuls run in bf16).
     """
-    process = PartialState()  # the device this process will run on (honours --cpu / ACCELERATE_USE_CPU)
+    # The device this process will run on, made as Accelerator would make it (the launcher's --cpu
+    # arrives as ACCELERATE_USE_CPU); a PartialState without it sets up a different distributed backend.
+    process = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     mixed_precision, why = resolve_mixed_precision(args.mixed_precision, process.device)
     if process.is_main_process:
         print(f"mixed precision: {'bf16 autocast' if mixed_precision == 'bf16' else mixed_precision} ({why})")
