@@ -136,6 +136,17 @@ def test_unmasked_run_trains_on_prompts_but_scores_responses_only(full_run, base
     assert unmasked[1]["train_loss"] != pytest.approx(masked[1]["train_loss"], abs=1e-3)
 
 
+def test_packed_run_follows_the_padded_run_and_must_resume_packed(full_run, base_dir, tmp_path):
+    _, padded_out = full_run
+    run_sft(*tiny_sft(base_dir, tmp_path / "packed", packing=True))
+    losses = [
+        [r["train_loss"] for r in read_metrics(out) if "train_loss" in r] for out in (padded_out, tmp_path / "packed")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)  # the same examples and targets each step
+    with pytest.raises(RunFolderError, match="training.packing: saved run has True, this run has False"):
+        run_sft(*tiny_sft(base_dir, tmp_path / "packed", resume=True))
+
+
 def test_lora_run_saves_an_adapter_and_the_merged_model(base_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "lora"
     result = run_sft(

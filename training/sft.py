@@ -4,7 +4,9 @@
 folder) and its tokenizer, renders Alpaca records to (ids, labels) with the loss on the response
 only (`training.instruct_data`), and trains through the run lifecycle of `training.run`: full
 fine-tuning or LoRA adapters. Without a data file it uses the project's own seeded instruction
-tasks (`training.tasks`), whose answers can be checked exactly.
+tasks (`training.tasks`), whose answers can be checked exactly. `--packing` packs each training
+batch padding-free (`training.collate.collate_packed_instruction_batch`): the same loss, fewer
+positions computed.
 
 Evaluation, before training, every `eval_every` steps and at the end:
 - `val_loss`: the response-token loss on the held-out records (always response-only, also in a
@@ -35,7 +37,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 import training.run as lifecycle
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
-from training.collate import collate_instruction_batch
+from training.collate import collate_instruction_batch, collate_packed_instruction_batch
 from training.data import split_indices
 from training.evaluate import evaluate_loss, exact_match_summary, score_generations
 from training.generate import greedy_generate
@@ -85,6 +87,14 @@ class SFTArguments(lifecycle.BaseModelArguments):
         default=True,
         metadata={
             "help": "Loss on the response tokens only (default). --mask_prompt false puts the loss on every token."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each training batch padding-free: its examples share rows of at most max_length tokens, "
+            "kept apart by position ids that restart per example. Same examples and targets per step, so the "
+            "same loss as padding; fewer positions to compute when examples are much shorter than max_length."
         },
     )
     finetune: Literal["full", "lora"] = field(
@@ -229,10 +239,15 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
     if sft_args.finetune == "lora":
         model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
     collate = partial(collate_instruction_batch, pad_token_id=tokenizer.pad_token_id)
+    train_collate = (
+        partial(collate_packed_instruction_batch, pad_token_id=tokenizer.pad_token_id, row_tokens=max_length)
+        if sft_args.packing
+        else collate
+    )
     prepared = lifecycle.prepare(
         run,
         model,
-        make_train_dataloader(train_set, loop_args.per_device_batch_size, collate, loop_args.seed),
+        make_train_dataloader(train_set, loop_args.per_device_batch_size, train_collate, loop_args.seed),
         DataLoader(heldout_set, batch_size=sft_args.eval_batch_size, collate_fn=collate),
         fingerprint=_fingerprint(sft_args, lora_args, loop_args, tokenizer, max_length),
         config={"sft": asdict(sft_args), "lora": asdict(lora_args), "loop": asdict(loop_args)},
@@ -273,7 +288,14 @@ def _fingerprint(
         **{k: getattr(sft_args, k) for k in settings},
     }
     return lifecycle.fine_tuning_fingerprint(
-        sft_args, tokenizer, loop_args, lora_args, max_length, data, mask_prompt=sft_args.mask_prompt
+        sft_args,
+        tokenizer,
+        loop_args,
+        lora_args,
+        max_length,
+        data,
+        mask_prompt=sft_args.mask_prompt,
+        packing=sft_args.packing,
     )
 
 
@@ -310,7 +332,8 @@ def _model_card(
 ) -> dict[str, Any]:
     loss = "response tokens only" if sft_args.mask_prompt else "every token"
     method = "LoRA adapters, merged" if sft_args.finetune == "lora" else "full fine-tuning"
-    data = f"{splits.description}: {n_train:,} Alpaca-format examples, loss on {loss}, {method}"
+    packed = ", batches packed padding-free" if sft_args.packing else ""
+    data = f"{splits.description}: {n_train:,} Alpaca-format examples, loss on {loss}{packed}, {method}"
     evaluation = {
         "dataset_name": f"held-out records of {splits.description} (response-token loss)",
         "dataset_split": "held-out",
