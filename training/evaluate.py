@@ -172,10 +172,12 @@ def _inputs_and_targets(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor
     return input_ids, torch.cat([labels[:, 1:], pad], dim=1)
 
 
-def _score_batch(
+def score_batch(
     model: torch.nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(nats per row [B] float64, scored tokens per row [B], targets [B, T]) for one batch."""
+    """(nats per row [B] float64, scored tokens per row [B], targets [B, T]) for one batch.
+
+    Differentiable (no `no_grad` here): DPO's loss is built on these per-row sums."""
     input_ids, targets = _inputs_and_targets(batch)
     input_ids, targets = input_ids.to(device), targets.to(device)
     attention_mask = batch.get("attention_mask")
@@ -223,7 +225,7 @@ def evaluate_loss(
         batches = itertools.islice(dataloader, max_batches)
         with eval_mode(model), autocast:
             for batch in tqdm(batches, total=total, desc="eval", disable=not (show_progress and is_main)):
-                nats, tokens, targets = _score_batch(model, batch, device)
+                nats, tokens, targets = score_batch(model, batch, device)
                 row = {"nats": nats, "tokens": tokens}
                 if table is not None:
                     row["bytes"], row["chars"] = _count_target_text(targets, *table)

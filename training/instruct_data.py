@@ -25,8 +25,9 @@ Conventions
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -36,6 +37,7 @@ from tokenization.alpaca import format_example, format_prompt
 from tokenization.corpus import read_records
 from tokenization.pretokenize import readable
 from training.collate import IGNORE_INDEX
+from training.data import split_indices
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -82,11 +84,74 @@ def validate_instruction_record(record: Any, where: str) -> dict[str, str]:
     }
 
 
+# What makes a record a preference pair (DPO data) rather than an instruction example.
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
+def is_preference_record(record: Any) -> bool:
+    """True for a record with a `chosen` or `rejected` response (the book's
+    instruction-data-with-preference.json, TRL's preference format)."""
+    return isinstance(record, Mapping) and any(record.get(key) is not None for key in PREFERENCE_KEYS)
+
+
 def load_instruction_records(source: Any) -> list[dict[str, str]]:
     """Validated Alpaca records from anything `tokenization.corpus.read_records` reads (a .json
     array, .jsonl or .csv file, rows `datasets` reads, a list of dicts). The first bad record
-    stops the load with an InstructionDataError naming the file and record index."""
-    return [validate_instruction_record(r, where) for where, r in read_records(source, InstructionDataError)]
+    stops the load with an InstructionDataError naming the file and record index.
+
+    A preference record (`is_preference_record`) is refused: SFT would train on its `output` and
+    silently drop the preferences.
+    """
+    records = []
+    for where, record in read_records(source, InstructionDataError):
+        if is_preference_record(record):
+            raise InstructionDataError(
+                f"{where}: has 'chosen'/'rejected' responses: this is preference data, which SFT would drop "
+                "(it trains on 'output' only). Tune on it with scripts/dpo.py, or remove those keys to fine-tune "
+                "on 'output'."
+            )
+        records.append(validate_instruction_record(record, where))
+    return records
+
+
+def file_splits(
+    load: Callable[[Any], list[dict[str, str]]],
+    train_file: str,
+    validation_file: str | None,
+    validation_fraction: float,
+    seed: int,
+) -> tuple[list[dict[str, str]], list[dict[str, str]], str]:
+    """(training records, held-out records, their description) of a fine-tuning job's files:
+    `load(validation_file)` held out, or else a seeded `validation_fraction` of `load(train_file)`."""
+    records = load(train_file)
+    name = Path(train_file).name
+    if validation_file is not None:
+        return records, load(validation_file), name
+    kept, held = split_indices(len(records), validation_fraction, seed)
+    description = f"{name} (seeded {validation_fraction:.0%} held out)"
+    return [records[i] for i in kept], [records[i] for i in held], description
+
+
+def validate_preference_record(record: Any, where: str) -> dict[str, str]:
+    """The record as {'instruction', 'input', 'chosen', 'rejected'} strings, or InstructionDataError.
+
+    The rules of `validate_instruction_record`, with two responses instead of `output` (an
+    `output`, the book's SFT answer, may be there and is dropped, like any other key).
+    """
+    if not isinstance(record, Mapping):
+        raise InstructionDataError(
+            f"{where}: expected an object with 'instruction', 'chosen' and 'rejected', got {type(record).__name__}"
+        )
+    if not is_preference_record(record):
+        raise InstructionDataError(
+            f"{where}: no 'chosen' and 'rejected' responses: this is not preference data "
+            "(instruction data with 'output' trains with scripts/sft.py)"
+        )
+    return {
+        "instruction": _string_field(record, "instruction", where, required=True),
+        "input": _string_field(record, "input", where, required=False),
+        **{key: _string_field(record, key, where, required=True) for key in PREFERENCE_KEYS},
+    }
 
 
 # ---------------------------------------------------------------------------------------------

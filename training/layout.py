@@ -19,6 +19,11 @@ LOSS_CURVE = "loss_curve.png"
 FINAL_METRICS = "final_metrics.json"
 RUN_CONFIG = "run_config.json"
 GENERATIONS = "heldout_generations.json"
+# DPO: the untuned model's held-out answers (the "before" of the table), the precomputed
+# reference log-probabilities, and the preference curves.
+GENERATIONS_BEFORE = "heldout_generations_before.json"
+REFERENCE_LOGPS = "reference_logps.safetensors"
+PREFERENCE_CURVES = "preference_curves.png"
 
 # What the run prints when it starts, in this order: the files every job writes.
 DESCRIPTIONS = {
@@ -46,6 +51,9 @@ class RunLayout:
         self.final_metrics = root / FINAL_METRICS
         self.run_config = root / RUN_CONFIG
         self.generations = root / GENERATIONS  # SFT: {instruction, input, expected, generated, exact_match} per record
+        self.generations_before = root / GENERATIONS_BEFORE
+        self.reference_logps = root / REFERENCE_LOGPS
+        self.preference_curves = root / PREFERENCE_CURVES
 
 
 def describe_run_files() -> str:

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from model_cards import TEMPLATE_PATH  # package data: found in installed copies too
 from modeling_minigpt.files import atomic_write_text
-from training.layout import LOSS_CURVE
+from training.layout import LOSS_CURVE, PREFERENCE_CURVES
 
 CARD_NAME = "README.md"
 # The usage example's model id when the Hub repo is not known yet. Not the folder's own name:
@@ -87,6 +87,35 @@ class EvalInfo(TypedDict, total=False):
     num_tokens: int
 
 
+class PreferenceInfo(TypedDict, total=False):
+    """What the card says about preference tuning (DPO, `training.dpo`). All keys are required.
+
+    method: the loss in words, e.g. "DPO (sigmoid loss), β 0.1; log-probabilities summed over ...".
+    reference: the reference model in words, e.g. "a frozen copy of the base".
+    pairs: the preference data's size in words, e.g. "990 training pairs, 110 held-out".
+    before, after: held-out numbers of the untuned and the tuned model (`training.dpo`'s val_*
+        keys); `before` may be empty when it was not measured.
+    """
+
+    method: str
+    reference: str
+    pairs: str
+    before: dict[str, float]
+    after: dict[str, float]
+
+
+# metric key -> label in the card's before/after table of preference tuning
+PREFERENCE_METRICS: dict[str, str] = {
+    "val_reward_accuracy": "Reward accuracy (chosen reward > rejected)",
+    "val_reward_margin": "Reward margin (β · log-ratio, chosen − rejected)",
+    "val_loss": "DPO loss",
+    "val_logps_chosen": "Policy log-probability of the chosen response",
+    "val_logps_rejected": "Policy log-probability of the rejected response",
+    "val_chosen_nll": "Chosen responses, loss (nats/token)",
+    "val_exact_match": "Greedy answer = chosen (exact match)",
+    "val_match_rejected": "Greedy answer = rejected",
+}
+
 # metric key -> (label in the card, `model-index` metric type or None if kept out of it)
 METRICS: dict[str, tuple[str, str | None]] = {
     "val_loss": ("Validation loss (nats/token)", None),
@@ -120,6 +149,7 @@ def render_model_card(
     tags: list[str] | None = None,
     language: str | list[str] | None = "en",
     example_prompt: str = "Once upon a time",
+    preference: PreferenceInfo | None = None,
     template_path: str | os.PathLike[str] = TEMPLATE_PATH,
 ) -> ModelCard:
     """The model card of the model saved in `output_dir` (which is read, not written).
@@ -134,6 +164,7 @@ def render_model_card(
         repo_id: Hub id shown in the usage example; defaults to `LOCAL_MODEL_ID`, a placeholder.
         tags: added to the default tags (minigpt, gpt2, causal-lm, custom_code).
         example_prompt: the prompt in the usage example.
+        preference: see `PreferenceInfo`; a preference-tuned model's card gets a section on it.
     """
     output_dir = Path(output_dir)
     training = _checked_training_info(training_info)
@@ -172,6 +203,9 @@ def render_model_card(
         example_prompt=example_prompt,
         training_data=training["data"],
         context_length=f"{context_length:,}",
+        preference_rows=_preference_rows(preference) if preference else [],
+        preference_results=_preference_results(preference) if preference else [],
+        preference_curves=PREFERENCE_CURVES if preference and (output_dir / PREFERENCE_CURVES).is_file() else None,
     )
 
 
@@ -282,6 +316,21 @@ def _eval_rows(info: EvalInfo) -> list[tuple[str, str, str]]:
             shown = f"{interval[0]:.4g} – {interval[1]:.4g}" if interval is not None else "not measured"
             rows.append((label, f"{info[metric]:.4g}", shown))
     return rows
+
+
+def _preference_rows(info: PreferenceInfo) -> list[tuple[str, str]]:
+    _check_keys(dict(info), set(PreferenceInfo.__annotations__), set(PreferenceInfo.__annotations__), "preference")
+    return [("Method", info["method"]), ("Reference model", info["reference"]), ("Data", info["pairs"])]
+
+
+def _preference_results(info: PreferenceInfo) -> list[tuple[str, str, str]]:
+    """(label, before, after) for each reported metric the run measured."""
+    before, after = info["before"], info["after"]
+    return [
+        (label, f"{before[key]:.4g}" if key in before else "not measured", f"{after[key]:.4g}")
+        for key, label in PREFERENCE_METRICS.items()
+        if key in after
+    ]
 
 
 def _eval_dataset_label(info: EvalInfo) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,18 +418,20 @@ def finish(
     card: Mapping[str, Any],
     json_files: Mapping[Path, Any],
     report: str,
+    extra_files: Sequence[Path] = (),
 ) -> tuple[Path, Path | None]:
     """The shared ending, on the main process: the loss curve, the model folder with its card
     (`card`: `write_model_card` arguments besides the config; a PEFT model is saved as its adapter
-    and merged), the `json_files`, and `report` then where the model went. Every process calls it,
-    waits for the others and gets (model folder, adapter folder or None)."""
+    and merged; `extra_files`, e.g. a job's own figures, are copied in beside the loss curve), the
+    `json_files`, and `report` then where the model went. Every process calls it, waits for the
+    others and gets (model folder, adapter folder or None)."""
     run = prepared.run
     model = run.accelerator.unwrap_model(prepared.model)
     adapter = run.layout.adapter if is_peft_model(model) else None
     if run.is_main:
         _draw_loss_curve(prepared)
         card = {"model_name": run.layout.root.resolve().name, **card}
-        extra = [run.layout.loss_curve]
+        extra = [run.layout.loss_curve, *extra_files]
         save_finetuned(model, tokenizer, run.layout.model, run.layout.adapter, card=card, extra_files=extra)
         for path, content in json_files.items():
             atomic_write_json(path, content)

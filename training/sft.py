@@ -38,10 +38,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 import training.run as lifecycle
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
 from training.collate import collate_instruction_batch, collate_packed_instruction_batch
-from training.data import split_indices
 from training.evaluate import evaluate_loss, exact_match_summary, score_generations
 from training.generate import greedy_generate
-from training.instruct_data import build_instruction_dataset, encode_prompt, load_instruction_records
+from training.instruct_data import build_instruction_dataset, encode_prompt, file_splits, load_instruction_records
 from training.loop import LoopArguments, make_train_dataloader
 from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 from training.tasks import TASK_KINDS, make_task_splits
@@ -156,15 +155,10 @@ def load_instruction_splits(args: SFTArguments) -> InstructionSplits:
         train, heldout = make_task_splits(args.num_train_tasks, args.num_heldout_tasks, args.data_seed, args.task_kinds)
         kinds = ", ".join(args.task_kinds)
         return InstructionSplits(train, heldout, f"embedded instruction tasks ({kinds}), seed {args.data_seed}")
-    records = load_instruction_records(args.train_file)
-    name = Path(args.train_file).name
-    if args.validation_file is not None:
-        return InstructionSplits(records, load_instruction_records(args.validation_file), name)
-    kept, held = split_indices(len(records), args.validation_fraction, args.data_seed)
     return InstructionSplits(
-        [records[i] for i in kept],
-        [records[i] for i in held],
-        f"{name} (seeded {args.validation_fraction:.0%} held out)",
+        *file_splits(
+            load_instruction_records, args.train_file, args.validation_file, args.validation_fraction, args.data_seed
+        )
     )
 
 

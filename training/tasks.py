@@ -251,3 +251,75 @@ def make_task_splits(
 ) -> tuple[list[Record], list[Record]]:
     """Disjoint (train, held-out) task records drawn from one seeded stream."""
     return split_tasks(generate_tasks(n_heldout + n_train, seed, kinds), n_heldout)
+
+
+# ----------------------------------------------------------------------------- preference pairs (DPO)
+#
+# The same tasks as preference pairs: `chosen` is the task's correct answer and `rejected` a
+# near miss of the same form, the kind of mistake a small model makes (one swapped pair, off
+# by one, the wrong field). Only the preference separates them, so a reward accuracy above
+# 0.5 means the model learned which one is right, not which one looks like an answer.
+
+
+def _swap_adjacent(items: list[str], rng: random.Random) -> list[str]:
+    """`items` with one random pair of neighbours swapped (items are distinct, so it differs)."""
+    i = rng.randrange(len(items) - 1)
+    return [*items[:i], items[i + 1], items[i], *items[i + 2 :]]
+
+
+def _swapped_words(record: Record, rng: random.Random) -> str:
+    return " ".join(_swap_adjacent(record["output"].split(" "), rng))
+
+
+def _swapped_numbers(record: Record, rng: random.Random) -> str:
+    return ", ".join(_swap_adjacent(record["output"].split(", "), rng))
+
+
+def _off_by_one(record: Record, rng: random.Random) -> str:
+    total = int(record["output"])
+    return str(total + 1 if total == 0 else total + rng.choice((-1, 1)))
+
+
+def _second_longest(record: Record, rng: random.Random) -> str:
+    return max((w for w in record["input"].split(" ") if w != record["output"]), key=len)
+
+
+def _other_field(record: Record, rng: random.Random) -> str:
+    values = [line.split(": ", 1)[1] for line in record["input"].split("\n")]
+    return rng.choice([v for v in values if v != record["output"]])
+
+
+# kind -> the near miss of a record of that kind (`rng` drives which one).
+NEAR_MISSES: dict[str, Callable[[Record, random.Random], str]] = {
+    "repeat": _swapped_words,
+    "reverse": _swapped_words,
+    "sort": _swapped_numbers,
+    "add": _off_by_one,
+    "longest": _second_longest,
+    "extract": _other_field,
+}
+
+
+def preference_pair(record: Record, rng: random.Random) -> Record:
+    """A task record as a preference record: chosen = its answer, rejected = a near miss."""
+    kind = record["kind"]
+    rejected = NEAR_MISSES[kind](record, rng)
+    assert rejected != record["output"], f"the near miss of a {kind} record equals its answer"
+    return {
+        "instruction": record["instruction"],
+        "input": record["input"],
+        "chosen": record["output"],
+        "rejected": rejected,
+        "kind": kind,
+    }
+
+
+def make_preference_splits(
+    n_train: int, n_heldout: int, seed: int, kinds: Iterable[str] | None = None
+) -> tuple[list[Record], list[Record]]:
+    """Disjoint (train, held-out) preference records: `make_task_splits` records, each with a
+    seeded near miss as the rejected answer (held-out first, so they do not depend on n_train)."""
+    train, heldout = make_task_splits(n_train, n_heldout, seed, kinds)
+    rng = random.Random(seed)
+    heldout = [preference_pair(r, rng) for r in heldout]
+    return [preference_pair(r, rng) for r in train], heldout
