@@ -228,6 +228,7 @@ TINY_LOOP = dict(
     eval_every=3,
     save_every=100,
     report_to="none",
+    mixed_precision="no",  # the same numbers on every CPU (auto would pick bf16 where it is native)
 )
 
 
@@ -448,6 +449,7 @@ def test_two_processes_follow_the_one_process_run_and_only_rank_zero_writes(tiny
         "--model_path", str(base), "--num_train_pairs", "48", "--num_heldout_pairs", "6", "--max_new_tokens", "4",
         "--eval_batch_size", "4", "--max_steps", "8", "--learning_rate", "3e-3", "--warmup_steps", "2",
         "--log_every", "1", "--eval_every", "4", "--save_every", "4", "--report_to", "none",
+        "--mixed_precision", "no",
     ]  # fmt: skip
     env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}
     one, two = tmp_path / "one", tmp_path / "two"

@@ -53,6 +53,7 @@ precomputed reference.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections import defaultdict
@@ -279,12 +280,21 @@ Reference = Callable[[torch.nn.Module, Batch], torch.Tensor]
 class FrozenCopy:
     """The reference of full fine-tuning: a copy of the base model, frozen, in eval mode."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         self.model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+        self.autocast = autocast  # the policy's (`Accelerator.autocast`)
 
     @torch.no_grad()
     def __call__(self, policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return response_logps(self.model, batch)[0]
+        # Under the policy's autocast: with bf16 a frozen copy run in fp32 would differ from an
+        # identical policy, and the loss at step 0 would not be ln 2.
+        with self.autocast():
+            return response_logps(self.model, batch)[0]
 
 
 class DisabledAdapter:
@@ -298,7 +308,7 @@ class DisabledAdapter:
     @torch.no_grad()
     def __call__(self, policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
         peft_model = self.accelerator.unwrap_model(policy)
-        with peft_model.disable_adapter():
+        with peft_model.disable_adapter(), self.accelerator.autocast():
             return response_logps(peft_model, batch)[0]
 
 
@@ -510,7 +520,7 @@ def compute_reference_logps(
     under `model`. Each process scores a contiguous share; all get the whole table."""
     indices = list(range(len(dataset)))
     rows: list[list[float]] = []
-    with eval_mode(model), accelerator.split_between_processes(indices) as mine:
+    with eval_mode(model), accelerator.autocast(), accelerator.split_between_processes(indices) as mine:
         for start in range(0, len(mine), batch_size):
             batch = collate([dataset[i] for i in mine[start : start + batch_size]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -559,7 +569,7 @@ def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArg
     elif dpo_args.finetune == "lora":
         reference = DisabledAdapter(accelerator)
     else:
-        reference = FrozenCopy(model, accelerator.device)
+        reference = FrozenCopy(model, accelerator.device, accelerator.autocast)
     objective = DPOObjective(
         dpo_args.beta, dpo_args.loss_type, dpo_args.label_smoothing, dpo_args.logprob_reduction, dpo_args.sft_weight
     )
