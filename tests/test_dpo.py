@@ -307,7 +307,9 @@ def test_training_on_the_scored_pairs_raises_reward_accuracy_and_margin(base_dir
     train, _ = make_preference_splits(16, 0, seed=4)
     data = write_pairs(tmp_path / "pairs.json", train)
     result = run_dpo(
-        *tiny_dpo(base_dir, tmp_path / "out", train_file=str(data), validation_file=str(data), max_steps=12)
+        *tiny_dpo(
+            base_dir, tmp_path / "out", train_file=str(data), validation_file=str(data), max_steps=12, eval_every=12
+        )
     )
     before, after = result.before, result.after
     assert after["val_reward_accuracy"] >= 0.75 and after["val_reward_margin"] > 0.1

@@ -760,10 +760,10 @@ def _report(
     rows: Sequence[Mapping[str, Any]],
 ) -> str:
     keys = [k for k in after if k in PREFERENCE_REPORTED or k.startswith("exact_match_")]
-    lines = [f"\nheld-out ({n_heldout} pairs)       before    after"]
+    lines = [f"\n{f'held-out ({n_heldout} pairs)':<26}{'before':>11}{'after':>11}"]
     for key in keys:
-        was = f"{before[key]:9.4f}" if before and key in before else "        -"
-        lines.append(f"  {key:<24}{was}{after[key]:9.4f}")
+        was = f"{before[key]:.4f}" if before and key in before else "-"
+        lines.append(f"  {key:<24}{was:>11}{after[key]:11.4f}")  # log-probs of long responses take 9+ chars
     lines.append(f"greedy answers before → after ({min(dpo_args.generations_shown, len(rows))} of {len(rows)}):")
     lines.append(_table(rows, dpo_args.generations_shown))
     lines.append(f"all of them: {prepared.run.layout.generations}; curves: {prepared.run.layout.preference_curves}")
