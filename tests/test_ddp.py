@@ -6,6 +6,7 @@ ACCELERATE_USE_CPU=1 with --multi_gpu, and checks that two ranks really ran.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,57 @@ def test_only_rank_zero_writes(runs):
     steps = [r["step"] for r in read_metrics(two) if "train_loss" in r]
     assert steps == sorted(set(steps))
     assert output.count("resolved configuration:") == 1
+
+
+# ----------------------------------------------------------------------------- a streamed corpus
+
+# 12k characters give ~160 windows: ~20 steps of 8 per epoch on one process and as many of 4 per
+# rank on two (each rank's share is every other window of the one shuffled order, cut to whole
+# batches: floor(floor(n / 2) / 4) = floor(n / 8)), so 24 steps cross an epoch boundary.
+STREAM_STEPS = 24
+POSITION = r"all (\d+) process\(es\) stopped at step (\d+), epoch (\d+) \+ (\d+) batches"
+
+
+@pytest.fixture(scope="module")
+def streamed_runs(corpus_file, tokenizer_dir, pydoc_text, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp_stream")
+    validation = root / "validation.txt"
+    validation.write_text(pydoc_text[12_000:14_000], encoding="utf-8")
+    one, two = root / "one", root / "two"
+    flags = dict(
+        COMMON,
+        corpus=corpus_file,
+        tokenizer=tokenizer_dir,
+        cache=root / "cache",
+        streaming=True,
+        validation_file=validation,
+        max_steps=STREAM_STEPS,
+        eval_every=STREAM_STEPS,
+        save_every=STREAM_STEPS,
+    )
+    out_one = _run(
+        [sys.executable, str(PRETRAIN_SCRIPT), *script_flags(one, per_device_batch_size=8, **flags)], root / "one.log"
+    )
+    out_two = _run(
+        two_cpu_processes(PRETRAIN_SCRIPT, *script_flags(two, per_device_batch_size=4, **flags)), root / "two.log"
+    )
+    return one, two, out_one, out_two
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_shares_in_the_one_process_order(streamed_runs):
+    one, two, out_one, out_two = streamed_runs
+    assert "processes: 2; training: windows streamed" in out_two
+    # Both ranks stopped at the same place in the data (the job checks it), the one process's
+    # place, past the end of the first epoch.
+    [(processes, step, epoch, batches)] = re.findall(POSITION, out_two)
+    assert (processes, step, epoch) == ("2", str(STREAM_STEPS), "1") and int(batches) > 0
+    assert re.findall(POSITION, out_one) == [("1", step, epoch, batches)]
+    curve = lambda out: [(r["step"], r["tokens"], r["train_loss"]) for r in read_metrics(out) if "train_loss" in r]  # noqa: E731
+    single, double = curve(one), curve(two)
+    assert [s for s, _, _ in double] == list(range(1, STREAM_STEPS + 1))
+    assert [t for _, t, _ in double] == [t for _, t, _ in single]
+    # The same 8 windows per step (tolerance as in the test above), also after the epoch boundary,
+    # where a different cut of the shares or another shuffle would move the loss by ~1e-2.
+    differences = [abs(a - b) for (_, _, a), (_, _, b) in zip(single, double, strict=True)]
+    assert max(differences) < 1e-4, differences

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -32,6 +34,7 @@ from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerp
 from tokenization.train import save_atomically
 from training.collate import collate_windows
 from training.data import build_lm_datasets, check_pipeline_tokenizer
+from training.distributed import RankBatches
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
 from training.generate import greedy_generate
 from training.layout import RunLayout
@@ -110,11 +113,28 @@ class DataArguments:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where `datasets` caches the tokenized windows. Default: its own cache."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Tokenize the training text while training instead of ahead of it (nothing is cached), each "
+            "process keeping its own share of the windows (datasets' split_dataset_by_node) and all processes "
+            "taking the same number of batches per epoch. Needs --split_by documents or a --validation_file."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=4096,
+        metadata={"help": "With --streaming: windows in the shuffle buffer (seeded by seed + epoch); 1: stream order."},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        for name in ("eval_batch_size", "eval_batches", "sample_tokens"):
+        if self.streaming and self.split_by != "documents" and self.validation_file is None:
+            raise ValueError(
+                f"--streaming cannot hold out the last {self.split_by} of a stream whose length is unknown: "
+                "pass --split_by documents or a --validation_file"
+            )
+        for name in ("eval_batch_size", "eval_batches", "sample_tokens", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
@@ -158,16 +178,17 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
     prepared = lifecycle.prepare(
         run,
         MiniGPTForCausalLM(model_config),
-        make_train_dataloader(data.train, loop_args.per_device_batch_size, collate_windows, loop_args.seed),
+        _train_batches(run, data_args, data.train, loop_args.per_device_batch_size),
         DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows),
         fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
         config={**config, "loop": asdict(loop_args)},
-        summary=f"processes: {run.accelerator.num_processes}; training windows: {len(data.train):,}; "
-        f"validation windows: {len(data.validation):,}",
+        summary=f"processes: {run.accelerator.num_processes}; training: {_describe_windows(data.train)}; "
+        f"validation: {_describe_windows(data.validation)}",
     )
     if run.is_main and data_args.tokenizer_path is None:
         save_atomically(tokenizer, run.layout.tokenizer)
     lifecycle.train(prepared, partial(periodic_evaluation, prepared, tokenizer, data_args))
+    position = data_position(prepared)
     report = final_evaluation(prepared, tokenizer, data.validation_text, model_config.context_length)
     result = _result(prepared, report, training_chars_per_token(data.train, tokenizer))
     lifecycle.finish(
@@ -177,7 +198,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
         json_files={run.layout.final_metrics: _result_summary(result)},
         report=f"\nfinal validation ({data.validation_description}):\n{report.to_text()}\n"
         f"{result.steps} steps, {result.tokens_seen:,} tokens in {result.train_seconds:.1f} s (evaluations included): "
-        f"{result.tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s",
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s\n{position}",
     )
     return result
 
@@ -237,7 +258,9 @@ def _fingerprint(
     else:
         tokenizer = {"trained_vocab_size": data_args.tokenizer_vocab_size}
     files = {name: lifecycle.file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
-    data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride")}
+    data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride", "streaming")}
+    if data_args.streaming:  # the stream's order depends on it
+        data["shuffle_buffer"] = data_args.shuffle_buffer
     model = {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)}
     return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data})
 
@@ -254,15 +277,25 @@ def _source_name(source: str) -> str:
 
 
 def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> _Data:
-    """Training and validation windows (and the validation text when it is a text)."""
+    """Training and validation windows (and the validation text when it is a text).
+
+    With `streaming` the training windows are an IterableDataset read while training; the
+    held-out documents of a stream are read into memory once (every process reads the whole
+    stream for them; a --validation_file avoids that).
+    """
     common = dict(context_length=context_length, cache_dir=data_args.cache_dir)
-    train_file = open_source(data_args.train_file, what="--train_file")
+    train_file = open_source(data_args.train_file, streaming=data_args.streaming, what="--train_file")
     name = _source_name(data_args.train_file)
     if data_args.validation_file is not None:
         validation_text = read_text(data_args.validation_file, what="--validation_file")
-        train = build_lm_datasets(train_file, tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
-            "train"
-        ]
+        train = build_lm_datasets(
+            train_file,
+            tokenizer,
+            stride=data_args.stride,
+            validation_fraction=0,
+            streaming=data_args.streaming,
+            **common,
+        )["train"]
         validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
         return _Data(train, validation, validation_text, name, Path(data_args.validation_file).name)
     if not 0 < data_args.validation_fraction < 1:
@@ -282,9 +315,38 @@ def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, co
         stride=data_args.stride,
         validation_fraction=data_args.validation_fraction,
         split_by=data_args.split_by,
+        streaming=data_args.streaming,
         **common,
     )
-    return _Data(splits["train"], splits["validation"], None, *_split_descriptions(data_args, name))
+    validation = splits["validation"]
+    if isinstance(validation, IterableDataset):
+        validation = Dataset.from_list(list(validation), features=validation.features)
+    return _Data(splits["train"], validation, None, *_split_descriptions(data_args, name))
+
+
+def _train_batches(
+    run: lifecycle.Run, data_args: DataArguments, windows: Dataset | IterableDataset, batch_size: int
+) -> DataLoader | RankBatches:
+    """A shuffled loader of the windows (`accelerator.prepare` gives each process its share), or,
+    for a stream, this process's share of it."""
+    seed = run.args.seed
+    if isinstance(windows, Dataset):
+        return make_train_dataloader(windows, batch_size, collate_windows, seed)
+    accelerator = run.accelerator
+    return RankBatches(
+        windows,
+        batch_size,
+        collate_windows,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=seed,
+        shuffle_buffer=data_args.shuffle_buffer,
+        device=accelerator.device,
+    )
+
+
+def _describe_windows(windows: Dataset | IterableDataset) -> str:
+    return f"{len(windows):,} windows" if isinstance(windows, Dataset) else "windows streamed"
 
 
 def _split_descriptions(data_args: DataArguments, name: str) -> tuple[str, str]:
@@ -317,6 +379,22 @@ def periodic_evaluation(
     return values
 
 
+def data_position(prepared: lifecycle.PreparedRun) -> str:
+    """Where every process stopped in the data, checked to be the same place (RuntimeError otherwise).
+
+    Only the main process's position is saved in a checkpoint, so a process elsewhere in its
+    share (a stream whose shares were not cut to the same number of batches) would resume wrong.
+    """
+    state = prepared.state
+    positions = gather_object([(state.step, state.epoch, state.batches_in_epoch)])
+    if len(set(positions)) > 1:
+        raise RuntimeError(f"the processes stopped at different data positions (step, epoch, batch): {positions}")
+    return (
+        f"all {len(positions)} process(es) stopped at step {state.step}, "
+        f"epoch {state.epoch} + {state.batches_in_epoch} batches"
+    )
+
+
 def generate_sample(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int
 ) -> str:
@@ -334,7 +412,8 @@ def training_chars_per_token(windows: Any, tokenizer: PreTrainedTokenizerBase, m
 
     Exact for a byte-level BPE: each id stands for a fixed byte string (`token_byte_table`).
     """
-    ids = torch.as_tensor(windows.select(range(min(max_windows, len(windows))))["input_ids"])[:, :-1]  # (W, T)
+    first = [window["input_ids"] for window in islice(windows, max_windows)]
+    ids = torch.as_tensor(first)[:, :-1]  # (W, T)
     return token_byte_table(tokenizer).n_chars[ids].sum().item() / ids.numel()
 
 
@@ -382,7 +461,7 @@ def eval_info(dataset_name: str, report: MetricsReport) -> EvalInfo:
 def _model_card(
     prepared: lifecycle.PreparedRun, model_args: ModelArguments, data: _Data, report: MetricsReport, context_length: int
 ) -> dict[str, Any]:
-    data_in_words = f"{data.train_description} ({len(data.train):,} windows)"
+    data_in_words = f"{data.train_description} ({_describe_windows(data.train)})"
     training = lifecycle.training_info(prepared, data_in_words, tokens_per_sequence=context_length)
     return {
         "training_info": {"preset": model_args.preset, **training},

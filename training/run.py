@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from modeling_minigpt.files import atomic_write_json, save_figure
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
+from training.distributed import RankBatches
 from training.export import check_model_folder, is_peft_model, save_finetuned
 from training.generate import eval_mode
 from training.layout import RunLayout, describe_run_files
@@ -295,7 +296,7 @@ class PreparedRun:
 def prepare(
     run: Run,
     model: torch.nn.Module,
-    train_loader: DataLoader,
+    train_loader: DataLoader | RankBatches,
     eval_loader: DataLoader,
     *,
     fingerprint: dict[str, Any],
@@ -318,7 +319,10 @@ def prepare(
     accelerator.wait_for_everyone()
 
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if isinstance(train_loader, DataLoader):
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    else:  # already this rank's share (`training.distributed.RankBatches`): preparing it would shard it again
+        model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     metrics = MetricsLog(run.layout.metrics, enabled=run.is_main)
