@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -30,10 +31,16 @@ import training.run as lifecycle
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from tokenization import EMBEDDED_CORPUS, train_bpe
 from tokenization.corpus import DataError, open_source, read_text
-from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
+from tokenization.load import check_tokenizer, load_tokenizer, short_hash, tokenizer_fingerprint
 from tokenization.train import save_atomically
 from training.collate import collate_windows
-from training.data import build_lm_datasets, check_pipeline_tokenizer
+from training.data import (
+    PIPELINE_VERSION,
+    build_lm_datasets,
+    check_pipeline_tokenizer,
+    content_fingerprint,
+    saved_windows,
+)
 from training.distributed import RankBatches
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
 from training.generate import greedy_generate
@@ -113,6 +120,21 @@ class DataArguments:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where `datasets` caches the tokenized windows. Default: its own cache."}
     )
+    windows_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the tokenized windows are saved once (Arrow, one folder per training and validation "
+            "content, tokenizer, context length and stride) and loaded by later runs and every process. "
+            "Default: <cache_dir>/windows, or under datasets' cache."
+        },
+    )
+    num_proc: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that tokenize the corpus (not with --streaming). Default: one per CPU, at most 8, "
+            "each with at least 1 MB of text (a smaller corpus is tokenized in-process, on every core)."
+        },
+    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -134,6 +156,8 @@ class DataArguments:
                 f"--streaming cannot hold out the last {self.split_by} of a stream whose length is unknown: "
                 "pass --split_by documents or a --validation_file"
             )
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"--num_proc must be >= 1, got {self.num_proc}")
         for name in ("eval_batch_size", "eval_batches", "sample_tokens", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -162,6 +186,7 @@ class _Data:
     validation_text: str | None  # the whole held-out text, when it is known as text
     train_description: str
     validation_description: str
+    origin: str  # where the windows come from, for the printout
 
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments) -> PretrainResult:
@@ -183,7 +208,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
         fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
         config={**config, "loop": asdict(loop_args)},
         summary=f"processes: {run.accelerator.num_processes}; training: {_describe_windows(data.train)}; "
-        f"validation: {_describe_windows(data.validation)}",
+        f"validation: {_describe_windows(data.validation)}; {data.origin}",
     )
     if run.is_main and data_args.tokenizer_path is None:
         save_atomically(tokenizer, run.layout.tokenizer)
@@ -279,49 +304,76 @@ def _source_name(source: str) -> str:
 def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> _Data:
     """Training and validation windows (and the validation text when it is a text).
 
-    With `streaming` the training windows are an IterableDataset read while training; the
-    held-out documents of a stream are read into memory once (every process reads the whole
-    stream for them; a --validation_file avoids that).
+    The windows are tokenized once and saved (`training.data.saved_windows`) under a folder named
+    by the fingerprint of `_windows_folder`; a later run with the same inputs, and every other
+    process of this run, loads them from there. With `streaming` the training windows are an
+    IterableDataset read while training, never saved; the held-out documents of a stream are read
+    into memory once (every process reads the whole stream for them; a --validation_file avoids that).
     """
-    common = dict(context_length=context_length, cache_dir=data_args.cache_dir)
-    train_file = open_source(data_args.train_file, streaming=data_args.streaming, what="--train_file")
     name = _source_name(data_args.train_file)
+    texts: tuple[str, str] | None = None  # (training, validation) text when the file is split by characters
     if data_args.validation_file is not None:
         validation_text = read_text(data_args.validation_file, what="--validation_file")
-        train = build_lm_datasets(
-            train_file,
-            tokenizer,
-            stride=data_args.stride,
-            validation_fraction=0,
-            streaming=data_args.streaming,
-            **common,
-        )["train"]
-        validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, name, Path(data_args.validation_file).name)
-    if not 0 < data_args.validation_fraction < 1:
-        raise DataError(
-            f"--validation_fraction must be in (0, 1) without a --validation_file, got {data_args.validation_fraction}"
-        )
-    if data_args.split_by == "characters":
-        train_text, validation_text = _character_split(data_args)
-        train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
-            "train"
-        ]
-        validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, *_split_descriptions(data_args, name))
-    splits = build_lm_datasets(
-        train_file,
-        tokenizer,
-        stride=data_args.stride,
-        validation_fraction=data_args.validation_fraction,
-        split_by=data_args.split_by,
-        streaming=data_args.streaming,
-        **common,
+        descriptions = (name, Path(data_args.validation_file).name)
+    else:
+        if not 0 < data_args.validation_fraction < 1:
+            raise DataError(
+                "--validation_fraction must be in (0, 1) without a --validation_file, "
+                f"got {data_args.validation_fraction}"
+            )
+        texts = _character_split(data_args) if data_args.split_by == "characters" else None
+        validation_text = texts[1] if texts else None
+        descriptions = _split_descriptions(data_args, name)
+    if data_args.streaming:
+        windows = _windows(data_args, tokenizer, context_length, validation_text, texts)
+        validation = windows["validation"]
+        if isinstance(validation, IterableDataset):
+            validation = Dataset.from_list(list(validation), features=validation.features)
+        return _Data(windows["train"], validation, validation_text, *descriptions, "each process reads its share")
+    folder = _windows_folder(data_args, tokenizer, context_length)
+    build = partial(_windows, data_args, tokenizer, context_length, validation_text, texts)
+    windows, reused = saved_windows(folder, build)
+    note = f"windows {'reused from' if reused else 'tokenized and saved to'} {folder}"
+    return _Data(windows["train"], windows["validation"], validation_text, *descriptions, note)
+
+
+def _windows(
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    context_length: int,
+    validation_text: str | None,
+    texts: tuple[str, str] | None,
+) -> dict[str, Dataset | IterableDataset]:
+    """{"train", "validation"} windows of the run's data, tokenized now (training ones streamed with --streaming)."""
+    common = dict(
+        tokenizer=tokenizer, context_length=context_length, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc
     )
-    validation = splits["validation"]
-    if isinstance(validation, IterableDataset):
-        validation = Dataset.from_list(list(validation), features=validation.features)
-    return _Data(splits["train"], validation, None, *_split_descriptions(data_args, name))
+    train = partial(build_lm_datasets, **common, stride=data_args.stride, streaming=data_args.streaming)
+    corpus = open_source(data_args.train_file, streaming=data_args.streaming, what="--train_file")
+    if validation_text is None:
+        return train(corpus, validation_fraction=data_args.validation_fraction, split_by=data_args.split_by)
+    return {  # a --validation_file, or the last characters of the training file
+        "train": train([texts[0]] if texts else corpus, validation_fraction=0)["train"],
+        "validation": build_lm_datasets([validation_text], **common, validation_fraction=0)["train"],
+    }
+
+
+def _windows_folder(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> Path:
+    """Where this run's windows are saved: one folder per (training and validation content,
+    tokenizer, context length, stride, held-out share and how it is cut)."""
+    root = data_args.windows_dir or Path(data_args.cache_dir or datasets.config.HF_DATASETS_CACHE) / "windows"
+    validation_file = data_args.validation_file
+    split = None if validation_file else (data_args.validation_fraction, data_args.split_by)
+    key = short_hash(
+        content_fingerprint(data_args.train_file, what="--train_file"),
+        content_fingerprint(validation_file, what="--validation_file") if validation_file else None,
+        tokenizer_fingerprint(tokenizer),
+        context_length,
+        data_args.stride or context_length,
+        split,
+        PIPELINE_VERSION,
+    )
+    return Path(root) / key
 
 
 def _train_batches(
