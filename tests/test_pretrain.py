@@ -165,6 +165,12 @@ def test_tokenizer_vocab_differs_from_model(tmp_path, corpus_file, tokenizer_dir
     _expect_refusal(args, DataError, "tokenizer has 512 tokens but the model's vocab_size is 1000", out)
 
 
+def test_fsdp_on_one_process_is_refused_before_writing(tmp_path, corpus_file, tokenizer_dir):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", fsdp=True)
+    _expect_refusal(args, ValueError, "--fsdp shards the model over several processes: launch with accelerate", out)
+
+
 def test_corpus_shorter_than_a_window(tmp_path, tokenizer_dir):
     corpus = tmp_path / "short.txt"
     corpus.write_text("Too short to fill one window of 33 tokens, even held out.\n" * 3)

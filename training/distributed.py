@@ -27,6 +27,12 @@ the model and the optimizer state (by parameter name) on rank 0, `load_full_trai
 broadcasts them back into a freshly sharded model (tested 2 ranks -> 2 ranks; the states are keyed
 by parameter name and hold whole tensors, so another number of ranks can load them too).
 
+In a job (`scripts/pretrain.py --fsdp`): `shard_for_training` shards the model instead of
+Accelerate wrapping it in DDP, `ShardedTrainingState` puts the gathered model and optimizer
+state into every `accelerator.save_state` checkpoint, and `unsharded` gives `save_pretrained` the
+gathered model. Every forward of a sharded model is a collective: evaluations and samples run on
+all ranks, never on rank 0 alone (it would wait forever for the others).
+
 Data: `split_by_rank` gives each rank its share of a windows dataset (see its docstring for when
 a rank reads only its own rows and when it reads the whole stream and keeps every N-th window);
 `RankBatches` turns a stream into this rank's batches, the same number on every rank.
@@ -183,6 +189,16 @@ def unsharded_class(model: nn.Module) -> type[nn.Module]:
     return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2: then every forward is a collective, which all ranks must run."""
+    return isinstance(model, FSDPModule)
+
+
+def unsharded(model: PreTrainedModel) -> PreTrainedModel | None:
+    """`model` itself, or for a sharded one `gather_full_model` (a collective: None on ranks other than 0)."""
+    return gather_full_model(model) if is_sharded(model) else model
+
+
 def gather_full_model(model: PreTrainedModel) -> PreTrainedModel | None:
     """Rank 0: a plain, unsharded copy of `model` on CPU, ready for `save_pretrained`; other ranks: None.
 
@@ -197,6 +213,50 @@ def gather_full_model(model: PreTrainedModel) -> PreTrainedModel | None:
     plain = unsharded_class(model)(model.config)
     plain.load_state_dict(state, strict=True)
     return plain.eval()
+
+
+def shard_for_training(accelerator: Any, model: PreTrainedModel) -> PreTrainedModel:
+    """`shard_model` on the accelerator's device, for a run launched like DDP (`accelerate launch
+    --multi_gpu --num_processes N`; on CPU with ACCELERATE_USE_CPU=1, gloo), after `check_can_shard`."""
+    check_can_shard(accelerator)
+    return shard_model(model.to(accelerator.device))
+
+
+def check_can_shard(accelerator: Any) -> None:
+    """Refuse (ValueError) what would silently go wrong with --fsdp: one process (nothing to shard
+    over) and autocast mixed precision, which Accelerate applies only to models it prepared (FSDP2
+    would need an `mp_policy` instead). Writes nothing: call it before the run folder is claimed."""
+    if accelerator.num_processes < 2 or not dist.is_initialized():
+        raise ValueError(
+            "--fsdp shards the model over several processes: launch with accelerate launch --multi_gpu "
+            "--num_processes N (on CPU with ACCELERATE_USE_CPU=1 in the environment), or drop --fsdp"
+        )
+    if accelerator.mixed_precision != "no":
+        raise ValueError(
+            f"--fsdp runs in full precision here: drop --mixed_precision {accelerator.mixed_precision} "
+            "(or shard through Accelerate with scripts/configs/accelerate/fsdp2.yaml on GPUs)"
+        )
+
+
+class ShardedTrainingState:
+    """A sharded model and its optimizer as one object for `accelerator.register_for_checkpointing`.
+
+    Accelerate's own checkpoint would save rank 0's shards of the optimizer state only (and
+    nothing of a model it did not prepare). `state_dict` (called on every rank by `save_state`)
+    gathers the whole model and optimizer state to rank 0 with `full_training_state`: keyed by
+    parameter name, unsharded, so the checkpoint does not depend on the number of ranks.
+    `load_state_dict` (every rank, from the saved file) scatters it back.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, dict]:
+        model_state, optimizer_state = full_training_state(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        load_full_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
 
 
 # ----------------------------------------------------------------------------- the data

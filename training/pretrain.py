@@ -41,7 +41,7 @@ from training.data import (
     content_fingerprint,
     saved_windows,
 )
-from training.distributed import RankBatches
+from training.distributed import RankBatches, is_sharded
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
 from training.generate import greedy_generate
 from training.layout import RunLayout
@@ -72,6 +72,14 @@ class ModelArguments:
     )
     n_layers: int | None = field(default=None, metadata={"help": "Transformer blocks. Default: the preset's."})
     drop_rate: float | None = field(default=None, metadata={"help": "Dropout probability. Default: the preset's."})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard the model over the processes with FSDP2 (one group per transformer block plus the root, "
+            "training.distributed.shard_model) instead of replicating it (DDP); launched like DDP. Verified on CPU "
+            "(gloo), not on GPUs. Checkpoints and the final model hold the whole, unsharded state."
+        },
+    )
 
 
 @dataclass
@@ -207,8 +215,9 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
         DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows),
         fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
         config={**config, "loop": asdict(loop_args)},
-        summary=f"processes: {run.accelerator.num_processes}; training: {_describe_windows(data.train)}; "
-        f"validation: {_describe_windows(data.validation)}; {data.origin}",
+        summary=f"processes: {run.accelerator.num_processes}{' (model sharded, FSDP2)' if model_args.fsdp else ''}; "
+        f"training: {_describe_windows(data.train)}; validation: {_describe_windows(data.validation)}; {data.origin}",
+        shard=model_args.fsdp,
     )
     if run.is_main and data_args.tokenizer_path is None:
         save_atomically(tokenizer, run.layout.tokenizer)
@@ -287,7 +296,8 @@ def _fingerprint(
     if data_args.streaming:  # the stream's order depends on it
         data["shuffle_buffer"] = data_args.shuffle_buffer
     model = {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)}
-    return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data})
+    sharding = {"sharding": "fsdp"} if model_args.fsdp else {}  # its checkpoints hold the state in another form
+    return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data}, **sharding)
 
 
 def _character_split(data_args: DataArguments) -> tuple[str, str]:
@@ -425,9 +435,11 @@ def periodic_evaluation(
     accelerator = prepared.run.accelerator
     result = evaluate_loss(model, prepared.eval_loader, accelerator, max_batches=data_args.eval_batches)
     values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or is_sharded(model):  # a sharded forward needs every rank (same greedy ids)
         unwrapped = accelerator.unwrap_model(model)
-        values["sample"] = generate_sample(unwrapped, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+        sample = generate_sample(unwrapped, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+        if accelerator.is_main_process:
+            values["sample"] = sample
     return values
 
 
