@@ -164,6 +164,15 @@ def test_tokenizing_in_several_processes_gives_the_same_windows(pydoc_text, tiny
         )
     assert child.exitcode == 0
     assert pickle.loads(result.read_bytes()) == expected
+    assert list((tmp_path / "two").rglob("*_00001_of_00002.arrow"))  # two processes did tokenize
+
+
+def test_auto_num_proc_starts_processes_only_for_megabytes(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    # Pieces of 64K characters: under 2 MB in-process, then one process per MB, at most 8.
+    assert [data.auto_num_proc(n) for n in (1, 31, 32, 100, 10_000)] == [1, 1, 2, 6, 8]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert data.auto_num_proc(10_000) == 2
 
 
 # ----------------------------------------------------------------------------- caching
@@ -187,6 +196,46 @@ def test_a_second_run_reads_the_cache_instead_of_tokenizing(documents, tiny_toke
     path.write_text("\n\n".join(documents) + "\nOne more line.", encoding="utf-8")
     with pytest.raises(AssertionError, match="re-tokenized"):
         build_lm_datasets([path], tiny_tokenizer, **kwargs)
+
+
+def test_windows_saved_once_are_loaded_by_later_calls(documents, tiny_tokenizer, tmp_path):
+    kwargs = dict(context_length=16, stride=8, cache_dir=tmp_path / "cache")
+    fresh = build_lm_datasets(documents, tiny_tokenizer, **kwargs)
+    folder = tmp_path / "windows" / "key"
+
+    def fail():
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        data.saved_windows(folder, fail)
+    assert not folder.exists()  # nothing a later run could take for windows
+    built, reused = data.saved_windows(folder, lambda: build_lm_datasets(documents, tiny_tokenizer, **kwargs))
+    assert not reused
+
+    def refuse():
+        raise AssertionError("tokenized again")
+
+    loaded, reused = data.saved_windows(folder, refuse)
+    assert reused
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["key"]  # the staging folder is gone
+    for split in ("train", "validation"):
+        assert all(Path(f["filename"]).is_relative_to(folder) for f in loaded[split].cache_files)  # memory-mapped
+        assert loaded[split].to_dict() == built[split].to_dict() == fresh[split].to_dict()
+        assert loaded[split].features == fresh[split].features
+
+
+def test_content_fingerprint_follows_the_bytes_not_the_path(documents, tmp_path):
+    text = "\n\n".join(documents)
+    one, two = tmp_path / "one.txt", tmp_path / "b" / "two.txt"
+    one.write_text(text, encoding="utf-8")
+    two.parent.mkdir()
+    two.write_text(text, encoding="utf-8")
+    os.utime(two, (0, 0))
+    assert data.content_fingerprint(one) == data.content_fingerprint(two)
+    assert data.content_fingerprint(tmp_path / "b") == data.content_fingerprint(one)  # a folder of the same file
+    two.write_text(text + ".", encoding="utf-8")
+    assert data.content_fingerprint(two) != data.content_fingerprint(one)
+    assert data.content_fingerprint([text]) != data.content_fingerprint([text[:10], text[10:]])
 
 
 # ----------------------------------------------------------------------------- validation split

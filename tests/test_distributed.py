@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from training.data import build_lm_datasets
 from training.distributed import (
+    RankBatches,
     blocks_to_shard,
     full_training_state,
     gather_full_model,
@@ -108,13 +111,22 @@ def accelerate_fsdp2(model: MiniGPTForCausalLM) -> MiniGPTForCausalLM:
     return fsdp2_prepare_model(accelerator, model)
 
 
-def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # 2 processes on 2 cores; the reference uses 1 thread too
+@contextmanager
+def gloo_group(rank: int, rendezvous: str) -> Iterator[None]:
+    """This spawned process's membership of a WORLD-rank gloo group, left at the end."""
     # A timeout turns a collective that one rank never joins into an error instead of a hang.
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
     )
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # 2 processes on 2 cores; the reference uses 1 thread too
+    with gloo_group(rank, rendezvous):
         model = shard_model(tiny_model())
         head, embedding = model.lm_head.weight, model.model.tok_emb.weight
         block = model.model.trf_blocks[0].ff.fc_in.weight
@@ -158,8 +170,6 @@ def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
         facts["accelerate_losses"] = train(wrapped, adamw(wrapped), rows, range(STEPS), distributed=True)
         facts["accelerate_tied"] = wrapped.lm_head.weight is wrapped.model.tok_emb.weight
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(facts))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -375,3 +385,80 @@ def test_split_by_rank_refuses_impossible_splits():
         split_by_rank(windows, 0, 2, num_shards=8)
     with pytest.raises(ValueError, match="Arrow Dataset only"):
         split_by_rank(windows.to_iterable_dataset(), 0, 2, num_shards=2)
+
+
+# ----------------------------------------------------------------------------- a stream's batches per rank
+
+BATCH = 5
+
+
+def numbered_windows(n: int) -> datasets.IterableDataset:
+    """A stream of n windows whose ids say which window they are (doc 0, offset i)."""
+
+    def rows(n: int):
+        for i in range(n):
+            yield {"input_ids": [i, i + 1], "doc_id": 0, "offset": i}
+
+    return datasets.IterableDataset.from_generator(rows, gen_kwargs={"n": n})
+
+
+def stream_epochs(n: int, rank: int, world_size: int, batch_size: int = BATCH) -> list[list[list[int]]]:
+    """[epoch][batch] -> offsets of the windows in it, for epochs 0 and 1 of RankBatches."""
+    batches = RankBatches(
+        numbered_windows(n), batch_size, list, rank=rank, world_size=world_size, seed=3, shuffle_buffer=16
+    )
+    epochs = []
+    for epoch in range(2):
+        batches.set_epoch(epoch)
+        epochs.append([[window["offset"] for window in batch] for batch in batches])
+    return epochs
+
+
+def shuffled_epoch(n: int, epoch: int) -> list[int]:
+    """The one-process epoch: every window, in the order the seeded shuffle gives it."""
+    return [offset for [offset] in stream_epochs(n, 0, 1, batch_size=1)[epoch]]
+
+
+def _stream_worker(rank: int, rendezvous: str, out_dir: str) -> None:
+    with gloo_group(rank, rendezvous):
+        seen = {n: stream_epochs(n, rank, WORLD) for n in (40, 29)}
+        (Path(out_dir) / f"stream{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.fixture(scope="module")
+def stream_shares(tmp_path_factory):
+    """What each of two gloo ranks saw, {n windows: [epoch][batch] -> offsets}."""
+    out = tmp_path_factory.mktemp("stream")
+    mp.spawn(_stream_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    return [{int(n): epochs for n, epochs in json.loads((out / f"stream{r}.json").read_text()).items()} for r in (0, 1)]
+
+
+def flat(batches: list[list[int]]) -> list[int]:
+    return [offset for batch in batches for offset in batch]
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_disjoint_halves_of_the_one_process_epoch(stream_shares):
+    # 40 windows in batches of 5: 20 per rank, 4 batches each, nothing dropped.
+    for epoch in range(2):
+        order = shuffled_epoch(40, epoch)
+        assert sorted(order) == list(range(40))
+        assert flat(stream_epochs(40, 0, 1)[epoch]) == order  # one process, batches of 5: the whole epoch
+        shares = [flat(ranks[40][epoch]) for ranks in stream_shares]
+        # Rank r keeps windows r, r + 2, ... of the one shuffled order: disjoint, and together the epoch.
+        assert shares == [order[0::2], order[1::2]]
+        assert [len(ranks[40][epoch]) for ranks in stream_shares] == [4, 4]
+    assert shuffled_epoch(40, 0) != shuffled_epoch(40, 1)  # each epoch has its own order (seed + epoch)
+
+
+@pytest.mark.slow
+def test_uneven_shares_end_every_ranks_epoch_at_the_same_batch(stream_shares):
+    # 29 windows: shares of 15 and 14 windows, i.e. 3 and 2 full batches of 5. Rank 0 alone
+    # would take a third batch while rank 1 waited for it in the gradient all-reduce.
+    for epoch in range(2):
+        order = shuffled_epoch(29, epoch)
+        shares = [ranks[29][epoch] for ranks in stream_shares]
+        assert [len(batches) for batches in shares] == [2, 2]
+        for rank, batches in enumerate(shares):
+            assert flat(batches) == order[rank::2][: 2 * BATCH]  # its share, cut at the same batch
+        assert not set(flat(shares[0])) & set(flat(shares[1]))

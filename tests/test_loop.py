@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from accelerate.utils import set_seed
@@ -21,6 +22,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.collate import collate_windows
+from training.distributed import RankBatches
 from training.loop import (
     LoopArguments,
     MetricsLog,
@@ -39,8 +41,10 @@ from training.loop import (
 from training.schedule import lr_factor
 
 
-def _tiny_setup(output_dir: Path, **loop_overrides):
-    """A 2-layer model with dropout on random windows: (accelerator, model, optimizer, loader, args, state, metrics)."""
+def _tiny_setup(output_dir: Path, stream: bool = False, **loop_overrides):
+    """A 2-layer model with dropout on random windows: (accelerator, model, optimizer, loader, args, state, metrics).
+
+    With `stream`, the windows come as a stream in `RankBatches` (one rank), not through prepare."""
     defaults = dict(
         max_steps=16,
         per_device_batch_size=4,
@@ -57,19 +61,32 @@ def _tiny_setup(output_dir: Path, **loop_overrides):
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     windows = [{"input_ids": row} for row in torch.randint(0, 97, (44, 17), generator=torch.Generator().manual_seed(0))]
-    loader = make_train_dataloader(
-        windows, args.per_device_batch_size, collate_windows, args.seed
-    )  # 11 micro-batches/epoch
+    if stream:
+        rows = datasets.IterableDataset.from_generator(_rows, gen_kwargs={"windows": [w["input_ids"] for w in windows]})
+        loader = RankBatches(
+            rows, args.per_device_batch_size, collate_windows, rank=0, world_size=1, seed=args.seed, shuffle_buffer=16
+        )
+    else:
+        loader = make_train_dataloader(windows, args.per_device_batch_size, collate_windows, args.seed)
+    # 11 micro-batches per epoch either way
     config = MiniGPTConfig.from_preset(
         "tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.2
     )
     model = MiniGPTForCausalLM(config)
     optimizer = make_optimizer(model, args)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if stream:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     metrics = MetricsLog(output_dir / "metrics.jsonl")
     return accelerator, model, optimizer, loader, args, state, metrics
+
+
+def _rows(windows):
+    for ids in windows:
+        yield {"input_ids": ids.tolist()}
 
 
 class Interrupted(Exception):
@@ -89,21 +106,30 @@ def _interrupt_after(micro_batches: int):
     return loss_fn
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_resume_in_process_is_bit_exact_mid_epoch_with_accumulation(tmp_path, optimizer, precision):
-    """Checkpoint at step 9 = 18 micro-batches = epoch 1, batch 7 of 11: resume must skip exactly those.
-    Both optimizers, in fp32 and under bf16 autocast (forced, so the bf16 path runs on any CPU)."""
+@pytest.mark.parametrize(
+    ("optimizer", "precision", "stream"),
+    [
+        ("adamw", "no", False),
+        ("muon", "no", False),
+        ("adamw", "bf16", False),
+        ("muon", "bf16", False),
+        ("adamw", "no", True),
+    ],
+)
+def test_resume_in_process_is_bit_exact_mid_epoch_with_accumulation(tmp_path, optimizer, precision, stream):
+    """Checkpoint at step 9 = 18 micro-batches = epoch 1, batch 7 of 11: resume must skip exactly those
+    (a stream reads them again and drops them). Both optimizers, in fp32 and under bf16 autocast
+    (forced, so the bf16 path runs on any CPU)."""
     flags = dict(optimizer=optimizer, mixed_precision=precision)
-    setup = _tiny_setup(tmp_path / "full", **flags)
+    setup = _tiny_setup(tmp_path / "full", stream, **flags)
     assert setup[0].mixed_precision == precision
     train_loop(*setup)
     full = setup[0].unwrap_model(setup[1]).state_dict()
 
-    setup = _tiny_setup(tmp_path / "cut", **flags)
+    setup = _tiny_setup(tmp_path / "cut", stream, **flags)
     with pytest.raises(Interrupted):
         train_loop(*setup, loss_fn=_interrupt_after(2 * 10 + 1))  # dies inside step 11
-    setup = _tiny_setup(tmp_path / "cut", **flags)
+    setup = _tiny_setup(tmp_path / "cut", stream, **flags)
     accelerator, model, _, _, _, state, metrics = setup
     assert resume_from_latest(accelerator, tmp_path / "cut", metrics) == 9
     assert (state.step, state.epoch, state.batches_in_epoch) == (9, 1, 7)

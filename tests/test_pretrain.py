@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from helpers.processes import SUBPROCESS_ENV, launch, sigkill_after_step
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from tokenization.corpus import DataError
 from training.checkpoint import list_checkpoints
+from training.data import build_lm_datasets
 from training.pretrain import run_pretraining
 from training.run import RunFolderError
 
@@ -120,6 +122,31 @@ def _expect_refusal(args, error: type[Exception], match: str, out: Path) -> None
     assert listing(out) == before, "a refused run must not write anything"
 
 
+def test_a_second_run_loads_the_saved_windows_instead_of_tokenizing(corpus_file, tokenizer_dir, tmp_path, capsys):
+    windows_dir = tmp_path / "windows"
+    short = dict(windows_dir=str(windows_dir), max_steps=2, eval_every=2, save_every=2, report_to="none")
+    run_pretraining(*tiny_args(tmp_path / "one", corpus_file, tokenizer_dir, tmp_path / "cache_one", **short))
+    first = capsys.readouterr().out
+    [folder] = windows_dir.iterdir()
+    assert f"windows tokenized and saved to {folder}" in first
+    run_pretraining(*tiny_args(tmp_path / "two", corpus_file, tokenizer_dir, tmp_path / "cache_two", **short))
+    assert f"windows reused from {folder}" in capsys.readouterr().out
+    assert not (tmp_path / "cache_two").exists()  # its own datasets cache stayed empty: nothing was tokenized
+    assert logged_losses(tmp_path / "two") == logged_losses(tmp_path / "one")
+    # The saved windows are the ones a fresh tokenization gives (tiny_args holds out the last 10% of characters).
+    text = corpus_file.read_text(encoding="utf-8")
+    cut = len(text) - round(0.1 * len(text))
+    saved = datasets.load_from_disk(folder)
+    for split, part in (("train", text[:cut]), ("validation", text[cut:])):
+        fresh = build_lm_datasets([part], tokenizer_dir, context_length=32, validation_fraction=0, cache_dir=tmp_path)
+        assert saved[split].to_dict() == fresh["train"].to_dict()
+    # Another stride (or corpus, tokenizer, context length) is other windows: another folder.
+    other = dict(short, stride=16)
+    run_pretraining(*tiny_args(tmp_path / "three", corpus_file, tokenizer_dir, tmp_path / "cache_three", **other))
+    assert "windows tokenized and saved to" in capsys.readouterr().out
+    assert len(list(windows_dir.iterdir())) == 2
+
+
 def test_missing_training_file(tmp_path, tokenizer_dir):
     out = tmp_path / "out"
     args = tiny_args(out, tmp_path / "nope.txt", tokenizer_dir, tmp_path / "cache")
@@ -137,6 +164,12 @@ def test_tokenizer_vocab_differs_from_model(tmp_path, corpus_file, tokenizer_dir
     out = tmp_path / "out"
     args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", vocab_size=1000)
     _expect_refusal(args, DataError, "tokenizer has 512 tokens but the model's vocab_size is 1000", out)
+
+
+def test_fsdp_on_one_process_is_refused_before_writing(tmp_path, corpus_file, tokenizer_dir):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", fsdp=True)
+    _expect_refusal(args, ValueError, "--fsdp shards the model over several processes: launch with accelerate", out)
 
 
 def test_corpus_shorter_than_a_window(tmp_path, tokenizer_dir):

@@ -35,7 +35,9 @@ Caching: sources get a fingerprint (files: path, size and mtime; texts: a hash o
 datasets: their own fingerprint), each stage adds its parameters and the tokenizer's hash, and
 `datasets` stores every stage as Arrow files under `cache_dir`. Writes go to temporary files
 renamed on success, so a failed run leaves no half-written cache. Bump `PIPELINE_VERSION` when
-a change alters the output of a stage.
+a change alters the output of a stage. A job that wants its finished windows in one place,
+keyed by what they are made of rather than by file names and dates, saves them with
+`saved_windows` (`save_to_disk`) under a `content_fingerprint` of the corpus.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -52,10 +54,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, List, Value
+from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, List, Value, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
+from modeling_minigpt.files import replace_dir, staging_dir
 from tokenization import EOS_TOKEN, encode_batch_fast
 from tokenization.corpus import (
     DataError,
@@ -279,7 +282,9 @@ def tokenize_documents(
 
     Batches of `batch_size` pieces are encoded together by `tokenization.encode_batch_fast`
     (the tokenizer's tiktoken twin on all cores, or the Rust backend: the same ids either way);
-    `num_proc` > 1 also splits the dataset across processes (not in streaming mode).
+    `num_proc` > 1 also splits the dataset across processes, each encoding on its share of the
+    cores (not in streaming mode). Default (None): `auto_num_proc`. Any `num_proc` gives the
+    same ids, in the same order.
     """
     tokenizer = load_tokenizer(tokenizer)
     eos_id = check_pipeline_tokenizer(tokenizer)
@@ -288,10 +293,12 @@ def tokenize_documents(
         batch_size=batch_size,
         remove_columns=["text", "doc_end"],
         features=TOKEN_FEATURES,
-        fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id},
+        fn_kwargs={"tokenizer": tokenizer, "eos_id": eos_id, "num_threads": None},
     )
     if isinstance(documents, IterableDataset):
         return documents.with_format("arrow").map(_tokenize_batch, **kwargs).with_format(None)
+    num_proc = auto_num_proc(documents.num_rows) if num_proc is None else min(num_proc, documents.num_rows)
+    kwargs["fn_kwargs"]["num_threads"] = max(1, (os.cpu_count() or 1) // num_proc)  # no oversubscription
     fingerprint = short_hash(documents._fingerprint, tokenizer_fingerprint(tokenizer), "tokenize", PIPELINE_VERSION)
     tokens = documents.with_format("arrow").map(
         _tokenize_batch,
@@ -304,10 +311,19 @@ def tokenize_documents(
     return tokens.with_format(None)
 
 
-def _tokenize_batch(pieces: pa.Table, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> pa.Table:
+def auto_num_proc(n_pieces: int) -> int:
+    """Tokenizing processes for `n_pieces` pieces: one per CPU (at most 8), but each with at least
+    16 pieces (1 MB of text) to do, since a process costs a second or two to start and one
+    process already encodes on every core; so a corpus under 2 MB is tokenized in-process."""
+    return max(1, min(os.cpu_count() or 1, 8, n_pieces // 16))
+
+
+def _tokenize_batch(
+    pieces: pa.Table, tokenizer: PreTrainedTokenizerBase, eos_id: int, num_threads: int | None
+) -> pa.Table:
     """The datasets.map(batched=True) step: ids of each piece, `<|endoftext|>` after a document's
     last piece. Arrow in and out: `datasets` would otherwise walk every id in Python."""
-    ids = encode_batch_fast(tokenizer, pieces.column("text").to_pylist())
+    ids = encode_batch_fast(tokenizer, pieces.column("text").to_pylist(), num_threads=num_threads)
     doc_ends = pieces.column("doc_end").to_pylist()
     ids = [[*piece, eos_id] if doc_end else piece for piece, doc_end in zip(ids, doc_ends, strict=True)]
     return pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "doc_id": pieces.column("doc_id")})
@@ -547,7 +563,7 @@ def build_lm_datasets(
             `is_validation_document`). Default: "tokens", or "documents" when streaming
             (a stream's length is unknown). Either way no window crosses the boundary.
         streaming: IterableDatasets read lazily (corpora larger than memory); the same windows.
-        num_proc: processes for tokenization (not used when streaming).
+        num_proc: processes for tokenization (not used when streaming); default `auto_num_proc`.
         cache_dir: where `datasets` keeps the processed stages (default: its own cache).
         vocab_size: the model's vocabulary size, checked against the tokenizer.
 
@@ -607,6 +623,48 @@ def build_lm_datasets(
             next(iter(windows))
         return IterableDatasetDict(splits)
     return DatasetDict(splits)
+
+
+# ----------------------------------------------------------------------------- windows saved once
+
+
+def content_fingerprint(source: Source, what: str = "corpus file") -> str:
+    """A hash of what `source` holds, not of where it lives: the bytes of its files (read once, at
+    disk speed: far cheaper than tokenizing them), the texts themselves, or a datasets dataset's
+    own fingerprint. A copied or touched file keeps its hash; an edited one gets a new one."""
+    opened = open_source(source, what=what)
+    if opened.files:
+        digest = hashlib.sha256()
+        for path in opened.files:
+            digest.update(path.stat().st_size.to_bytes(8, "little"))  # length-prefixed, as in _hash_texts
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        return digest.hexdigest()
+    if isinstance(opened.dataset, Dataset):
+        return opened.dataset._fingerprint
+    if opened.dataset is not None:
+        raise DataError(f"{what} is a streamed dataset: its content cannot be fingerprinted without reading it")
+    return _hash_texts(tuple(opened.texts))
+
+
+def saved_windows(folder: PathLike, build: Callable[[], Mapping[str, Dataset]]) -> tuple[DatasetDict, bool]:
+    """(the windows saved in `folder`, True), or (the splits of `build()`, saved in `folder` now, False).
+
+    `folder` names what the windows are made of (e.g. `content_fingerprint` of the corpus, the
+    tokenizer's hash, context length and stride), so a later run with the same inputs loads them
+    (Arrow, memory-mapped: no process holds them all in memory) instead of tokenizing again.
+    `save_to_disk` writes into a staging folder renamed into place when complete, so a killed
+    build leaves nothing a later run would take for windows. With several processes, call it on
+    the main process first (`accelerator.main_process_first()`): the others then load.
+    """
+    folder = Path(folder)
+    reused = (folder / "dataset_dict.json").is_file()
+    if not reused:
+        staging = staging_dir(folder)
+        DatasetDict(build()).save_to_disk(staging)
+        replace_dir(staging, folder)
+    return load_from_disk(folder), reused
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -27,16 +27,25 @@ the model and the optimizer state (by parameter name) on rank 0, `load_full_trai
 broadcasts them back into a freshly sharded model (tested 2 ranks -> 2 ranks; the states are keyed
 by parameter name and hold whole tensors, so another number of ranks can load them too).
 
+In a job (`scripts/pretrain.py --fsdp`): `shard_for_training` shards the model instead of
+Accelerate wrapping it in DDP, `ShardedTrainingState` puts the gathered model and optimizer
+state into every `accelerator.save_state` checkpoint, and `unsharded` gives `save_pretrained` the
+gathered model. Every forward of a sharded model is a collective: evaluations and samples run on
+all ranks, never on rank 0 alone (it would wait forever for the others).
+
 Data: `split_by_rank` gives each rank its share of a windows dataset (see its docstring for when
-a rank reads only its own rows and when it reads the whole stream and keeps every N-th window).
+a rank reads only its own rows and when it reads the whole stream and keeps every N-th window);
+`RankBatches` turns a stream into this rank's batches, the same number on every rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import send_to_device
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torch import nn
@@ -49,6 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 # ----------------------------------------------------------------------------- the model
@@ -179,6 +189,16 @@ def unsharded_class(model: nn.Module) -> type[nn.Module]:
     return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2: then every forward is a collective, which all ranks must run."""
+    return isinstance(model, FSDPModule)
+
+
+def unsharded(model: PreTrainedModel) -> PreTrainedModel | None:
+    """`model` itself, or for a sharded one `gather_full_model` (a collective: None on ranks other than 0)."""
+    return gather_full_model(model) if is_sharded(model) else model
+
+
 def gather_full_model(model: PreTrainedModel) -> PreTrainedModel | None:
     """Rank 0: a plain, unsharded copy of `model` on CPU, ready for `save_pretrained`; other ranks: None.
 
@@ -193,6 +213,50 @@ def gather_full_model(model: PreTrainedModel) -> PreTrainedModel | None:
     plain = unsharded_class(model)(model.config)
     plain.load_state_dict(state, strict=True)
     return plain.eval()
+
+
+def shard_for_training(accelerator: Any, model: PreTrainedModel) -> PreTrainedModel:
+    """`shard_model` on the accelerator's device, for a run launched like DDP (`accelerate launch
+    --multi_gpu --num_processes N`; on CPU with ACCELERATE_USE_CPU=1, gloo), after `check_can_shard`."""
+    check_can_shard(accelerator)
+    return shard_model(model.to(accelerator.device))
+
+
+def check_can_shard(accelerator: Any) -> None:
+    """Refuse (ValueError) what would silently go wrong with --fsdp: one process (nothing to shard
+    over) and autocast mixed precision, which Accelerate applies only to models it prepared (FSDP2
+    would need an `mp_policy` instead). Writes nothing: call it before the run folder is claimed."""
+    if accelerator.num_processes < 2 or not dist.is_initialized():
+        raise ValueError(
+            "--fsdp shards the model over several processes: launch with accelerate launch --multi_gpu "
+            "--num_processes N (on CPU with ACCELERATE_USE_CPU=1 in the environment), or drop --fsdp"
+        )
+    if accelerator.mixed_precision != "no":
+        raise ValueError(
+            f"--fsdp runs in full precision here: drop --mixed_precision {accelerator.mixed_precision} "
+            "(or shard through Accelerate with scripts/configs/accelerate/fsdp2.yaml on GPUs)"
+        )
+
+
+class ShardedTrainingState:
+    """A sharded model and its optimizer as one object for `accelerator.register_for_checkpointing`.
+
+    Accelerate's own checkpoint would save rank 0's shards of the optimizer state only (and
+    nothing of a model it did not prepare). `state_dict` (called on every rank by `save_state`)
+    gathers the whole model and optimizer state to rank 0 with `full_training_state`: keyed by
+    parameter name, unsharded, so the checkpoint does not depend on the number of ranks.
+    `load_state_dict` (every rank, from the saved file) scatters it back.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, dict]:
+        model_state, optimizer_state = full_training_state(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        load_full_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
 
 
 # ----------------------------------------------------------------------------- the data
@@ -242,3 +306,69 @@ def split_by_rank(
     return split_dataset_by_node(
         dataset, rank=rank, world_size=world_size, strategy=split_strategy(dataset, world_size)
     )
+
+
+class RankBatches:
+    """This rank's batches of a stream of windows, epoch after epoch, the same number on every rank.
+
+    Each epoch shuffles the stream (a buffer of `shuffle_buffer` windows, seeded by seed + epoch,
+    the same on every rank), splits it with `split_by_rank` and batches this rank's share with
+    `drop_last`. Shares differ by up to one window per shard, so before each batch the ranks
+    agree (a MIN all-reduce of "I have one") and the epoch ends for all of them at the batch the
+    shortest share runs out: the remainder is dropped on every rank alike. Without that, the
+    rank with the longer share would start its next epoch later than the others, and the data
+    position saved in a checkpoint (rank 0's) would be wrong for it. With one rank, and with
+    shares a multiple of the batch, nothing is dropped beyond the one-process `drop_last`.
+
+    Hand it to the training loop as it is, not through `accelerator.prepare`: that would shard
+    the already-split stream a second time. Batches are moved to `device`. No `__len__`: the
+    epoch's length is only known at its end.
+    """
+
+    def __init__(
+        self,
+        windows: IterableDataset,
+        batch_size: int,
+        collate_fn: Callable[[list[Any]], Any],
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        device: torch.device | str = "cpu",
+    ):
+        if not isinstance(windows, IterableDataset):
+            raise TypeError(f"RankBatches streams an IterableDataset, got {type(windows).__name__}")
+        self.windows = windows.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else windows
+        self.batch_size, self.collate_fn, self.device = batch_size, collate_fn, torch.device(device)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        share = split_by_rank(self.windows, self.rank, self.world_size)
+        share.set_epoch(self.epoch)  # the shuffle's seed becomes seed + epoch
+        # Its own generator: a DataLoader without one draws a seed from the global torch RNG,
+        # which also drives dropout, so a resumed run would get other dropout masks.
+        loader = DataLoader(
+            share,
+            batch_size=self.batch_size,
+            collate_fn=self.collate_fn,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        batches = iter(loader)
+        while True:
+            batch = next(batches, None)
+            if not self._every_rank_has_one(batch is not None):
+                return
+            yield send_to_device(batch, self.device)
+
+    def _every_rank_has_one(self, has_one: bool) -> bool:
+        if self.world_size == 1:
+            return has_one
+        flag = torch.tensor(int(has_one), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())

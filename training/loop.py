@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -439,8 +440,13 @@ def _micro_batches(accelerator: Accelerator, dataloader: DataLoader, state: Trai
     """Micro-batches forever, epoch after epoch, starting where `state` says (mid-epoch on resume).
 
     `state` moves to the next epoch as soon as an epoch's last batch is handed out, so a
-    checkpoint taken right then resumes at the new epoch instead of replaying an empty one.
+    checkpoint taken right then resumes at the new epoch instead of replaying an empty one. A
+    stream (`training.distributed.RankBatches`: no length) moves on when it runs out, and on
+    resume reads past the batches already consumed.
     """
+    if not hasattr(dataloader, "__len__"):
+        yield from _stream_micro_batches(dataloader, state)
+        return
     per_epoch = len(dataloader)
     while True:
         dataloader.set_epoch(state.epoch)  # the shuffled order is a function of (seed, epoch)
@@ -452,6 +458,17 @@ def _micro_batches(accelerator: Accelerator, dataloader: DataLoader, state: Trai
             if state.batches_in_epoch == per_epoch:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             yield batch
+
+
+def _stream_micro_batches(stream: Any, state: TrainState) -> Iterator[Batch]:
+    while True:
+        stream.set_epoch(state.epoch)
+        for batch in islice(stream, state.batches_in_epoch, None):
+            state.batches_in_epoch += 1
+            yield batch
+        if state.batches_in_epoch == 0:
+            raise ValueError("the training stream yields no batch: fewer windows per process than one batch")
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
 
 class _Clock:
@@ -528,7 +545,7 @@ def train_loop(
     group has none) times the schedule's factor (`training.schedule.lr_factor`).
     Raises NonFiniteLossError, before updating the weights, if a step's loss or gradient is not finite.
     """
-    if len(train_dataloader) == 0:
+    if hasattr(train_dataloader, "__len__") and len(train_dataloader) == 0:
         raise ValueError("the training dataloader yields no batch: fewer examples than one batch (drop_last)")
     checkpoints_root = RunLayout(Path(args.output_dir)).checkpoints
     accumulation = args.gradient_accumulation_steps

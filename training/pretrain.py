@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -28,10 +31,17 @@ import training.run as lifecycle
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from tokenization import EMBEDDED_CORPUS, train_bpe
 from tokenization.corpus import DataError, open_source, read_text
-from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
+from tokenization.load import check_tokenizer, load_tokenizer, short_hash, tokenizer_fingerprint
 from tokenization.train import save_atomically
 from training.collate import collate_windows
-from training.data import build_lm_datasets, check_pipeline_tokenizer
+from training.data import (
+    PIPELINE_VERSION,
+    build_lm_datasets,
+    check_pipeline_tokenizer,
+    content_fingerprint,
+    saved_windows,
+)
+from training.distributed import RankBatches, is_sharded
 from training.evaluate import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
 from training.generate import greedy_generate
 from training.layout import RunLayout
@@ -62,6 +72,14 @@ class ModelArguments:
     )
     n_layers: int | None = field(default=None, metadata={"help": "Transformer blocks. Default: the preset's."})
     drop_rate: float | None = field(default=None, metadata={"help": "Dropout probability. Default: the preset's."})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard the model over the processes with FSDP2 (one group per transformer block plus the root, "
+            "training.distributed.shard_model) instead of replicating it (DDP); launched like DDP. Verified on CPU "
+            "(gloo), not on GPUs. Checkpoints and the final model hold the whole, unsharded state."
+        },
+    )
 
 
 @dataclass
@@ -110,11 +128,45 @@ class DataArguments:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where `datasets` caches the tokenized windows. Default: its own cache."}
     )
+    windows_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the tokenized windows are saved once (Arrow, one folder per training and validation "
+            "content, tokenizer, context length and stride) and loaded by later runs and every process. "
+            "Default: <cache_dir>/windows, or under datasets' cache."
+        },
+    )
+    num_proc: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that tokenize the corpus (not with --streaming). Default: one per CPU, at most 8, "
+            "each with at least 1 MB of text (a smaller corpus is tokenized in-process, on every core)."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Tokenize the training text while training instead of ahead of it (nothing is cached), each "
+            "process keeping its own share of the windows (datasets' split_dataset_by_node) and all processes "
+            "taking the same number of batches per epoch. Needs --split_by documents or a --validation_file."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=4096,
+        metadata={"help": "With --streaming: windows in the shuffle buffer (seeded by seed + epoch); 1: stream order."},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        for name in ("eval_batch_size", "eval_batches", "sample_tokens"):
+        if self.streaming and self.split_by != "documents" and self.validation_file is None:
+            raise ValueError(
+                f"--streaming cannot hold out the last {self.split_by} of a stream whose length is unknown: "
+                "pass --split_by documents or a --validation_file"
+            )
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"--num_proc must be >= 1, got {self.num_proc}")
+        for name in ("eval_batch_size", "eval_batches", "sample_tokens", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
@@ -142,6 +194,7 @@ class _Data:
     validation_text: str | None  # the whole held-out text, when it is known as text
     train_description: str
     validation_description: str
+    origin: str  # where the windows come from, for the printout
 
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments) -> PretrainResult:
@@ -158,16 +211,18 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
     prepared = lifecycle.prepare(
         run,
         MiniGPTForCausalLM(model_config),
-        make_train_dataloader(data.train, loop_args.per_device_batch_size, collate_windows, loop_args.seed),
+        _train_batches(run, data_args, data.train, loop_args.per_device_batch_size),
         DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows),
         fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
         config={**config, "loop": asdict(loop_args)},
-        summary=f"processes: {run.accelerator.num_processes}; training windows: {len(data.train):,}; "
-        f"validation windows: {len(data.validation):,}",
+        summary=f"processes: {run.accelerator.num_processes}{' (model sharded, FSDP2)' if model_args.fsdp else ''}; "
+        f"training: {_describe_windows(data.train)}; validation: {_describe_windows(data.validation)}; {data.origin}",
+        shard=model_args.fsdp,
     )
     if run.is_main and data_args.tokenizer_path is None:
         save_atomically(tokenizer, run.layout.tokenizer)
     lifecycle.train(prepared, partial(periodic_evaluation, prepared, tokenizer, data_args))
+    position = data_position(prepared)
     report = final_evaluation(prepared, tokenizer, data.validation_text, model_config.context_length)
     result = _result(prepared, report, training_chars_per_token(data.train, tokenizer))
     lifecycle.finish(
@@ -177,7 +232,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
         json_files={run.layout.final_metrics: _result_summary(result)},
         report=f"\nfinal validation ({data.validation_description}):\n{report.to_text()}\n"
         f"{result.steps} steps, {result.tokens_seen:,} tokens in {result.train_seconds:.1f} s (evaluations included): "
-        f"{result.tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s",
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.chars_per_second:,.0f} characters/s\n{position}",
     )
     return result
 
@@ -237,9 +292,12 @@ def _fingerprint(
     else:
         tokenizer = {"trained_vocab_size": data_args.tokenizer_vocab_size}
     files = {name: lifecycle.file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
-    data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride")}
+    data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride", "streaming")}
+    if data_args.streaming:  # the stream's order depends on it
+        data["shuffle_buffer"] = data_args.shuffle_buffer
     model = {name: getattr(model_config, name) for name in ("vocab_size", *_SHAPE_FIELDS)}
-    return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data})
+    sharding = {"sharding": "fsdp"} if model_args.fsdp else {}  # its checkpoints hold the state in another form
+    return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data}, **sharding)
 
 
 def _character_split(data_args: DataArguments) -> tuple[str, str]:
@@ -254,37 +312,103 @@ def _source_name(source: str) -> str:
 
 
 def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> _Data:
-    """Training and validation windows (and the validation text when it is a text)."""
-    common = dict(context_length=context_length, cache_dir=data_args.cache_dir)
-    train_file = open_source(data_args.train_file, what="--train_file")
+    """Training and validation windows (and the validation text when it is a text).
+
+    The windows are tokenized once and saved (`training.data.saved_windows`) under a folder named
+    by the fingerprint of `_windows_folder`; a later run with the same inputs, and every other
+    process of this run, loads them from there. With `streaming` the training windows are an
+    IterableDataset read while training, never saved; the held-out documents of a stream are read
+    into memory once (every process reads the whole stream for them; a --validation_file avoids that).
+    """
     name = _source_name(data_args.train_file)
+    texts: tuple[str, str] | None = None  # (training, validation) text when the file is split by characters
     if data_args.validation_file is not None:
         validation_text = read_text(data_args.validation_file, what="--validation_file")
-        train = build_lm_datasets(train_file, tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
-            "train"
-        ]
-        validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, name, Path(data_args.validation_file).name)
-    if not 0 < data_args.validation_fraction < 1:
-        raise DataError(
-            f"--validation_fraction must be in (0, 1) without a --validation_file, got {data_args.validation_fraction}"
-        )
-    if data_args.split_by == "characters":
-        train_text, validation_text = _character_split(data_args)
-        train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
-            "train"
-        ]
-        validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
-        return _Data(train, validation, validation_text, *_split_descriptions(data_args, name))
-    splits = build_lm_datasets(
-        train_file,
-        tokenizer,
-        stride=data_args.stride,
-        validation_fraction=data_args.validation_fraction,
-        split_by=data_args.split_by,
-        **common,
+        descriptions = (name, Path(data_args.validation_file).name)
+    else:
+        if not 0 < data_args.validation_fraction < 1:
+            raise DataError(
+                "--validation_fraction must be in (0, 1) without a --validation_file, "
+                f"got {data_args.validation_fraction}"
+            )
+        texts = _character_split(data_args) if data_args.split_by == "characters" else None
+        validation_text = texts[1] if texts else None
+        descriptions = _split_descriptions(data_args, name)
+    if data_args.streaming:
+        windows = _windows(data_args, tokenizer, context_length, validation_text, texts)
+        validation = windows["validation"]
+        if isinstance(validation, IterableDataset):
+            validation = Dataset.from_list(list(validation), features=validation.features)
+        return _Data(windows["train"], validation, validation_text, *descriptions, "each process reads its share")
+    folder = _windows_folder(data_args, tokenizer, context_length)
+    build = partial(_windows, data_args, tokenizer, context_length, validation_text, texts)
+    windows, reused = saved_windows(folder, build)
+    note = f"windows {'reused from' if reused else 'tokenized and saved to'} {folder}"
+    return _Data(windows["train"], windows["validation"], validation_text, *descriptions, note)
+
+
+def _windows(
+    data_args: DataArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    context_length: int,
+    validation_text: str | None,
+    texts: tuple[str, str] | None,
+) -> dict[str, Dataset | IterableDataset]:
+    """{"train", "validation"} windows of the run's data, tokenized now (training ones streamed with --streaming)."""
+    common = dict(
+        tokenizer=tokenizer, context_length=context_length, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc
     )
-    return _Data(splits["train"], splits["validation"], None, *_split_descriptions(data_args, name))
+    train = partial(build_lm_datasets, **common, stride=data_args.stride, streaming=data_args.streaming)
+    corpus = open_source(data_args.train_file, streaming=data_args.streaming, what="--train_file")
+    if validation_text is None:
+        return train(corpus, validation_fraction=data_args.validation_fraction, split_by=data_args.split_by)
+    return {  # a --validation_file, or the last characters of the training file
+        "train": train([texts[0]] if texts else corpus, validation_fraction=0)["train"],
+        "validation": build_lm_datasets([validation_text], **common, validation_fraction=0)["train"],
+    }
+
+
+def _windows_folder(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> Path:
+    """Where this run's windows are saved: one folder per (training and validation content,
+    tokenizer, context length, stride, held-out share and how it is cut)."""
+    root = data_args.windows_dir or Path(data_args.cache_dir or datasets.config.HF_DATASETS_CACHE) / "windows"
+    validation_file = data_args.validation_file
+    split = None if validation_file else (data_args.validation_fraction, data_args.split_by)
+    key = short_hash(
+        content_fingerprint(data_args.train_file, what="--train_file"),
+        content_fingerprint(validation_file, what="--validation_file") if validation_file else None,
+        tokenizer_fingerprint(tokenizer),
+        context_length,
+        data_args.stride or context_length,
+        split,
+        PIPELINE_VERSION,
+    )
+    return Path(root) / key
+
+
+def _train_batches(
+    run: lifecycle.Run, data_args: DataArguments, windows: Dataset | IterableDataset, batch_size: int
+) -> DataLoader | RankBatches:
+    """A shuffled loader of the windows (`accelerator.prepare` gives each process its share), or,
+    for a stream, this process's share of it."""
+    seed = run.args.seed
+    if isinstance(windows, Dataset):
+        return make_train_dataloader(windows, batch_size, collate_windows, seed)
+    accelerator = run.accelerator
+    return RankBatches(
+        windows,
+        batch_size,
+        collate_windows,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=seed,
+        shuffle_buffer=data_args.shuffle_buffer,
+        device=accelerator.device,
+    )
+
+
+def _describe_windows(windows: Dataset | IterableDataset) -> str:
+    return f"{len(windows):,} windows" if isinstance(windows, Dataset) else "windows streamed"
 
 
 def _split_descriptions(data_args: DataArguments, name: str) -> tuple[str, str]:
@@ -311,10 +435,28 @@ def periodic_evaluation(
     accelerator = prepared.run.accelerator
     result = evaluate_loss(model, prepared.eval_loader, accelerator, max_batches=data_args.eval_batches)
     values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or is_sharded(model):  # a sharded forward needs every rank (same greedy ids)
         unwrapped = accelerator.unwrap_model(model)
-        values["sample"] = generate_sample(unwrapped, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+        sample = generate_sample(unwrapped, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
+        if accelerator.is_main_process:
+            values["sample"] = sample
     return values
+
+
+def data_position(prepared: lifecycle.PreparedRun) -> str:
+    """Where every process stopped in the data, checked to be the same place (RuntimeError otherwise).
+
+    Only the main process's position is saved in a checkpoint, so a process elsewhere in its
+    share (a stream whose shares were not cut to the same number of batches) would resume wrong.
+    """
+    state = prepared.state
+    positions = gather_object([(state.step, state.epoch, state.batches_in_epoch)])
+    if len(set(positions)) > 1:
+        raise RuntimeError(f"the processes stopped at different data positions (step, epoch, batch): {positions}")
+    return (
+        f"all {len(positions)} process(es) stopped at step {state.step}, "
+        f"epoch {state.epoch} + {state.batches_in_epoch} batches"
+    )
 
 
 def generate_sample(
@@ -334,7 +476,8 @@ def training_chars_per_token(windows: Any, tokenizer: PreTrainedTokenizerBase, m
 
     Exact for a byte-level BPE: each id stands for a fixed byte string (`token_byte_table`).
     """
-    ids = torch.as_tensor(windows.select(range(min(max_windows, len(windows))))["input_ids"])[:, :-1]  # (W, T)
+    first = [window["input_ids"] for window in islice(windows, max_windows)]
+    ids = torch.as_tensor(first)[:, :-1]  # (W, T)
     return token_byte_table(tokenizer).n_chars[ids].sum().item() / ids.numel()
 
 
@@ -382,7 +525,7 @@ def eval_info(dataset_name: str, report: MetricsReport) -> EvalInfo:
 def _model_card(
     prepared: lifecycle.PreparedRun, model_args: ModelArguments, data: _Data, report: MetricsReport, context_length: int
 ) -> dict[str, Any]:
-    data_in_words = f"{data.train_description} ({len(data.train):,} windows)"
+    data_in_words = f"{data.train_description} ({_describe_windows(data.train)})"
     training = lifecycle.training_info(prepared, data_in_words, tokens_per_sequence=context_length)
     return {
         "training_info": {"preset": model_args.preset, **training},

@@ -39,6 +39,13 @@ from transformers import PreTrainedTokenizerBase
 
 from modeling_minigpt.files import atomic_write_json, save_figure
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
+from training.distributed import (
+    RankBatches,
+    ShardedTrainingState,
+    check_can_shard,
+    shard_for_training,
+    unsharded,
+)
 from training.export import check_model_folder, is_peft_model, save_finetuned
 from training.generate import eval_mode
 from training.layout import RunLayout, describe_run_files
@@ -295,17 +302,21 @@ class PreparedRun:
 def prepare(
     run: Run,
     model: torch.nn.Module,
-    train_loader: DataLoader,
+    train_loader: DataLoader | RankBatches,
     eval_loader: DataLoader,
     *,
     fingerprint: dict[str, Any],
     config: dict[str, dict[str, Any]],
     summary: str,
+    shard: bool = False,
 ) -> PreparedRun:
     """The first write: check that the folder may hold this run, record it (main process) and
     print its configuration; then the optimizer over the trainable parameters, `accelerator.prepare`,
-    the resume and the trackers. Every process calls it."""
+    the resume and the trackers. Every process calls it. With `shard`, the model is sharded with
+    FSDP2 (`training.distributed.shard_for_training`) instead of wrapped in DDP."""
     args, accelerator = run.args, run.accelerator
+    if shard:
+        check_can_shard(accelerator)
     check_run_folder(run.layout.root, fingerprint, resume=args.resume, overwrite=args.overwrite)
     accelerator.wait_for_everyone()  # every process has read the folder before the main process claims it
     if run.is_main:
@@ -317,10 +328,18 @@ def prepare(
         print(describe_run_files())
     accelerator.wait_for_everyone()
 
+    if shard:  # before the optimizer, which must hold the sharded parameters
+        model = shard_for_training(accelerator, model)
     optimizer = make_optimizer(model, args)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if not shard:  # a sharded model must not be wrapped in DDP; its state is checkpointed whole, below
+        model, optimizer = accelerator.prepare(model, optimizer)
+    eval_loader = accelerator.prepare(eval_loader)
+    if isinstance(train_loader, DataLoader):  # a stream split by rank (`RankBatches`) would be split again
+        train_loader = accelerator.prepare(train_loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    if shard:
+        accelerator.register_for_checkpointing(ShardedTrainingState(model, optimizer))
     metrics = MetricsLog(run.layout.metrics, enabled=run.is_main)
     resumed_at = resume_from_latest(accelerator, run.layout.root, metrics) if args.resume else None
     if run.is_main and args.resume:
@@ -426,7 +445,7 @@ def finish(
     `json_files`, and `report` then where the model went. Every process calls it, waits for the
     others and gets (model folder, adapter folder or None)."""
     run = prepared.run
-    model = run.accelerator.unwrap_model(prepared.model)
+    model = unsharded(run.accelerator.unwrap_model(prepared.model))  # a sharded one gathered to the main process
     adapter = run.layout.adapter if is_peft_model(model) else None
     if run.is_main:
         _draw_loss_curve(prepared)
