@@ -233,8 +233,8 @@ def check_can_shard(accelerator: Any) -> None:
         )
     if accelerator.mixed_precision != "no":
         raise ValueError(
-            f"--fsdp runs in full precision here: drop --mixed_precision {accelerator.mixed_precision} "
-            "(or shard through Accelerate with scripts/configs/accelerate/fsdp2.yaml on GPUs)"
+            f"--fsdp runs in full precision here, but mixed precision is {accelerator.mixed_precision}: pass "
+            "--mixed_precision no (or shard through Accelerate with scripts/configs/accelerate/fsdp2.yaml on GPUs)"
         )
 
 
