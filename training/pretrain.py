@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -201,6 +201,10 @@ def _tokenizer(
         source = [_character_split(data_args)[0]]  # never the held-out text
     else:
         source = open_source(data_args.train_file, what="--train_file")
+    if PartialState().is_main_process:  # a long step: say what it is (pass --tokenizer_path to skip it)
+        print(
+            f"training a {data_args.tokenizer_vocab_size:,}-token BPE tokenizer on {_source_name(data_args.train_file)}"
+        )
     tokenizer = train_bpe(source, data_args.tokenizer_vocab_size, show_progress=False)
     if len(set(gather_object([tokenizer_fingerprint(tokenizer)]))) > 1:
         raise RuntimeError("the processes trained different tokenizers from the same text: pass --tokenizer_path")
@@ -271,10 +275,16 @@ def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, co
         )
     if data_args.split_by == "characters":
         train_text, validation_text = _character_split(data_args)
-        train = build_lm_datasets([train_text], tokenizer, stride=data_args.stride, validation_fraction=0, **common)[
-            "train"
-        ]
-        validation = build_lm_datasets([validation_text], tokenizer, validation_fraction=0, **common)["train"]
+        parts = {}
+        for split, text, stride in (("training", train_text, data_args.stride), ("validation", validation_text, None)):
+            try:
+                parts[split] = build_lm_datasets([text], tokenizer, stride=stride, validation_fraction=0, **common)
+            except DataError as error:
+                raise DataError(
+                    f"--train_file {data_args.train_file}, its {split} part (--split_by characters, "
+                    f"--validation_fraction {data_args.validation_fraction}: {len(text):,} characters): {error}"
+                ) from None
+        train, validation = parts["training"]["train"], parts["validation"]["train"]
         return _Data(train, validation, validation_text, *_split_descriptions(data_args, name))
     splits = build_lm_datasets(
         train_file,
