@@ -196,6 +196,15 @@ def remote_code_folder(folder: Path) -> None:
     edit_json("config.json", model_type="evil", auto_map=auto_map, architectures=None)(folder)
 
 
+def pickled_weights_only(folder: Path) -> None:
+    """The folder's weights as a pickled pytorch_model.bin (whose unpickling could run code), no safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
 # ----------------------------------------------------------------------------- the matrix
 
 
@@ -401,6 +410,12 @@ CASES = [
         setup=model_folder_with(
             lambda f: truncate("model.safetensors", f.joinpath("model.safetensors").stat().st_size - 100)(f)
         ),
+        model=True,
+    ),
+    S(
+        "only-a-pickled-bin",
+        "has no *.safetensors weights (only pytorch_model.bin): only safetensors are loaded",
+        setup=model_folder_with(pickled_weights_only),
         model=True,
     ),
     S(

@@ -96,7 +96,7 @@ def test_killed_during_the_final_save_resumes_to_the_same_model(corpus_file, tok
 def test_killed_while_overwrite_moves_the_old_run_aside_restores_it(corpus_file, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", **RUN))
-    before, old_weights = listing(out), weights(out)
+    before, old_weights, record = listing(out), weights(out), (out / "run_config.json").read_text()
     new = dict(RUN, learning_rate=1e-3)
     flags = script_flags(out, corpus_file, tokenizer_dir, tmp_path / "cache", **new, overwrite=True)
     # Killed while moving the old run's entries into .old-run.moving, two of them moved.
@@ -105,7 +105,13 @@ def test_killed_while_overwrite_moves_the_old_run_aside_restores_it(corpus_file,
     assert len(list((out / ".old-run.moving").iterdir())) == 2
     # The next run on the folder (here: --resume of the old one) finds the half-done move and undoes it.
     run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", **RUN, resume=True))
-    assert listing(out) == before
+    # Every file of the old run is back (the resumed finish rewrites its reports, with new timings).
+    after = listing(out)
+    assert after.keys() == before.keys()
+    assert {k: v for k, v in after.items() if k.startswith("checkpoints/")} == {
+        k: v for k, v in before.items() if k.startswith("checkpoints/")
+    }
+    assert (out / "run_config.json").read_text() == record
     assert same(weights(out), old_weights)
 
 

@@ -13,8 +13,8 @@ or from transformers, never from the folder:
 
 So a MiniGPT or GPT-2 folder whose `modeling_minigpt.py` was edited, or whose `auto_map` points
 at another file, still loads with the package's own classes: nothing in it is executed. Weights
-are read only from `*.safetensors` files by transformers (a pickled `.bin` is refused by it), and
-a damaged safetensors file (empty, cut short) is named before transformers tries to read it.
+are read only from `*.safetensors` files (a folder holding only a pickled `pytorch_model.bin` is
+refused), and a damaged safetensors file (empty, cut short) is named before transformers reads it.
 """
 
 from __future__ import annotations
@@ -171,6 +171,12 @@ def load_model(
             "folder you trust"
         )
     check_weights(folder)
+    if not any(folder.glob("*.safetensors")):
+        pickled = ", ".join(sorted(p.name for p in folder.glob("*.bin")))
+        raise ModelFolderError(
+            f"{what} {folder} has no *.safetensors weights{f' (only {pickled})' if pickled else ''}: only "
+            "safetensors are loaded, never pickled .bin files; save the model again with save_pretrained"
+        )
     try:
         if model_class is not None:
             return model_class.from_pretrained(folder, **kwargs)

@@ -232,9 +232,10 @@ def open_run(project: str, title: str, loop_args: LoopArguments) -> Run:
         raise ValueError("--output_dir is required: the folder for checkpoints, logs and the final model")
     layout = RunLayout(Path(loop_args.output_dir))
     check_output_location(layout.root)
-    check_lock(layout.root)
     check_run_folder(layout.root, None, resume=loop_args.resume, overwrite=loop_args.overwrite)
     accelerator = make_accelerator(loop_args)
+    if accelerator.is_main_process:  # the others would see their own main process's lock
+        check_lock(layout.root)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RunFolderError(
