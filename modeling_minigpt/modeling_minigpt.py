@@ -163,6 +163,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         self._check_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.tok_emb(input_ids)  # (B, T, C)
+        self._check_mask_shape(attention_mask, inputs_embeds.shape[0], inputs_embeds.shape[1], cache is not None)
 
         # The mask is built once here for every layer: causal, padding, packed sequences and the
         # cache's length (a static cache is longer than what it holds). None when plain causal
@@ -230,6 +231,28 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
             f"input_ids hold a token id outside the vocabulary [0, {self.config.vocab_size}); "
             "was the text encoded with a different tokenizer than this model's?",
         )
+
+    def _check_mask_shape(self, attention_mask: torch.Tensor | None, B: int, T: int, cached: bool) -> None:
+        """Refuse a mask that would broadcast: a (1, T) mask on a batch of B rows would apply one
+        row's padding to every row. Shapes only, so compile and export see no data-dependent branch."""
+        if attention_mask is None:
+            return
+        shape = tuple(attention_mask.shape)
+        # Keys: exactly T without a cache; with one, T new plus the cached ones (at least T).
+        keys_ok = (lambda S: S >= T) if cached else (lambda S: S == T)
+        if attention_mask.dim() == 2:
+            ok = shape[0] == B and keys_ok(shape[1])
+            expected = f"(batch={B}, {'past + ' if cached else ''}sequence={T})"
+        elif attention_mask.dim() == 4:
+            ok = shape[0] in (1, B) and shape[1] in (1, self.config.n_heads) and shape[2] == T and keys_ok(shape[3])
+            expected = f"({B} or 1, 1 or {self.config.n_heads}, {T}, {'past + ' if cached else ''}{T})"
+        else:
+            ok, expected = False, f"2-D (batch={B}, sequence={T}) or 4-D (batch, 1, {T}, keys)"
+        if not ok:
+            raise ValueError(
+                f"attention_mask has shape {shape} but the input is {B} rows of {T} tokens: expected {expected}. "
+                "A mask that does not match would be broadcast across rows."
+            )
 
     @staticmethod
     def _default_positions(

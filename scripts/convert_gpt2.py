@@ -18,7 +18,8 @@ from pathlib import Path
 
 from modeling_minigpt.convert import gpt2_to_minigpt, minigpt_to_gpt2
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.export import check_model_folder, save_model_folder
+from training.export import save_model_folder
+from training.model_folder import check_model_folder, check_weights
 
 # Copied byte for byte: rebuilding a tokenizer from GPT-2's vocab.json/merges.txt through
 # transformers can silently produce an empty one (see HF_V5_NOTES.md).
@@ -47,7 +48,9 @@ class ConvertArguments:
     def __post_init__(self) -> None:
         if (self.from_gpt2 is None) == (self.to_gpt2 is None):
             raise ValueError("give exactly one of --from-gpt2 FOLDER or --to-gpt2 FOLDER")
-        check_model_folder(self.from_gpt2 or self.to_gpt2, "--from-gpt2" if self.from_gpt2 else "--to-gpt2")
+        check_weights(
+            check_model_folder(self.from_gpt2 or self.to_gpt2, "--from-gpt2" if self.from_gpt2 else "--to-gpt2")
+        )
         out = Path(self.out)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise ValueError(f"output folder {out} is not empty; pass --overwrite to replace it")

@@ -168,8 +168,8 @@ def test_cli_refuses_a_bad_model_before_serving(tmp_path, capsys):
         cwd=REPO_ROOT,
     )
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"minigpt-app: error: --model: {tmp_path} has no config.json: "
-        "it is not a saved model folder (save_pretrained output)"
+        f"minigpt-app: error: --model: model folder {tmp_path} has no config.json: "
+        "it is not a saved model folder (save_pretrained writes one)"
     ]
 
 

@@ -35,3 +35,35 @@ def test_errors_are_one_line_with_exit_code_1_and_foreign_classes_named(capsys):
     assert capsys.readouterr().err == "error: --max_steps must be >= 1, got 0\n"
     assert report_error(RepositoryNotFoundError("404 Client Error.")) == 1
     assert capsys.readouterr().err == "error: RepositoryNotFoundError: 404 Client Error.\n"
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            "WriteError(errno.ENOSPC, 'runs/x/model.safetensors')",
+            "error: no space left on device writing runs/x/model.safetensors (free some space or choose a folder on "
+            "another disk)",
+        ),
+        (
+            "WriteError(errno.EROFS, 'runs/x')",
+            "error: read-only file system writing runs/x (choose a folder on a writable file system)",
+        ),
+        (
+            "PermissionError(errno.EACCES, 'Permission denied', 'runs/x')",
+            "error: permission denied: runs/x (check the permissions, or choose another folder)",
+        ),
+        (
+            "NotADirectoryError(errno.ENOTDIR, 'Not a directory', 'runs/x/y')",
+            "error: not a directory: runs/x/y (a part of the path is a file, not a folder)",
+        ),
+    ],
+)
+def test_errors_of_the_file_system_are_one_line_with_what_to_do(error, line, capsys):
+    import errno  # noqa: F401 (used by the expressions)
+
+    from modeling_minigpt.files import WriteError  # noqa: F401
+    from training.cli import report_error
+
+    assert report_error(eval(error)) == 1
+    assert capsys.readouterr().err.strip() == line

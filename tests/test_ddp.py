@@ -94,7 +94,7 @@ def test_only_rank_zero_writes(runs):
     # each checkpoint (needed to resume it). Two writers would show up as doubled log lines,
     # a second TensorBoard event file, or a second final model.
     extra = sorted(set(_files(two)) - set(_files(one)))
-    assert extra == [f"checkpoints/step_{s}/random_states_1.pkl" for s in (10, STEPS)]
+    assert extra == [f"checkpoints/step_{s}/rng_rank1.safetensors" for s in (10, STEPS)]
     assert set(_files(one)) <= set(_files(two))
     assert _files(two).count("logs/events") == _files(one).count("logs/events")
     steps = [r["step"] for r in read_metrics(two) if "train_loss" in r]

@@ -85,7 +85,7 @@ def test_script_errors_name_the_problem(evaluate_script, saved_model, tiny_token
 
     text_file = tmp_path / "ok.txt"
     text_file.write_text("some text", encoding="utf-8")
-    with pytest.raises(FileNotFoundError, match="model folder .*nope does not exist"):
+    with pytest.raises(FileNotFoundError, match="--model .*nope does not exist"):
         run("--model", str(tmp_path / "nope"), "--text-file", str(text_file))
 
     empty = tmp_path / "empty.txt"

@@ -60,3 +60,24 @@ def test_temporaries_are_recognised_by_the_patterns(tmp_path):
     names = [staging_dir(folder).name, f".old-{folder.name}", ".config.json.k3x9.tmp"]
     assert all(any(fnmatch(name, pattern) for pattern in TEMPORARY_PATTERNS) for name in names)
     assert not any(fnmatch("config.json", pattern) for pattern in TEMPORARY_PATTERNS)
+
+
+def test_a_full_disk_is_named_even_when_the_writer_loses_the_errno(tmp_path, monkeypatch):
+    """torch's writer reports a full disk as "unexpected pos ..." (no errno): with no room left on
+    the disk the failure reads "no space left on device writing <file>"."""
+    import errno
+    import shutil
+
+    from modeling_minigpt.files import WriteError, writing
+
+    target = tmp_path / "optimizer.pt"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    with pytest.raises(WriteError) as caught, writing(target):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 8512 vs 8404")
+    assert caught.value.errno == errno.ENOSPC and str(caught.value) == f"no space left on device writing {target}"
+    with pytest.raises(WriteError, match=f"read-only file system writing {target}"), writing(target):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="a bug"), writing(target):  # not the file system's fault: unchanged
+        raise ValueError("a bug")

@@ -724,3 +724,17 @@ def test_attention_and_position_figures(tmp_path, tiny_tokenizer):
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 6), (2, 5), (2, 7), (3, 6), (6,), (2, 1, 6, 5), (3, 1, 6, 6), (2, 3, 6, 6)], ids=str
+)
+def test_an_attention_mask_of_the_wrong_shape_is_refused_not_broadcast(shape):
+    """A (1, T) mask on a batch of 2 would apply row 0's padding to row 1: refused, as every other
+    shape that does not match the input (2 rows of 6 tokens, 2 heads)."""
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    with pytest.raises(ValueError, match=r"attention_mask has shape .* but the input is 2 rows of 6 tokens"):
+        model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+    model(ids, attention_mask=torch.ones(2, 6, dtype=torch.long))  # the right shapes still work
+    model(ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))

@@ -11,7 +11,8 @@ import json
 import pytest
 
 from training.loop import LoopArguments
-from training.run import RunFolderError, check_run_folder, run_fingerprint, start_run_folder
+from training.run import run_fingerprint
+from training.run_folder import RunFolderError, check_run_folder, record_run, replace_run
 
 FINGERPRINT = {"model": {"n_layers": 2}, "data": {"train_file": "a.txt"}}
 
@@ -20,7 +21,8 @@ def test_a_missing_or_empty_folder_is_usable_and_claiming_it_records_the_run(tmp
     check_run_folder(tmp_path / "new", FINGERPRINT, resume=False, overwrite=False)
     (tmp_path / "empty").mkdir()
     check_run_folder(tmp_path / "empty", FINGERPRINT, resume=False, overwrite=False)
-    start_run_folder(tmp_path / "new", FINGERPRINT, {"loop": {"seed": 1}}, overwrite=False)
+    (tmp_path / "new").mkdir()
+    record_run(tmp_path / "new", FINGERPRINT, {"loop": {"seed": 1}})
     assert json.loads((tmp_path / "new" / "run_config.json").read_text()) == {
         "fingerprint": FINGERPRINT,
         "config": {"loop": {"seed": 1}},
@@ -28,7 +30,7 @@ def test_a_missing_or_empty_folder_is_usable_and_claiming_it_records_the_run(tmp
 
 
 def test_a_folder_holding_a_run_needs_resume_with_the_same_fingerprint_or_overwrite(tmp_path):
-    start_run_folder(tmp_path, FINGERPRINT, {}, overwrite=False)
+    record_run(tmp_path, FINGERPRINT, {})
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(RunFolderError, match="already holds a run. Pass --resume"):
         check_run_folder(tmp_path, FINGERPRINT, resume=False, overwrite=False)
@@ -39,8 +41,11 @@ def test_a_folder_holding_a_run_needs_resume_with_the_same_fingerprint_or_overwr
     assert "model.n_layers: saved run has 2, this run has 3" in str(refused.value)
     assert "data.train_file: saved run has 'a.txt', this run has '<missing>'" in str(refused.value)
     check_run_folder(tmp_path, changed, resume=False, overwrite=True)
-    start_run_folder(tmp_path, changed, {}, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]  # the old run is gone
+    replace_run(tmp_path)
+    record_run(tmp_path, changed, {})
+    # The old run is set aside, not deleted, until the new one has a complete checkpoint.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".old-run", "run_config.json"]
+    assert sorted(p.name for p in (tmp_path / ".old-run").iterdir()) == ["metrics.jsonl", "run_config.json"]
 
 
 def test_a_folder_of_other_files_is_never_used(tmp_path):

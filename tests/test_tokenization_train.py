@@ -175,3 +175,23 @@ def test_train_script_help_and_run(tmp_path, pydoc_text, capsys):
     assert (out / "merges_table.md").read_text().count("\n| ") == 6 and (out / "token_boundaries.html").is_file()
     assert script.main(["--files", str(tmp_path / "missing.txt"), "--output_dir", str(out)]) == 1
     assert "missing.txt does not exist" in capsys.readouterr().err
+
+
+def test_text_without_whitespace_is_cut_into_bounded_words_with_a_warning(pydoc_text, caplog):
+    """A 200 KB run without whitespace is one pre-tokenizer word, which each merge rescans: it is
+    cut into words of MAX_WORD_CHARS (with a warning), while ordinary text is left exactly as is."""
+    from tokenization import train_bpe
+    from tokenization.pretokenize import MAX_WORD_CHARS, iter_training_pieces
+
+    blob = "".join(chr(ord("a") + (i * 7919) % 26) for i in range(200_000))
+    cuts: list[int] = []
+    pieces = list(iter_training_pieces([f"start {blob} end"], long_words=cuts))
+    assert "".join(pieces) == f"start {blob} end" and cuts == [len(blob)]
+    assert max(len(p) for p in pieces) == MAX_WORD_CHARS
+    ordinary: list[int] = []
+    assert list(iter_training_pieces([pydoc_text], long_words=ordinary)) == list(iter_training_pieces([pydoc_text]))
+    assert ordinary == [] and len(list(iter_training_pieces([pydoc_text]))) == 1
+    with caplog.at_level("WARNING", logger="tokenization.train"):
+        tokenizer = train_bpe([blob], 300, show_progress=False)
+    assert len(tokenizer) == 300
+    assert "1 runs of more than 1000 characters without whitespace (the longest 200000)" in caplog.text

@@ -180,6 +180,13 @@ def _open_folder(path: Path, split: str, streaming: bool, cache_dir: PathLike | 
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if files and all(p.suffix == ".txt" for p in files):
         return OpenedSource(files=tuple(check_file(p, what) for p in files))
+    others = [p for p in files if p.suffix != ".txt"]
+    if len(others) < len(files):  # `datasets` would read one kind of file and skip the other without a word
+        shown = ", ".join(str(p.relative_to(path)) for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise DataError(
+            f"{what} {path} mixes .txt files with {len(others)} other file(s) ({shown}): give a folder of .txt files "
+            "only (decompress .gz files first), or of data files of one format"
+        )
     try:
         return OpenedSource(
             dataset=datasets.load_dataset(str(path), split=split, streaming=streaming, cache_dir=_str(cache_dir))
@@ -198,6 +205,8 @@ def _load_dataset(name: str, split: str, streaming: bool, cache_dir: PathLike | 
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=_str(cache_dir), **kwargs)
     except Exception as error:  # missing path, unknown name, offline Hub, bad split: one message
+        if isinstance(what, str) and what.lower().endswith(".jsonl") and Path(what).is_file():
+            read_records(Path(what))  # names the file and the line of the first bad record, if that is the cause
         raise DataError(
             f"{what!r} is neither an existing text file/folder nor a dataset `datasets` can load ({split=}): {error}"
         ) from error

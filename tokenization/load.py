@@ -3,7 +3,9 @@
 One rule relates a tokenizer to a model: it has exactly the model's `vocab_size` ids. More would
 index past the embedding; fewer means another tokenizer than the model was trained with. A
 folder of a MiniGPT model loads without remote code: importing the model package (which this
-package does for its file writers) registers MiniGPT with the Auto classes.
+package does for its file writers) registers MiniGPT with the Auto classes, and the tokenizer
+class itself is one of transformers' (named in tokenizer_config.json): no code saved in a folder
+runs unless the caller asks for it with `trust_remote_code=True` (the scripts' --trust_remote_code).
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .corpus import DataError, PathLike
 
 
-def load_tokenizer(tokenizer: PreTrainedTokenizerBase | PathLike | None) -> PreTrainedTokenizerBase:
-    """The tokenizer itself, or the one saved in folder `tokenizer`; a DataError naming what is missing."""
+def load_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | PathLike | None, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer itself, or the one saved in folder `tokenizer`; a DataError naming what is missing.
+
+    A folder whose tokenizer exists only as code saved in it is refused unless `trust_remote_code`.
+    """
     if tokenizer is None:
         raise DataError(
             "no tokenizer given: pass the tokenizer the model uses (a saved tokenizer folder, or one from "
@@ -31,11 +38,15 @@ def load_tokenizer(tokenizer: PreTrainedTokenizerBase | PathLike | None) -> PreT
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise DataError(f"no tokenizer at {path}: expected a folder with tokenizer.json (from save_pretrained)")
     try:
-        # trust_remote_code: a folder whose config names remote code would otherwise stop and ask;
-        # the tokenizer class itself comes from tokenizer_config.json.
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        # Passed explicitly either way: without it, a folder whose config names remote code stops and asks.
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # any loading failure becomes one clear message
-        raise DataError(f"could not load the tokenizer saved in {path}: {error}") from error
+        if not trust_remote_code and "trust_remote_code" in str(error):
+            raise DataError(
+                f"the tokenizer saved in {path} needs code saved in that folder: pass --trust_remote_code to run "
+                "it, and only for a folder you trust"
+            ) from None
+        raise DataError(f"could not load the tokenizer saved in {path}: {error}") from None
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:

@@ -99,10 +99,33 @@ def split_on_special_tokens(text: str, special_tokens: Sequence[str] = SPECIAL_T
     return [piece for piece, special in segment_special_tokens(text, special_tokens) if not special]
 
 
-def iter_training_pieces(texts: Iterable[str], special_tokens: Sequence[str] = SPECIAL_TOKENS) -> Iterator[str]:
-    """Every stretch of training text the BPE trainer counts, in corpus order."""
+# The longest run without whitespace the BPE trainer sees as one word. Each merge rescans the words
+# holding its pair, so one word of a text without spaces (2 MB of it took 240 s with no output)
+# costs its length per merge; real words are far shorter, so ordinary text is never cut.
+MAX_WORD_CHARS = 1000
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
+
+
+def iter_training_pieces(
+    texts: Iterable[str], special_tokens: Sequence[str] = SPECIAL_TOKENS, long_words: list[int] | None = None
+) -> Iterator[str]:
+    """Every stretch of training text the BPE trainer counts, in corpus order; runs of more than
+    `MAX_WORD_CHARS` characters without whitespace are cut into pieces of that length, each
+    counted in `long_words` (appended to, if given) so that the caller can warn."""
     for text in texts:
-        yield from split_on_special_tokens(text, special_tokens)
+        for piece in split_on_special_tokens(text, special_tokens):
+            if _LONG_WORD.search(piece) is None:
+                yield piece
+                continue
+            start = 0
+            for match in _LONG_WORD.finditer(piece):
+                yield piece[start : match.start()]
+                run = match.group()
+                yield from (run[i : i + MAX_WORD_CHARS] for i in range(0, len(run), MAX_WORD_CHARS))
+                if long_words is not None:
+                    long_words.append(len(run))
+                start = match.end()
+            yield piece[start:]
 
 
 def readable(token: str) -> str:

@@ -21,7 +21,14 @@ from transformers import PreTrainedTokenizerFast
 
 from .alpaca import ALPACA_CHAT_TEMPLATE
 from .corpus import CorpusMonitor, PathLike, Source, iter_texts
-from .pretokenize import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, bytes_to_unicode, iter_training_pieces
+from .pretokenize import (
+    EOS_TOKEN,
+    MAX_WORD_CHARS,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    bytes_to_unicode,
+    iter_training_pieces,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -96,9 +103,19 @@ def train_bpe(
     tokenizer = byte_level_tokenizer(models.BPE())
     trainer = bpe_trainer(vocab_size, min_frequency, special_tokens, show_progress)
     # `length` only sizes the progress bar (texts cut at special tokens count as several).
+    long_words: list[int] = []
     tokenizer.train_from_iterator(
-        iter_training_pieces(monitor.watch(texts), special_tokens), trainer=trainer, length=n_texts
+        iter_training_pieces(monitor.watch(texts), special_tokens, long_words), trainer=trainer, length=n_texts
     )
+    if long_words:
+        logger.warning(
+            "the corpus has %d runs of more than %d characters without whitespace (the longest %d): each was cut "
+            "into words of %d characters for training. Is it text (not base64, minified code or a binary)?",
+            len(long_words),
+            MAX_WORD_CHARS,
+            max(long_words),
+            MAX_WORD_CHARS,
+        )
     if not monitor.has_content:
         raise ValueError(
             f"the training corpus is empty or whitespace-only ({monitor.n_texts} texts, {monitor.n_chars} characters)"

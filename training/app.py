@@ -139,12 +139,13 @@ class ModelApp:
     # --- load
 
     def load(self, folder: str):
-        from training.inspect_model import ModelFolderError, load_for_app
+        from tokenization.corpus import DataError
+        from training.inspect_model import load_for_app
 
         try:
             self.loaded = load_for_app(folder.strip())
             status = f"Loaded {self.loaded.folder}."
-        except ModelFolderError as error:
+        except DataError as error:  # a ModelFolderError, or a tokenizer that does not load
             status = warning(f"{error}. Still serving {self.loaded.folder}.")
         return (self.header(), status, *self.control_updates())
 
@@ -395,11 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model is None:
         print(f"{PROG}: error: --model is required (a folder written by save_pretrained)", file=sys.stderr)
         return 1
-    from training.inspect_model import ModelFolderError, load_for_app
+    from tokenization.corpus import DataError
+    from training.inspect_model import load_for_app
 
     try:
         loaded = load_for_app(args.model)
-    except ModelFolderError as error:
+    except DataError as error:  # a ModelFolderError, or a tokenizer that does not load
         print(f"{PROG}: error: --model: {error}", file=sys.stderr)
         return 1
     print(f"{PROG} config: {asdict(args)}\n{loaded.describe()}")

@@ -28,12 +28,12 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoModelForSequenceClassification
 
 import training.run as lifecycle
 from training.classify_data import (
     TOPIC_WORDS,
     ClassificationData,
+    ClassificationDataError,
     balanced_sampler,
     generate_classification_demo,
     load_classification_data,
@@ -176,6 +176,12 @@ def load_classification_splits(args: ClassifyArguments) -> ClassificationSplits:
         data = load_classification_data(args.train_file, **columns)
         description = Path(args.train_file).name
     label2id = data.label2id
+    if len(label2id) < 2:
+        # One class would train a 1-output head, which transformers reads as regression (MSE loss).
+        raise ClassificationDataError(
+            f"--train_file {args.train_file}: every record has the label {next(iter(label2id), None)!r} "
+            f"(column {args.label_column!r}); classification needs at least two classes"
+        )
 
     held = {
         name: getattr(args, f"{name}_fraction")
@@ -285,7 +291,7 @@ def run_classification(
     # The seed: the new head (and LoRA's A matrices) start the same in every rerun.
     head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=splits.label2id)
     head["pad_token_id"] = tokenizer.pad_token_id
-    model = lifecycle.load_base_model(cls_args, AutoModelForSequenceClassification, tokenizer, loop_args.seed, **head)
+    model = lifecycle.load_base_model(cls_args, "sequence-classification", tokenizer, loop_args.seed, **head)
     max_length = lifecycle.max_length_for(model, cls_args.max_length)
     with run.accelerator.main_process_first():
         train_set, validation_set, test_set = (

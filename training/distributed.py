@@ -28,9 +28,9 @@ broadcasts them back into a freshly sharded model (tested 2 ranks -> 2 ranks; th
 by parameter name and hold whole tensors, so another number of ranks can load them too).
 
 In a job (`scripts/pretrain.py --fsdp`): `shard_for_training` shards the model instead of
-Accelerate wrapping it in DDP, `ShardedTrainingState` puts the gathered model and optimizer
-state into every `accelerator.save_state` checkpoint, and `unsharded` gives `save_pretrained` the
-gathered model. Every forward of a sharded model is a collective: evaluations and samples run on
+Accelerate wrapping it in DDP, `training.checkpoint` writes the gathered model and optimizer
+state into the same checkpoint files a one-process run writes, and `unsharded` gives
+`save_pretrained` the gathered model. Every forward of a sharded model is a collective: evaluations and samples run on
 all ranks, never on rank 0 alone (it would wait forever for the others).
 
 Data: `split_by_rank` gives each rank its share of a windows dataset (see its docstring for when
@@ -236,27 +236,6 @@ def check_can_shard(accelerator: Any) -> None:
             f"--fsdp runs in full precision here, but mixed precision is {accelerator.mixed_precision}: pass "
             "--mixed_precision no (or shard through Accelerate with scripts/configs/accelerate/fsdp2.yaml on GPUs)"
         )
-
-
-class ShardedTrainingState:
-    """A sharded model and its optimizer as one object for `accelerator.register_for_checkpointing`.
-
-    Accelerate's own checkpoint would save rank 0's shards of the optimizer state only (and
-    nothing of a model it did not prepare). `state_dict` (called on every rank by `save_state`)
-    gathers the whole model and optimizer state to rank 0 with `full_training_state`: keyed by
-    parameter name, unsharded, so the checkpoint does not depend on the number of ranks.
-    `load_state_dict` (every rank, from the saved file) scatters it back.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, dict]:
-        model_state, optimizer_state = full_training_state(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optimizer_state}
-
-    def load_state_dict(self, state: dict[str, dict]) -> None:
-        load_full_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
 
 
 # ----------------------------------------------------------------------------- the data

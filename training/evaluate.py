@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +48,13 @@ from training.collate import IGNORE_INDEX
 from training.generate import eval_mode
 
 LN2 = math.log(2.0)
+# math.exp overflows above ~709.78 nats: a diverged model's perplexity is infinite, not an OverflowError.
+_MAX_EXP = math.log(sys.float_info.max)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf for a loss too large to exponentiate."""
+    return math.exp(loss) if loss <= _MAX_EXP else math.inf
 
 
 # ----------------------------------------------------------------------------- units
@@ -146,7 +154,7 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.loss)
 
     @property
     def n_bytes(self) -> int | None:
@@ -316,13 +324,17 @@ def resolve_window(model: torch.nn.Module, context_length: int | None, stride: i
     config = _config(model)
     # attribute_map makes max_position_embeddings work for MiniGPT and GPT-2; n_positions is a fallback.
     model_max = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    context_length = context_length or model_max
+    context_length = model_max if context_length is None else context_length
     if context_length is None:
         raise ValueError("cannot read the model's context length from its config: pass context_length")
+    if context_length < 1:
+        raise ValueError(f"context_length must be >= 1, got {context_length}")
     if model_max is not None and context_length > model_max:
         raise ValueError(f"context_length {context_length} exceeds the model's maximum of {model_max} positions")
     # Half a window of guaranteed context costs 2x the compute of non-overlapping windows.
-    stride = stride or max(1, context_length // 2)
+    stride = max(1, context_length // 2) if stride is None else stride
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"stride must be in [1, context_length={context_length}], got {stride}")
     return context_length, stride
 
 
@@ -470,7 +482,7 @@ class MetricsReport:
         if n_resamples > 0 and result.n_windows >= 2:
             report.confidence = 1 - alpha
             report.loss_ci = bootstrap_ci(result.per_window_nats, result.per_window_tokens, n_resamples, seed, alpha)
-            report.perplexity_ci = (math.exp(report.loss_ci[0]), math.exp(report.loss_ci[1]))
+            report.perplexity_ci = (perplexity(report.loss_ci[0]), perplexity(report.loss_ci[1]))
             if result.n_bytes:
                 # Same seed, same resampled windows: the two intervals describe the same draws.
                 low, high = bootstrap_ci(result.per_window_nats, result.per_window_bytes, n_resamples, seed, alpha)

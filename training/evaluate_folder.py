@@ -1,7 +1,9 @@
 """Evaluate a saved causal LM folder on a text source: the job behind `scripts/evaluate.py`.
 
-Any folder written by `save_pretrained` works (MiniGPT or any other Hugging Face causal LM); the
-tokenizer defaults to the same folder. The text comes from `tokenization.corpus` (a text file or
+Any folder written by `save_pretrained` works (MiniGPT, GPT-2, or another causal LM transformers
+knows), loaded by `training.model_folder.load_model`: no code saved in the folder runs unless
+--trust_remote_code is given. The tokenizer defaults to the same folder and must have exactly the
+model's vocabulary (`tokenization.load.check_tokenizer`). The text comes from `tokenization.corpus` (a text file or
 folder, or any dataset source), and every number is defined in `training.evaluate`. With several
 processes each scores its share of the windows; the JSON file is written atomically by the main
 process.
@@ -15,13 +17,12 @@ from operator import itemgetter
 from pathlib import Path
 
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM
 
 from modeling_minigpt.files import atomic_write_json
-from tokenization.load import load_tokenizer
+from tokenization.load import check_tokenizer, load_tokenizer
 from training.data import load_corpus
 from training.evaluate import MetricsReport, evaluate_texts
-from training.export import check_model_folder
+from training.model_folder import TRUST_HELP, check_model_folder, load_model
 
 
 @dataclass
@@ -58,6 +59,20 @@ class EvaluateArguments:
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the interval."})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
     output_json: str | None = field(default=None, metadata={"help": "Write the report here as JSON (atomically)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_HELP})
+
+    def __post_init__(self) -> None:
+        for name in ("context_length", "stride", "max_windows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1 (or left out for its default), got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.bootstrap < 0:
+            raise ValueError(f"--bootstrap must be >= 0 (0: no confidence interval), got {self.bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {self.confidence}")
+        if self.output_json is not None and Path(self.output_json).is_dir():
+            raise ValueError(f"--output_json {self.output_json} is a folder: give a file name, e.g. report.json")
 
 
 def load_documents(args: EvaluateArguments) -> tuple[list[str], str]:
@@ -85,16 +100,16 @@ def evaluate_folder(args: EvaluateArguments) -> MetricsReport:
     """Score the folder on the text, print the report and write it as JSON if asked."""
     if args.model is None:
         raise ValueError("--model is required (a folder written by save_pretrained)")
-    if not 0 < args.confidence < 1:
-        raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {args.confidence}")
-    model_dir = check_model_folder(args.model, "model folder")
+    model_dir = check_model_folder(args.model, "--model")
     tokenizer_dir = Path(args.tokenizer or args.model)
     accelerator = Accelerator()
     if accelerator.is_main_process:
         print(f"evaluate.py on {accelerator.num_processes} process(es), config:", asdict(args))
     documents, source = load_documents(args)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).to(accelerator.device)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=args.trust_remote_code)
+    model = load_model(model_dir, "causal-lm", trust_remote_code=args.trust_remote_code, what="--model")
+    check_tokenizer(tokenizer, model.config.vocab_size)
+    model.to(accelerator.device)
     report = evaluate_texts(
         model,
         tokenizer,

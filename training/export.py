@@ -29,9 +29,9 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS as HUB_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
 from modeling_minigpt.files import TEMPORARY_PATTERNS, replace_dir, staging_dir
-from tokenization.corpus import DataFileNotFoundError
-from training.layout import CHECKPOINTS
+from training.layout import CHECKPOINTS, LOCK
 from training.model_card import write_model_card
+from training.model_folder import check_model_folder
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -39,20 +39,6 @@ if TYPE_CHECKING:
 
 
 # ----------------------------------------------------------------------------- saved folders
-
-
-def check_model_folder(path: str | os.PathLike[str] | None, what: str = "model folder") -> Path:
-    """`path` as a Path if it is a folder written by `save_pretrained` (it has a config.json)."""
-    if not path:
-        raise ValueError(f"{what} is required: a folder written by save_pretrained (e.g. a pretraining run's model/)")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataFileNotFoundError(f"{what} {folder} does not exist (or is not a folder)")
-    if not (folder / "config.json").is_file():
-        raise DataFileNotFoundError(
-            f"{what} {folder} has no config.json: it is not a saved model folder (save_pretrained writes one)"
-        )
-    return folder
 
 
 def save_model_folder(
@@ -110,7 +96,8 @@ def save_finetuned(
     A PEFT model is saved twice: the adapter alone in `adapter_dir` (with the tokenizer), then
     merged into its base in `model_dir`. A plain model goes to `model_dir` only. Either way
     `model_dir` is a complete folder (weights, code, config with `auto_map`, tokenizer, card)
-    that `AutoModelFor*.from_pretrained(model_dir, trust_remote_code=True)` loads.
+    that `training.model_folder.load_model` loads with the package's classes (and stock
+    transformers with `trust_remote_code=True`, from the code files it carries).
     """
     if is_peft_model(model):
         save_model_folder(model, adapter_dir, tokenizer)
@@ -126,7 +113,8 @@ DEFAULT_BRANCH = "main"
 # Run-folder content that is not part of the published model. `*` matches across "/" here
 # (fnmatch), so "checkpoints/*" covers every file below checkpoints/.
 RUN_ONLY_PATTERNS: list[str] = [
-    f"{CHECKPOINTS}/*",  # accelerate.save_state folders: optimizer state, RNG, several copies of the weights
+    f"{CHECKPOINTS}/*",  # resumable checkpoints: optimizer state, RNG, several copies of the weights
+    LOCK,  # which process is writing the run
     *TEMPORARY_PATTERNS,  # atomic writes in progress, folders being built or replaced (modeling_minigpt.files)
     "*events.out.tfevents.*",  # TensorBoard event logs (TensorBoard's own file names)
 ]

@@ -21,7 +21,6 @@ tokens as `model.generate(**settings.generate_kwargs())` (tests/test_inspect_mod
 from __future__ import annotations
 
 import codecs
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,26 +36,13 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
+from modeling_minigpt import MiniGPTForSequenceClassification
 from modeling_minigpt.visualize import attention_weights
-from tokenization.load import check_tokenizer
+from tokenization.load import check_tokenizer, load_tokenizer
 from tokenization.pretokenize import readable, token_bytes
+from training.model_folder import ModelFolderError, folder_task, load_model, model_class_for, read_model_config
 
 TOP_K_ALTERNATIVES = 5
-
-# (model_type, architecture) -> the package's class. Only these load: the classes are ours (or
-# stock transformers'), so no code from the folder ever runs (never trust_remote_code).
-MODEL_CLASSES: dict[tuple[str, str], type] = {
-    ("minigpt", "MiniGPTForCausalLM"): MiniGPTForCausalLM,
-    ("minigpt", "MiniGPTForSequenceClassification"): MiniGPTForSequenceClassification,
-    ("gpt2", "GPT2LMHeadModel"): GPT2LMHeadModel,
-}
-# A config.json without `architectures` (written by hand, or by an old tool) is read as a language model.
-DEFAULT_ARCHITECTURE = {"minigpt": "MiniGPTForCausalLM", "gpt2": "GPT2LMHeadModel"}
-
-
-class ModelFolderError(ValueError):
-    """A folder the app cannot serve; the message says which folder and what to do."""
 
 
 class ContextFullError(ValueError):
@@ -103,59 +89,35 @@ class LoadedModel:
         )
 
 
-def model_class_for(folder: str | Path) -> type:
-    """The class that loads `folder`, read from its config.json; ModelFolderError otherwise."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelFolderError(f"model folder {folder} does not exist (give a folder written by save_pretrained)")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ModelFolderError(f"{folder} has no config.json: it is not a saved model folder (save_pretrained output)")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFolderError(f"{config_file} is not valid JSON: {error}") from None
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or [DEFAULT_ARCHITECTURE.get(model_type)]
-    model_class = MODEL_CLASSES.get((model_type, architectures[0]))
-    if model_class is None:
-        supported = ", ".join(f"{t}/{a}" for t, a in MODEL_CLASSES)
-        raise ModelFolderError(
-            f"{folder} holds model_type={model_type!r}, architecture {architectures[0]!r}; "
-            f"the app loads only {supported}"
-        )
-    return model_class
-
-
 def load_for_app(folder: str | Path) -> LoadedModel:
-    """The model and tokenizer of a saved folder, in eval mode, with the package's own classes.
-
-    One small function on purpose: when the package gets one safe loader, this is what to swap.
-    """
+    """The model and tokenizer of a saved folder, in eval mode, with the package's own classes
+    (`training.model_folder`: the head the folder was saved with; MiniGPT and GPT-2 only, since
+    the views read their attention), and the tokenizer by the one rule of `tokenization.load`."""
     folder = Path(folder)
-    model_class = model_class_for(folder)
+    task = folder_task(folder)
+    if model_class_for(folder, task) is None:
+        model_type = read_model_config(folder).get("model_type")
+        raise ModelFolderError(
+            f"{folder} holds model_type={model_type!r}; the app loads only MiniGPT and GPT-2 folders"
+        )
     if not (folder / "tokenizer.json").is_file():
         raise ModelFolderError(
             f"{folder} has no tokenizer.json: save the tokenizer next to the model (tokenizer.save_pretrained)"
         )
-    # The tokenizer class is fixed too: AutoTokenizer would follow the folder's own choice.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     extra = {}
-    if model_class is GPT2LMHeadModel:
+    if model_class_for(folder, task) is GPT2LMHeadModel:
         # Stock GPT-2 returns no attention weights from its sdpa path.
         extra["attn_implementation"] = "eager"
-    try:
-        model = model_class.from_pretrained(folder, **extra).eval()
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ModelFolderError(f"{folder}: the weights do not load as {model_class.__name__}: {error}") from None
-    if model_class is GPT2LMHeadModel:
+    model = load_model(folder, task, **extra).eval()
+    if isinstance(model, GPT2LMHeadModel):
         # `attention_weights` crops to `config.context_length`, which only MiniGPT's config defines.
         model.config.context_length = model.config.n_positions
     try:
         check_tokenizer(tokenizer, model.config.vocab_size)
     except ValueError as error:
         raise ModelFolderError(f"{folder}: {error}") from None
-    kind = "classifier" if model_class is MiniGPTForSequenceClassification else "causal-lm"
+    kind = "classifier" if task == "sequence-classification" else "causal-lm"
     return LoadedModel(model=model, tokenizer=tokenizer, folder=folder, kind=kind)
 
 

@@ -18,6 +18,7 @@ METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
 FINAL_METRICS = "final_metrics.json"
 RUN_CONFIG = "run_config.json"
+LOCK = "run.lock"  # the process writing the folder (training.run_folder.RunLock)
 GENERATIONS = "heldout_generations.json"
 # DPO: the untuned model's held-out answers (the "before" of the table), the precomputed
 # reference log-probabilities, and the preference curves.
@@ -28,7 +29,7 @@ PREFERENCE_CURVES = "preference_curves.png"
 # What the run prints when it starts, in this order: the files every job writes.
 DESCRIPTIONS = {
     RUN_CONFIG: "configuration and resume fingerprint",
-    f"{CHECKPOINTS}/step_N": "accelerate checkpoints (resume with --resume)",
+    f"{CHECKPOINTS}/step_N": "checkpoints: safetensors, JSON and a manifest (resume with --resume)",
     METRICS: "training/validation loss log",
     LOSS_CURVE: "loss curve",
     f"{LOGS}/": "TensorBoard logs",
@@ -50,6 +51,7 @@ class RunLayout:
         self.loss_curve = root / LOSS_CURVE
         self.final_metrics = root / FINAL_METRICS
         self.run_config = root / RUN_CONFIG
+        self.lock = root / LOCK
         self.generations = root / GENERATIONS  # SFT: {instruction, input, expected, generated, exact_match} per record
         self.generations_before = root / GENERATIONS_BEFORE
         self.reference_logps = root / REFERENCE_LOGPS

@@ -4,7 +4,7 @@ Callers build the model and dataloaders (`training.run` does it for every job) a
 callbacks: `loss_fn(model, batch)` and `eval_fn(model)`. Everything else lives here once: the
 optimizer (AdamW with weight-decay groups, or Muon for the hidden matrices plus AdamW, as one
 optimizer), the Accelerator setup (gradient accumulation, mixed precision chosen for the
-hardware, a seeded data order), exact resume (`TrainState` + `accelerator.save_state`), the
+hardware, a seeded data order), exact resume (`TrainState` + `training.checkpoint`), the
 metrics log and the loop itself:
 
     accumulate -> backward -> clip -> step -> schedule
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from modeling_minigpt.files import atomic_path
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import Resumable, latest_checkpoint, resume, save_checkpoint
 from training.generate import eval_mode
 from training.layout import RunLayout
 from training.schedule import lr_factor
@@ -124,6 +124,13 @@ class LoopArguments:
     report_to: Literal["tensorboard", "none"] = field(
         default="tensorboard", metadata={"help": "Accelerate tracker (logs go to output_dir/logs)."}
     )
+    divergence_loss: float = field(
+        default=100.0,
+        metadata={
+            "help": "Stop as diverged when a step's training loss exceeds this (nats; uniform guessing over "
+            "GPT-2's 50,257 tokens scores 10.8)."
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -142,6 +149,17 @@ class LoopArguments:
             raise ValueError(f"--muon_learning_rate must be > 0, got {self.muon_learning_rate}")
         if self.max_time_seconds is not None and self.max_time_seconds <= 0:
             raise ValueError(f"--max_time_seconds must be > 0, got {self.max_time_seconds}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("learning_rate", "divergence_loss"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(
                 "need 0 <= --min_learning_rate <= --learning_rate, "
@@ -153,7 +171,7 @@ class LoopArguments:
 
 @dataclass
 class TrainState:
-    """What the loop has done so far; saved in every checkpoint (`register_for_checkpointing`)."""
+    """What the loop has done so far; saved in every checkpoint (as JSON, `training.checkpoint`)."""
 
     step: int = 0  # optimizer steps completed
     tokens_seen: int = 0  # input positions consumed, summed over processes (padding included)
@@ -170,7 +188,8 @@ class TrainState:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN/inf; no update was applied for that step."""
+    """The run diverged: the loss or gradient norm became NaN/inf, or the loss exceeded
+    `divergence_loss`; no update was applied for that step."""
 
 
 def build_optimizer(
@@ -384,19 +403,19 @@ class MetricsLog:
                 f.write(json.dumps(dict(record)) + "\n")
 
 
-def resume_from_latest(accelerator: Accelerator, output_dir: str | os.PathLike[str], metrics: MetricsLog) -> int | None:
-    """Load the latest complete checkpoint under output_dir/checkpoints; return its step (None if none).
+def resume_from_latest(
+    accelerator: Accelerator, output_dir: str | os.PathLike[str], metrics: MetricsLog, parts: Resumable
+) -> int | None:
+    """Load the latest intact checkpoint under output_dir/checkpoints into `parts`; return its
+    step (None if none). A damaged one is skipped for the one before it, with a line saying so.
 
-    Call after `accelerator.prepare` and `register_for_checkpointing(state)`. The metrics log is
-    cut back to the checkpoint (or emptied when there is none: the run starts over), so the
-    resumed run's entries follow without gaps or repeats.
+    Call after `accelerator.prepare`. The metrics log is cut back to the checkpoint (or emptied
+    when there is none: the run starts over), so the resumed run's entries follow without gaps
+    or repeats.
     """
-    folder = latest_checkpoint(RunLayout(Path(output_dir)).checkpoints)
-    if folder is None:
-        metrics.truncate_after(-1)
-        return None
-    step = load_checkpoint(accelerator, folder)
-    metrics.truncate_after(step)
+    say = print if accelerator.is_main_process else (lambda message: None)
+    step = resume(accelerator, RunLayout(Path(output_dir)).checkpoints, parts, say)
+    metrics.truncate_after(-1 if step is None else step)
     return step
 
 
@@ -531,15 +550,17 @@ def train_loop(
     eval_fn: EvalFn | None = None,
     on_eval: Callable[[TrainState], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
 ) -> dict[str, float | str] | None:
     """Train until `args.max_steps` (or `args.max_time_seconds`) from wherever `state` stands;
     return the values of the last evaluation (the one at the final step), None if none ran.
 
     `model`, `optimizer` and `train_dataloader` must come from `accelerator.prepare`, and `state`
-    must be registered for checkpointing (and resumed, if wanted) by the caller. Every process runs
+    resumed (if wanted) by the caller (`resume_from_latest`). Every process runs
     this; logs and checkpoint bookkeeping happen on the main process. `eval_fn(model)` returns
     metrics (floats) and optionally texts; it runs every `eval_every` steps and at the end, in
-    eval mode without gradients, followed by `on_eval(state)` (e.g. redraw the loss curve).
+    eval mode without gradients, followed by `on_eval(state)` (e.g. redraw the loss curve);
+    `on_checkpoint(state)` follows every complete checkpoint.
     `clock` reads the time in seconds, for `max_time_seconds` and the logged throughput.
     Each parameter group's learning rate is its `initial_lr` (its peak; the current lr when a
     group has none) times the schedule's factor (`training.schedule.lr_factor`).
@@ -587,12 +608,18 @@ def train_loop(
 
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         step_loss = accelerator.reduce(step_loss, reduction="mean")  # the same value on every process
-        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+        finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
+        if not finite or step_loss.item() > args.divergence_loss:
             last = latest_checkpoint(checkpoints_root)
+            what = (
+                "non-finite training loss"
+                if not finite
+                else f"training loss above --divergence_loss {args.divergence_loss}"
+            )
             raise NonFiniteLossError(
-                f"non-finite training loss at step {state.step + 1}: "
-                f"loss={step_loss.item()}, grad_norm={grad_norm.item()}. "
-                f"Stopped before updating the weights; last good checkpoint: {last or 'none yet'}"
+                f"the run diverged: {what} at step {state.step + 1}: "
+                f"loss={step_loss.item()}, grad_norm={grad_norm.item()}. Stopped before updating the weights; "
+                f"last good checkpoint: {last or 'none yet'}. Lower --learning_rate (or raise --warmup_steps)"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -626,7 +653,10 @@ def train_loop(
                 if on_eval is not None and accelerator.is_main_process:
                     on_eval(state)
             if save_now:
-                save_checkpoint(accelerator, checkpoints_root, state.step, args.keep_last)
+                parts = Resumable(model, optimizer, state, [train_dataloader])
+                save_checkpoint(accelerator, checkpoints_root, state.step, args.keep_last, parts)
+                if on_checkpoint is not None and accelerator.is_main_process:
+                    on_checkpoint(state)
     progress.close()
     return evaluation
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import datasets
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
@@ -256,6 +256,10 @@ def _tokenizer(
         source = [_character_split(data_args)[0]]  # never the held-out text
     else:
         source = open_source(data_args.train_file, what="--train_file")
+    if PartialState().is_main_process:  # a long step: say what it is (pass --tokenizer_path to skip it)
+        print(
+            f"training a {data_args.tokenizer_vocab_size:,}-token BPE tokenizer on {_source_name(data_args.train_file)}"
+        )
     tokenizer = train_bpe(source, data_args.tokenizer_vocab_size, show_progress=False)
     if len(set(gather_object([tokenizer_fingerprint(tokenizer)]))) > 1:
         raise RuntimeError("the processes trained different tokenizers from the same text: pass --tokenizer_path")
@@ -362,10 +366,24 @@ def _windows(
     corpus = open_source(data_args.train_file, streaming=data_args.streaming, what="--train_file")
     if validation_text is None:
         return train(corpus, validation_fraction=data_args.validation_fraction, split_by=data_args.split_by)
-    return {  # a --validation_file, or the last characters of the training file
-        "train": train([texts[0]] if texts else corpus, validation_fraction=0)["train"],
-        "validation": build_lm_datasets([validation_text], **common, validation_fraction=0)["train"],
-    }
+    if not texts:  # a --validation_file
+        return {
+            "train": train(corpus, validation_fraction=0)["train"],
+            "validation": build_lm_datasets([validation_text], **common, validation_fraction=0)["train"],
+        }
+    parts = {}  # the last characters of the training file
+    for split, build, text in (
+        ("training", train, texts[0]),
+        ("validation", partial(build_lm_datasets, **common), texts[1]),
+    ):
+        try:
+            parts[split] = build([text], validation_fraction=0)["train"]
+        except DataError as error:
+            raise DataError(
+                f"--train_file {data_args.train_file}, its {split} part (--split_by characters, "
+                f"--validation_fraction {data_args.validation_fraction}: {len(text):,} characters): {error}"
+            ) from None
+    return {"train": parts["training"], "validation": parts["validation"]}
 
 
 def _windows_folder(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> Path:

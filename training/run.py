@@ -23,9 +23,10 @@ Fine-tuning jobs start from a saved folder: `BaseModelArguments`, `load_base_tok
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,20 +34,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from modeling_minigpt.files import atomic_write_json, save_figure
+from modeling_minigpt.files import atomic_write_json, file_sha256, save_figure
+from tokenization.corpus import DataError
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
-from training.distributed import (
-    RankBatches,
-    ShardedTrainingState,
-    check_can_shard,
-    shard_for_training,
-    unsharded,
-)
-from training.export import check_model_folder, is_peft_model, save_finetuned
+from training.checkpoint import Resumable, check_supported
+from training.distributed import RankBatches, check_can_shard, shard_for_training, unsharded
+from training.export import is_peft_model, save_finetuned
 from training.generate import eval_mode
 from training.layout import RunLayout, describe_run_files
 from training.loop import (
@@ -63,99 +60,51 @@ from training.loop import (
     train_loop,
 )
 from training.model_card import TrainingInfo, describe_hardware
+from training.model_folder import TRUST_HELP, Task, load_model, read_model_config
 from training.plots import LOSS_CURVE_DPI, loss_curve_figure
+from training.run_folder import (
+    RunFolderError,
+    RunLock,
+    check_lock,
+    check_output_location,
+    check_run_folder,
+    has_complete_checkpoint,
+    record_run,
+    recover_interrupted_overwrite,
+    replace_run,
+    restore_replaced,
+    retire_replaced,
+    run_entries,
+)
 from training.schedule import describe_schedule
 
 # A job's evaluation: (the numbers logged to metrics.jsonl, whatever else it found, e.g. generations).
 Scores = Callable[[torch.nn.Module], tuple[dict[str, float], Any]]
 
 
-# ----------------------------------------------------------------------------- run folders
-
-
-class RunFolderError(ValueError):
-    """The output folder cannot be used for this run (holds another run, or unrelated files)."""
-
-
-def _diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two nested dicts, one line per differing leaf."""
-    lines = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"  {prefix}{key}: saved run has {a!r}, this run has {b!r}")
-    return lines
-
-
-def check_run_folder(
-    output_dir: str | os.PathLike[str], fingerprint: dict[str, Any], *, resume: bool, overwrite: bool
-) -> None:
-    """Raise RunFolderError unless `output_dir` may hold this run. Reads only; writes nothing.
-
-    `fingerprint` holds everything that must match for a resumed run to be the same run (model
-    shape, tokenizer hash, data, optimisation settings). A folder is usable when it is missing or
-    empty, when it holds this same run and `resume` is set, or when it holds some run and
-    `overwrite` is set. A non-empty folder without a run_config.json is never touched.
-    """
-    layout = RunLayout(Path(output_dir))
-    if not layout.root.exists():
-        return
-    if not layout.root.is_dir():
-        raise RunFolderError(f"output folder {layout.root} exists and is not a folder")
-    if not any(layout.root.iterdir()):
-        return
-    if not layout.run_config.is_file():
-        raise RunFolderError(
-            f"output folder {layout.root} is not empty and holds no {layout.run_config.name}: it is not a run "
-            "folder, so it is neither resumed nor overwritten. Choose an empty or new folder."
-        )
-    if overwrite:
-        return
-    saved = json.loads(layout.run_config.read_text())["fingerprint"]
-    if not resume:
-        raise RunFolderError(
-            f"output folder {layout.root} already holds a run. Pass --resume to continue it "
-            "or --overwrite to delete it and start again."
-        )
-    differences = _diff(saved, fingerprint)
-    if differences:
-        raise RunFolderError(
-            f"cannot resume the run in {layout.root}: its configuration differs from this one:\n"
-            + "\n".join(differences)
-            + "\nUse the original settings to resume, or --overwrite / another output folder to start a new run."
-        )
-
-
-def start_run_folder(
-    output_dir: str | os.PathLike[str], fingerprint: dict[str, Any], config: dict[str, Any], *, overwrite: bool
-) -> Path:
-    """Create (or, with `overwrite`, empty) the run folder and record the run's configuration.
-
-    Call on the main process only, after `check_run_folder` passed.
-    """
-    layout = RunLayout(Path(output_dir))
-    if overwrite and layout.run_config.is_file():
-        shutil.rmtree(layout.root)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(layout.run_config, {"fingerprint": fingerprint, "config": config})
-    return layout.root
-
-
 # ----------------------------------------------------------------------------- the run fingerprint
 
 
-def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-    """Path and size of a file, for a resume fingerprint (None stays None)."""
+def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | str | None:
+    """What identifies a data source for a resume fingerprint: a file's path, size and SHA-256
+    (so a file edited in place, even at the same size, is another source), a folder's files each
+    so, a dataset name or the embedded corpus as given. None stays None.
+
+    Hashing costs about 1 ms per MB here (`modeling_minigpt.files.file_sha256`), once per start.
+    """
     if path is None:
         return None
     p = Path(path)
-    return {"path": str(p.resolve()), "size": p.stat().st_size if p.is_file() else None}
+    if p.is_file():
+        return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256": file_sha256(p)}
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+        return {"path": str(p.resolve()), "files": {str(f.relative_to(p)): file_sha256(f) for f in files}}
+    return str(path)
 
 
 def model_identity(model_dir: Path) -> dict[str, Any]:
-    """What identifies a saved base model: its config and weight files."""
+    """What identifies a saved base model: its config and weight files, by content."""
     weights = sorted(p.name for p in model_dir.glob("*.safetensors")) or sorted(p.name for p in model_dir.glob("*.bin"))
     return {
         "config": file_identity(model_dir / "config.json"),
@@ -174,6 +123,7 @@ def optimization_fingerprint(loop_args: LoopArguments) -> dict[str, Any]:
         "resume",
         "overwrite",
         "report_to",
+        "divergence_loss",
     }
     return {k: v for k, v in asdict(loop_args).items() if k not in not_binding}
 
@@ -199,6 +149,7 @@ class BaseModelArguments:
         },
     )
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder. Default: the model folder."})
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_HELP})
 
 
 def load_base_tokenizer(args: BaseModelArguments) -> PreTrainedTokenizerBase:
@@ -207,26 +158,21 @@ def load_base_tokenizer(args: BaseModelArguments) -> PreTrainedTokenizerBase:
     A tokenizer without a pad token pads with eos: padded positions are masked out of attention
     and loss, so the id does not matter.
     """
-    check_model_folder(args.model_path, "--model_path")
-    tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+    read_model_config(args.model_path, "--model_path")
+    tokenizer = load_tokenizer(args.tokenizer_path or args.model_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_base_model(
-    args: BaseModelArguments, auto_class: Any, tokenizer: PreTrainedTokenizerBase, seed: int, **kwargs: Any
+    args: BaseModelArguments, task: Task, tokenizer: PreTrainedTokenizerBase, seed: int, **kwargs: Any
 ) -> Any:
-    """`auto_class.from_pretrained(model_path, **kwargs)`, seeded (new heads and LoRA's matrices start
-    the same in every rerun) and checked against `tokenizer`.
-
-    MiniGPT is registered with the Auto classes (importing the model package does it), so a
-    MiniGPT folder loads with this package's classes and the fine-tuned folder carries its code.
-    """
+    """The base model with a `task` head (`training.model_folder.load_model`: the package's own
+    classes, no code from the folder), seeded (new heads and LoRA's matrices start the same in
+    every rerun) and checked against `tokenizer`."""
     set_seed(seed)
-    model = auto_class.from_pretrained(
-        check_model_folder(args.model_path, "--model_path"), trust_remote_code=True, **kwargs
-    )
+    model = load_model(args.model_path, task, trust_remote_code=args.trust_remote_code, what="--model_path", **kwargs)
     check_tokenizer(tokenizer, model.config.vocab_size)
     return model
 
@@ -279,10 +225,71 @@ class Run:
 
 
 def open_run(project: str, title: str, loop_args: LoopArguments) -> Run:
-    """The run's Accelerator and folder layout; refuses a missing --output_dir. Writes nothing."""
+    """The run's Accelerator and folder layout. Writes nothing, and refuses early what needs no
+    data to be refused: no --output_dir, an output path that cannot be a writable folder, a folder
+    another run is writing or that holds a run without --resume/--overwrite, a launch whose
+    processes do not form one run, a setup the checkpoints cannot hold."""
     if not loop_args.output_dir:
         raise ValueError("--output_dir is required: the folder for checkpoints, logs and the final model")
-    return Run(project, title, loop_args, make_accelerator(loop_args), RunLayout(Path(loop_args.output_dir)))
+    layout = RunLayout(Path(loop_args.output_dir))
+    check_output_location(layout.root)
+    check_run_folder(layout.root, None, resume=loop_args.resume, overwrite=loop_args.overwrite)
+    accelerator = make_accelerator(loop_args)
+    if accelerator.is_main_process:  # the others would see their own main process's lock
+        check_lock(layout.root)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RunFolderError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one runs alone, so each would "
+            "write the same folder: on a machine without GPUs launch with ACCELERATE_USE_CPU=1 (see README)"
+        )
+    check_supported(accelerator)
+    return Run(project, title, loop_args, accelerator, layout)
+
+
+class _Claim:
+    """The main process's hold on the run folder: its lock, and the run an --overwrite set aside
+    (`training.run_folder`). `abandon` undoes what a failed run must not leave behind."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.lock = RunLock(run.layout.root, say=print) if run.is_main else None
+        self.replaced = False
+
+    def claim(self, fingerprint: dict[str, Any], config: dict[str, Any]) -> None:
+        args, root = self.run.args, self.run.layout.root
+        self.lock.acquire()
+        atexit.register(self.abandon)  # a failure outside the lifecycle's own calls, or any exit
+        recover_interrupted_overwrite(root, say=print)
+        check_run_folder(root, fingerprint, resume=args.resume, overwrite=args.overwrite)
+        if args.overwrite and run_entries(root):
+            replace_run(root)
+            self.replaced = True
+        if not (args.resume and self.run.layout.run_config.is_file()):  # a resumed run keeps its record
+            record_run(root, fingerprint, config)
+
+    def checkpointed(self) -> None:
+        """The run has a complete checkpoint: it is safely started, the run it replaced can go."""
+        if self.replaced:
+            retire_replaced(self.run.layout.root)
+            self.replaced = False
+
+    def abandon(self) -> None:
+        """After a failure: put a replaced run back unless this one got a complete checkpoint; release the lock."""
+        if self.lock is None:
+            return
+        root = self.run.layout.root
+        if self.replaced and not has_complete_checkpoint(root):
+            restore_replaced(root)
+            print(f"the run did not reach its first checkpoint: restored the run it was replacing in {root}")
+        self.replaced = False
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            atexit.unregister(self.abandon)
+            self.lock = None
 
 
 @dataclass
@@ -297,6 +304,38 @@ class PreparedRun:
     state: TrainState
     metrics: MetricsLog
     resumed_at: int | None  # the checkpoint's step, None for a fresh start
+    claim: _Claim
+
+
+def _abandons_on_error(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A lifecycle step that, failing, abandons the run's claim on its folder (see `_Claim.abandon`)."""
+
+    @functools.wraps(function)
+    def step(prepared: PreparedRun, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(prepared, *args, **kwargs)
+        except BaseException:
+            prepared.claim.abandon()
+            raise
+
+    return step
+
+
+def check_batches(train_loader: DataLoader | RankBatches, eval_loader: DataLoader) -> None:
+    """DataError unless the training data gives at least one full batch that collates, and the
+    evaluation data is not empty: found before the folder is touched, not at the first step."""
+    if isinstance(train_loader, RankBatches):
+        pass  # a stream is not read ahead here: the loop stops with an error if no rank gets a batch
+    elif len(train_loader) == 0:
+        raise DataError(
+            f"the training data gives no batch: {len(train_loader.dataset)} examples, fewer than one batch of "
+            f"--per_device_batch_size {train_loader.batch_size} (incomplete batches are dropped). "
+            "Use more data or a smaller batch"
+        )
+    else:
+        train_loader.collate_fn([train_loader.dataset[i] for i in range(train_loader.batch_size)])
+    if len(eval_loader.dataset) == 0:
+        raise DataError("the held-out (evaluation) data is empty: every held-out example was dropped or there is none")
 
 
 def prepare(
@@ -310,47 +349,63 @@ def prepare(
     summary: str,
     shard: bool = False,
 ) -> PreparedRun:
-    """The first write: check that the folder may hold this run, record it (main process) and
-    print its configuration; then the optimizer over the trainable parameters, `accelerator.prepare`,
+    """The first write. Checks that a batch can be built, then the main process locks the folder,
+    checks it may hold this run, sets an old run aside for --overwrite and records this one
+    (`training.run_folder`); then the optimizer over the trainable parameters, `accelerator.prepare`,
     the resume and the trackers. Every process calls it. With `shard`, the model is sharded with
     FSDP2 (`training.distributed.shard_for_training`) instead of wrapped in DDP."""
     args, accelerator = run.args, run.accelerator
     if shard:
         check_can_shard(accelerator)
-    check_run_folder(run.layout.root, fingerprint, resume=args.resume, overwrite=args.overwrite)
-    accelerator.wait_for_everyone()  # every process has read the folder before the main process claims it
+    check_batches(train_loader, eval_loader)
+    claim = _Claim(run)
+    failure: BaseException | None = None
     if run.is_main:
-        start_run_folder(run.layout.root, fingerprint, config, overwrite=args.overwrite)
+        try:
+            claim.claim(fingerprint, config)
+        except BaseException as error:
+            claim.abandon()
+            failure = error
+    if accelerator.num_processes > 1:  # the others learn whether the main process claimed the folder
+        flag = torch.tensor([failure is not None], device=accelerator.device)
+        if broadcast(flag, from_process=0).item() and failure is None:
+            failure = RunFolderError(f"the main process could not claim {run.layout.root}: see its error")
+    if failure is not None:
+        raise failure
+    if run.is_main:
         print("resolved configuration:")
         print(json.dumps(config, indent=2, sort_keys=True, default=str))
         print(summary)
         print(f"outputs: {run.layout.root.resolve()}")
         print(describe_run_files())
-    accelerator.wait_for_everyone()
+    try:
+        if shard:  # before the optimizer, which must hold the sharded parameters
+            model = shard_for_training(accelerator, model)
+        optimizer = make_optimizer(model, args)
+        if not shard:  # a sharded model is not wrapped in DDP; the checkpoint gathers its state whole
+            model, optimizer = accelerator.prepare(model, optimizer)
+        eval_loader = accelerator.prepare(eval_loader)
+        if isinstance(train_loader, DataLoader):  # a stream split by rank (`RankBatches`) would be split again
+            train_loader = accelerator.prepare(train_loader)
+        state = TrainState()
+        metrics = MetricsLog(run.layout.metrics, enabled=run.is_main)
+        parts = Resumable(model, optimizer, state, [train_loader])
+        resumed_at = resume_from_latest(accelerator, run.layout.root, metrics, parts) if args.resume else None
+        if run.is_main and args.resume:
+            print(
+                f"resuming from step {resumed_at}"
+                if resumed_at is not None
+                else "no checkpoint yet: starting from step 0"
+            )
+        flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+        start_trackers(accelerator, run.project, flat, resumed_at)
+    except BaseException:
+        claim.abandon()
+        raise
+    return PreparedRun(run, model, optimizer, train_loader, eval_loader, state, metrics, resumed_at, claim)
 
-    if shard:  # before the optimizer, which must hold the sharded parameters
-        model = shard_for_training(accelerator, model)
-    optimizer = make_optimizer(model, args)
-    if not shard:  # a sharded model must not be wrapped in DDP; its state is checkpointed whole, below
-        model, optimizer = accelerator.prepare(model, optimizer)
-    eval_loader = accelerator.prepare(eval_loader)
-    if isinstance(train_loader, DataLoader):  # a stream split by rank (`RankBatches`) would be split again
-        train_loader = accelerator.prepare(train_loader)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if shard:
-        accelerator.register_for_checkpointing(ShardedTrainingState(model, optimizer))
-    metrics = MetricsLog(run.layout.metrics, enabled=run.is_main)
-    resumed_at = resume_from_latest(accelerator, run.layout.root, metrics) if args.resume else None
-    if run.is_main and args.resume:
-        print(
-            f"resuming from step {resumed_at}" if resumed_at is not None else "no checkpoint yet: starting from step 0"
-        )
-    flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
-    start_trackers(accelerator, run.project, flat, resumed_at)
-    return PreparedRun(run, model, optimizer, train_loader, eval_loader, state, metrics, resumed_at)
 
-
+@_abandons_on_error
 def evaluate_before(prepared: PreparedRun, scores: Scores, enabled: bool) -> dict[str, float] | None:
     """The untrained model's numbers, logged at step 0 (the "before" of the report).
 
@@ -383,6 +438,7 @@ class LastEvaluation:
         return values
 
 
+@_abandons_on_error
 def train(
     prepared: PreparedRun,
     eval_fn: Callable[[torch.nn.Module], Mapping[str, Any]] | None,
@@ -401,6 +457,7 @@ def train(
         loss_fn=loss_fn,
         eval_fn=eval_fn,
         on_eval=lambda state: _draw_loss_curve(prepared),
+        on_checkpoint=lambda state: prepared.claim.checkpointed(),
     )
 
 
@@ -430,6 +487,7 @@ def training_info(prepared: PreparedRun, data: str, *, tokens_per_sequence: int 
     }
 
 
+@_abandons_on_error
 def finish(
     prepared: PreparedRun,
     tokenizer: PreTrainedTokenizerBase,
@@ -458,4 +516,6 @@ def finish(
         print(f"model saved to {run.layout.model}" + (f" (adapter in {adapter})" if adapter else ""))
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+    prepared.claim.checkpointed()  # a run that resumed at its last step saved no new checkpoint
+    prepared.claim.release()
     return run.layout.model, adapter

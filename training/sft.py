@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 import training.run as lifecycle
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
@@ -223,7 +223,7 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
     if tokenizer.chat_template is None:  # e.g. a tokenizer from elsewhere: saved with the template we train on
         tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
     # The seed: LoRA's initial A matrices.
-    model = lifecycle.load_base_model(sft_args, AutoModelForCausalLM, tokenizer, loop_args.seed)
+    model = lifecycle.load_base_model(sft_args, "causal-lm", tokenizer, loop_args.seed)
     max_length = lifecycle.max_length_for(model, sft_args.max_length)
     splits = load_instruction_splits(sft_args)
     with run.accelerator.main_process_first():
