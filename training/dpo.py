@@ -70,7 +70,7 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 import training.run as lifecycle
 from modeling_minigpt.files import atomic_path, atomic_write_json, save_figure
@@ -548,7 +548,7 @@ def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArg
     if tokenizer.chat_template is None:  # e.g. a tokenizer from elsewhere: saved with the template we train on
         tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
     # The seed: LoRA's initial A matrices.
-    model = lifecycle.load_base_model(dpo_args, AutoModelForCausalLM, tokenizer, loop_args.seed)
+    model = lifecycle.load_base_model(dpo_args, "causal-lm", tokenizer, loop_args.seed)
     max_length = lifecycle.max_length_for(model, dpo_args.max_length)
     splits = load_preference_splits(dpo_args)
     with accelerator.main_process_first():
