@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 START=$(date +%s)
 
 # One CPU process; on a GPU machine drop --cpu, or use `accelerate config` and plain `accelerate launch`.
+# The launcher's --mixed_precision is overridden by each job's own (mixed_precision: auto, printed at start).
 LAUNCH=(accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 export TOKENIZERS_PARALLELISM=false
 
