@@ -6,11 +6,14 @@
     python scripts/bench_model.py --generate --batches 1 --new_tokens 32 --pairs 3   # a quick look
     python scripts/bench_model.py --shape tiny --compile       # adds torch.compile'd MiniGPT
     python scripts/bench_model.py --shape all --threads 1      # steadier when other jobs share the CPU
+    python scripts/bench_model.py --shape quickstart --bf16    # adds MiniGPT under bf16 autocast, ratio vs fp32
 
 Training: tokens/s of one step (forward + loss + backward + AdamW) for MiniGPT with sdpa, MiniGPT
 with the hand-written eager attention, and `GPT2LMHeadModel` (sdpa), run interleaved (one step
 of each per repetition) so a busy machine slows all three alike. Ratios are the median over
-repetitions of ours / HF within a repetition.
+repetitions of ours / HF within a repetition. With --bf16 (on a CPU with bf16 instructions) one
+more MiniGPT with the same weights trains under bf16 autocast, fp32 master weights, as
+`mixed_precision: auto` does, and a second table gives every ratio against fp32 MiniGPT.
 
 Generation: greedy `generate()` of --new_tokens after 16-token prompts (left-padded rows of
 different lengths for batch > 1) at the gpt2-small shape, every path of both models interleaved
@@ -47,9 +50,12 @@ from modeling_minigpt.convert import minigpt_to_gpt2  # noqa: E402
 # name -> (model config overrides on top of a preset, batch size, sequence length)
 SHAPES: dict[str, tuple[dict, int, int]] = {
     "tiny": (dict(vocab_size=8192, context_length=256, emb_dim=256, n_heads=4, n_layers=4), 8, 256),
+    # scripts/configs/quickstart_pretrain.yaml: 4 x 128, the quickstart tokenizer's 2048 ids
+    "quickstart": (dict(vocab_size=2048, context_length=128, emb_dim=128, n_heads=4, n_layers=4), 16, 128),
     "gpt2-small": (dict(), 4, 256),
 }
 GENERATION_PROMPT = 16
+BF16_TRAINING = "minigpt-sdpa bf16 autocast"
 
 
 @dataclass
@@ -67,7 +73,10 @@ class BenchArguments:
     new_tokens: int = field(default=128, metadata={"help": "Generation: new tokens per row."})
     bf16: bool = field(
         default=False,
-        metadata={"help": "Generation: also time MiniGPT in bf16 (compile+freeze), if the CPU has bf16 instructions."},
+        metadata={
+            "help": "Also time MiniGPT under bf16 autocast (training) or in bf16 compile+freeze (generation), "
+            "if the CPU has bf16 instructions."
+        },
     )
     seed: int = field(default=0, metadata={"help": "torch.manual_seed for weights and data."})
     threads: int | None = field(
@@ -86,7 +95,7 @@ class BenchArguments:
 
 def build_models(shape: str, with_compile: bool) -> dict[str, torch.nn.Module]:
     """MiniGPT (sdpa), MiniGPT (eager), optionally compiled MiniGPT, and HF GPT-2 (sdpa), same weights."""
-    preset = "tiny" if shape == "tiny" else "gpt2-small"
+    preset = "gpt2-small" if shape == "gpt2-small" else "tiny"
     config = MiniGPTConfig.from_preset(preset, **SHAPES[shape][0], drop_rate=0.0, attn_implementation="sdpa")
     ours = MiniGPTForCausalLM(config)
     eager = copy.deepcopy(ours)
@@ -149,10 +158,16 @@ def bench_training(shape: str, args: BenchArguments) -> None:
     batch, length = SHAPES[shape][1], SHAPES[shape][2]
     ids = torch.randint(0, config.vocab_size, (batch, length))
 
+    with_bf16 = args.bf16 and bf16_is_fast()
+    if with_bf16:
+        models[BF16_TRAINING] = copy.deepcopy(models["minigpt-sdpa"])
+    elif args.bf16:
+        print(f"--bf16 skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) reports no bf16 instructions")
     losses: dict[str, list[float]] = {name: [] for name in models}
 
     def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == BF16_TRAINING):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -165,10 +180,13 @@ def bench_training(shape: str, args: BenchArguments) -> None:
         runs[name] = lambda name=name, model=model, optimizer=optimizer: step(name, model, optimizer)
     print(
         f"training step, {shape}: {config.n_layers} layers, {config.emb_dim} wide, {config.n_heads} heads, "
-        f"vocab {config.vocab_size}, batch {batch}x{length}, fp32, dropout 0.0, {torch.get_num_threads()} threads"
+        f"vocab {config.vocab_size}, batch {batch}x{length}, fp32, dropout 0.0, {torch.get_num_threads()} threads, "
+        f"load average {load_average()} at start (1, 5, 15 min)"
     )
     timings = interleaved(runs, args.pairs, args.warmup)
     report(f"training step ({shape}, {args.pairs} repetitions)", timings, batch * length)
+    if with_bf16:
+        report(f"training step ({shape}), against fp32 MiniGPT", timings, batch * length, reference="minigpt-sdpa")
     # Same weights, data and optimiser: every model must follow the same loss curve.
     print("  first-step loss: " + ", ".join(f"{name} {values[0]:.6f}" for name, values in losses.items()))
 

@@ -12,6 +12,7 @@ mkdir -p "$OUT"
 START=$(date +%s)
 
 # One CPU process; on a GPU machine drop --cpu, or use `accelerate config` and plain `accelerate launch`.
+# The launcher's --mixed_precision is overridden by each job's own (mixed_precision: auto, printed at start).
 LAUNCH=(accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 export TOKENIZERS_PARALLELISM=false
 
@@ -24,7 +25,7 @@ step "1/6 train a byte-level BPE tokenizer on the training text"
 "${LAUNCH[@]}" scripts/train_tokenizer.py --files "$OUT/data/train.txt" --output_dir "$OUT/tokenizer" --vocab_size 2048 \
     --model_max_length 128 --merges_table 20 --no_progress
 
-step "2/6 pretrain a 4-layer MiniGPT (75 s budget)"
+step "2/6 pretrain a 4-layer MiniGPT (300 steps)"
 "${LAUNCH[@]}" scripts/pretrain.py scripts/configs/quickstart_pretrain.yaml \
     --train_file "$OUT/data/train.txt" --validation_file "$OUT/data/validation.txt" \
     --tokenizer_path "$OUT/tokenizer" --output_dir "$OUT/pretrain"
@@ -33,7 +34,7 @@ step "3/6 evaluate on the held-out documentation"
 "${LAUNCH[@]}" scripts/evaluate.py --model "$OUT/pretrain/model" --text-file "$OUT/data/validation.txt" \
     --output-json "$OUT/eval_pretrained.json"
 
-step "4/6 instruction fine-tune on the embedded tasks (105 s budget)"
+step "4/6 instruction fine-tune on the embedded tasks (900 steps)"
 "${LAUNCH[@]}" scripts/sft.py scripts/configs/quickstart_sft.yaml \
     --model_path "$OUT/pretrain/model" --output_dir "$OUT/sft"
 

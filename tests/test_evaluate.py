@@ -20,6 +20,7 @@ from training.evaluate import (
     bits_per_byte,
     bits_per_char,
     bootstrap_ci,
+    distinct_n,
     evaluate_classifier,
     evaluate_loss,
     evaluate_texts,
@@ -346,3 +347,13 @@ def test_exact_match_strips_only_surrounding_whitespace():
         exact_match_accuracy(["a", "b"], ["a", "b", "c"])
     with pytest.raises(ValueError, match="at least one"):
         exact_match_accuracy([], [])
+
+
+def test_distinct_n_counts_unique_ngrams_and_sees_loops():
+    assert distinct_n([1, 2, 3, 4, 5]) == 1.0
+    # "x . \n" repeated 4 times: 11 bigrams, 3 of them distinct
+    assert distinct_n([7, 8, 9] * 4) == pytest.approx(3 / 11)
+    assert distinct_n([0] * 10) == pytest.approx(1 / 9)  # a run of one token (newlines)
+    assert distinct_n([1, 2, 1, 2], n=1) == 0.5
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        distinct_n([5])

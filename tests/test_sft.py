@@ -126,6 +126,22 @@ def test_saved_folder_loads_with_auto_classes_and_has_the_chat_template(full_run
     assert generate_answers(model, tokenizer, records, max_new_tokens=6) == [r["generated"] for r in rows]
 
 
+def test_muon_bf16_run_goes_through_the_same_lifecycle(full_run, base_dir, tmp_path):
+    _, adamw_out = full_run
+    out = tmp_path / "muon"
+    result = run_sft(*tiny_sft(base_dir, out, optimizer="muon", mixed_precision="bf16"))
+    adamw, muon = ([r["train_loss"] for r in read_metrics(o) if "train_loss" in r] for o in (adamw_out, out))
+    # The first step sees the same weights and batch (bf16 autocast rounds the loss a little)...
+    assert muon[0] == pytest.approx(adamw[0], rel=1e-2)
+    # ...then Muon's update differs from AdamW's, and fine-tuning still works.
+    assert muon[2:] != pytest.approx(adamw[2:], rel=1e-3)
+    assert result.after["val_loss"] < result.before["val_loss"] - 0.3
+    assert (
+        "Muon (peak lr 0.02, weight decay 0.1) for the matrices inside the blocks"
+        in (out / "model" / "README.md").read_text()
+    )
+
+
 def test_unmasked_run_trains_on_prompts_but_scores_responses_only(full_run, base_dir, tmp_path):
     _, masked_out = full_run
     run_sft(*tiny_sft(base_dir, tmp_path / "unmasked", mask_prompt=False, max_steps=1))

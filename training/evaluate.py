@@ -671,3 +671,21 @@ def exact_match_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
             by_kind[row["kind"]].append(row["exact_match"])
     summary.update({f"exact_match_{kind}": sum(hits) / len(hits) for kind, hits in sorted(by_kind.items())})
     return summary
+
+
+# ----------------------------------------------------------------------------- repetition of free text
+
+
+def distinct_n(ids: Sequence[int], n: int = 2) -> float:
+    """Distinct-n (Li et al., 2016): unique n-grams / n-grams in a generated sequence of token ids.
+
+    1.0 means no n-gram repeats; a model stuck in a loop (one line again and again, runs of
+    newlines) scores near 1 / the loop's length. Token ids rather than words, so a run of
+    newline tokens counts as repetition too.
+    """
+    if n < 1:
+        raise ValueError(f"distinct-n needs n >= 1, got {n}")
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        raise ValueError(f"distinct-{n} needs at least {n} tokens, got {len(ids)}")
+    return len(set(grams)) / len(grams)
