@@ -21,6 +21,7 @@ JOBS = {
     "pretrain": ["quickstart_pretrain", "pretrain_verdict", "shakespeare_180s"],
     "sft": ["quickstart_sft", "sft_tasks", "sft_lora"],
     "classify": ["classify_demo"],
+    "dpo": ["dpo_tasks", "dpo_book"],
 }
 
 
