@@ -24,8 +24,6 @@ import httpx2
 import yaml
 from transformers import HfArgumentParser
 
-from modeling_minigpt.files import WriteError
-
 
 def parse_config_args(
     argument_classes: Sequence[type], argv: Sequence[str] | None, description: str | None = None
@@ -115,6 +113,10 @@ _OS_ADVICE = {
 
 def describe_error(error: BaseException) -> str:
     """The one line a user reads for `error` (without the "error: " prefix)."""
+    # Imported here: the package's import loads torch and registers MiniGPT with the Auto classes,
+    # which a --help, or a process that means to load a folder's own code, must not pay for.
+    from modeling_minigpt.files import WriteError
+
     if isinstance(error, httpx2.TransportError):
         try:
             where = f" {error.request.url}"
