@@ -93,7 +93,7 @@ from training.tasks import TASK_KINDS, make_preference_splits
 
 
 @dataclass
-class DPOArguments(lifecycle.BaseModelArguments):
+class DPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
     """The base model (usually an SFT model), the preference data, the DPO loss and how to evaluate."""
 
     train_file: str | None = field(
@@ -159,30 +159,15 @@ class DPOArguments(lifecycle.BaseModelArguments):
             "computed from the same base model and pairs. Default: reference_logps.safetensors in the run folder."
         },
     )
-    eval_batch_size: int = field(
-        default=16, metadata={"help": "Held-out pairs per evaluation / prompts per generation batch, per process."}
-    )
-    eval_generations: int | None = field(
-        default=None,
-        metadata={
-            "help": "Held-out prompts answered at each periodic evaluation (0: none). Default: all "
-            "(before and after training always all)."
-        },
-    )
-    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated at most per held-out answer."})
     generations_shown: int = field(default=5, metadata={"help": "Rows of the printed before/after table."})
-    eval_before_training: bool = field(
-        default=True, metadata={"help": "Evaluate the untuned model first (logged at step 0): the 'before' numbers."}
-    )
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("num_train_pairs", "num_heldout_pairs", "eval_batch_size", "max_new_tokens"):
+        for name in ("num_train_pairs", "num_heldout_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_generations is not None and self.eval_generations < 0:
-            raise ValueError(f"--eval_generations must be >= 0, got {self.eval_generations}")
+        self.check_evaluation()
         if not self.beta > 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -594,7 +579,7 @@ def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArg
         atomic_write_json(run.layout.generations_before, first.detail)
     before_answers = first.detail if first.detail is not None else _read_json(run.layout.generations_before)
 
-    periodic = splits.heldout[: dpo_args.eval_generations] if dpo_args.eval_generations is not None else splits.heldout
+    periodic = dpo_args.periodic(splits.heldout)
     evaluation = lifecycle.LastEvaluation(partial(scores, records=periodic))
     after = lifecycle.train(prepared, evaluation, loss_fn=loss)
     if after is not None and len(periodic) == len(splits.heldout):

@@ -152,6 +152,38 @@ class BaseModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_HELP})
 
 
+@dataclass
+class HeldoutEvalArguments:
+    """How a fine-tuning job evaluates on its held-out records (SFT examples, DPO pairs)."""
+
+    eval_batch_size: int = field(
+        default=16, metadata={"help": "Held-out records per evaluation / prompts per generation batch, per process."}
+    )
+    eval_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts answered at each periodic evaluation (0: none). Default: all "
+            "(before and after training always all)."
+        },
+    )
+    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated at most per held-out answer."})
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Evaluate the untuned model first (logged at step 0): the 'before' numbers."}
+    )
+
+    def check_evaluation(self) -> None:
+        """ValueError naming the flag of a bad evaluation setting (called by the job's `__post_init__`)."""
+        for name in ("eval_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_generations is not None and self.eval_generations < 0:
+            raise ValueError(f"--eval_generations must be >= 0, got {self.eval_generations}")
+
+    def periodic(self, records: Sequence[Any]) -> Sequence[Any]:
+        """The held-out records answered at each periodic evaluation."""
+        return records[: self.eval_generations] if self.eval_generations is not None else records
+
+
 def load_base_tokenizer(args: BaseModelArguments) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the base model (or at `tokenizer_path`), ready to pad.
 

@@ -47,7 +47,7 @@ from training.tasks import TASK_KINDS, make_task_splits
 
 
 @dataclass
-class SFTArguments(lifecycle.BaseModelArguments):
+class SFTArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
     """The base model, the instruction data and how to evaluate."""
 
     train_file: str | None = field(
@@ -99,29 +99,14 @@ class SFTArguments(lifecycle.BaseModelArguments):
     finetune: Literal["full", "lora"] = field(
         default="full", metadata={"help": "Train every weight (full) or LoRA adapters only (see the --lora_* options)."}
     )
-    eval_batch_size: int = field(
-        default=16, metadata={"help": "Held-out examples per evaluation / generation batch, per process."}
-    )
-    eval_generations: int | None = field(
-        default=None,
-        metadata={
-            "help": "Held-out prompts answered at each periodic evaluation. "
-            "Default: all (the final evaluation always uses all)."
-        },
-    )
-    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated at most per held-out answer."})
-    eval_before_training: bool = field(
-        default=True, metadata={"help": "Evaluate the untuned model first (logged at step 0): the 'before' numbers."}
-    )
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("num_train_tasks", "num_heldout_tasks", "eval_batch_size", "max_new_tokens"):
+        for name in ("num_train_tasks", "num_heldout_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_generations is not None and self.eval_generations < 0:
-            raise ValueError(f"--eval_generations must be >= 0, got {self.eval_generations}")
+        self.check_evaluation()
 
 
 @dataclass
@@ -249,7 +234,7 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
     )
     scores = partial(heldout_scores, prepared, tokenizer, sft_args)
     before = lifecycle.evaluate_before(prepared, partial(scores, records=splits.heldout), sft_args.eval_before_training)
-    periodic = splits.heldout[: sft_args.eval_generations] if sft_args.eval_generations is not None else splits.heldout
+    periodic = sft_args.periodic(splits.heldout)
     evaluation = lifecycle.LastEvaluation(partial(scores, records=periodic))
     after = lifecycle.train(prepared, evaluation)
     if after is not None and len(periodic) == len(splits.heldout):
