@@ -29,11 +29,11 @@ from training.dpo import (
     DPOObjective,
     FrozenCopy,
     compute_reference_logps,
-    greedy_answers,
     precomputed_reference,
     response_logps,
     run_dpo,
 )
+from training.instruct_data import generate_answers
 from training.loop import LoopArguments
 from training.lora import LoraArguments, apply_lora
 from training.preference_data import REFERENCE_COLUMN, build_preference_dataset, collate_preference_batch
@@ -297,8 +297,8 @@ def test_saved_folder_is_the_tuned_model_with_its_card_curves_and_the_bases_drop
         (h["instruction"], h["chosen"], h["rejected"], h["kind"]) for h in heldout
     ]
     untuned = AutoModelForCausalLM.from_pretrained(base_dir)
-    assert [r["before"] for r in rows] == greedy_answers(untuned, tiny_tokenizer, heldout, 6, 8)
-    assert [r["after"] for r in rows] == greedy_answers(model, tiny_tokenizer, heldout, 6, 8)
+    assert [r["before"] for r in rows] == generate_answers(untuned, tiny_tokenizer, heldout, 6, 8)
+    assert [r["after"] for r in rows] == generate_answers(model, tiny_tokenizer, heldout, 6, 8)
     assert json.loads((out / "heldout_generations_before.json").read_text()) == [r["before"] for r in rows]
 
 

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
-from training.instruct_data import encode_prompt
+from training.instruct_data import _decode_answer, encode_prompt, generate_answers
 from training.loop import LoopArguments
 from training.lora import LoraArguments
 from training.run import RunFolderError
-from training.sft import SFTArguments, _decode_answer, generate_answers, run_sft
+from training.sft import SFTArguments, run_sft
 from training.tasks import make_task_splits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

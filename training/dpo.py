@@ -77,8 +77,8 @@ from modeling_minigpt.files import atomic_path, atomic_write_json, save_figure
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
 from tokenization.load import short_hash, tokenizer_fingerprint
 from training.evaluate import exact_match, exact_match_summary, score_batch, score_generations
-from training.generate import eval_mode, greedy_generate
-from training.instruct_data import encode_prompt, file_splits
+from training.generate import eval_mode
+from training.instruct_data import file_splits, generate_answers
 from training.loop import Batch, LoopArguments, make_train_dataloader
 from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 from training.plots import LOSS_CURVE_DPI, preference_curves_figure
@@ -370,28 +370,6 @@ def preference_metrics(
     }
 
 
-def greedy_answers(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Mapping[str, str]],
-    max_new_tokens: int,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-) -> list[str]:
-    """The greedy answers to the records' prompts (`training.generate.greedy_generate`), eos dropped."""
-    prompts = [encode_prompt(tokenizer, record) for record in records]
-    new = greedy_generate(
-        model,
-        prompts,
-        max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        batch_size=batch_size,
-        accelerator=accelerator,
-    )
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
-
-
 def answer_scores(records: Sequence[Mapping[str, str]], answers: Sequence[str]) -> dict[str, float]:
     """Exact match of the answers with the chosen response (per kind for task records), and how
     often they are the rejected one instead."""
@@ -416,7 +394,7 @@ def heldout_scores(
     values = preference_metrics(loss, model, prepared.eval_loader, accelerator)
     if not records:
         return values, []
-    answers = greedy_answers(
+    answers = generate_answers(
         accelerator.unwrap_model(model), tokenizer, records, args.max_new_tokens, args.eval_batch_size, accelerator
     )
     return {**values, **answer_scores(records, answers)}, answers

@@ -38,9 +38,12 @@ from tokenization.corpus import read_records
 from tokenization.pretokenize import readable
 from training.collate import IGNORE_INDEX
 from training.data import split_indices
+from training.generate import greedy_generate
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from matplotlib.figure import Figure
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +255,35 @@ _RENDERED_FEATURES = datasets.Features(
         "truncated": datasets.Value("bool"),
     }
 )
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Mapping[str, str]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    accelerator: Accelerator | None = None,
+) -> list[str]:
+    """Greedy answers to the records' prompts, in order, each cut at the first eos
+    (`training.generate.greedy_generate`: batched, left-padded, sharded over processes)."""
+    prompts = [encode_prompt(tokenizer, record) for record in records]
+    new = greedy_generate(
+        model,
+        prompts,
+        max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        accelerator=accelerator,
+    )
+    return [_decode_answer(tokenizer, ids) for ids in new]
+
+
+def _decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def build_instruction_dataset(

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -39,8 +38,7 @@ import training.run as lifecycle
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
 from training.collate import collate_instruction_batch, collate_packed_instruction_batch
 from training.evaluate import evaluate_loss, exact_match_summary, score_generations
-from training.generate import greedy_generate
-from training.instruct_data import build_instruction_dataset, encode_prompt, file_splits, load_instruction_records
+from training.instruct_data import build_instruction_dataset, file_splits, generate_answers, load_instruction_records
 from training.loop import LoopArguments, make_train_dataloader
 from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 from training.tasks import TASK_KINDS, make_task_splits
@@ -148,35 +146,6 @@ def load_instruction_splits(args: SFTArguments) -> InstructionSplits:
 
 
 # ----------------------------------------------------------------------------- generation and scoring
-
-
-def generate_answers(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[Mapping[str, str]],
-    max_new_tokens: int,
-    batch_size: int = 16,
-    accelerator: Accelerator | None = None,
-) -> list[str]:
-    """Greedy answers to the records' prompts, in order, each cut at the first eos
-    (`training.generate.greedy_generate`: batched, left-padded, sharded over processes)."""
-    prompts = [encode_prompt(tokenizer, record) for record in records]
-    new = greedy_generate(
-        model,
-        prompts,
-        max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        batch_size=batch_size,
-        accelerator=accelerator,
-    )
-    return [_decode_answer(tokenizer, ids) for ids in new]
-
-
-def _decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    if tokenizer.eos_token_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def heldout_scores(
