@@ -7,13 +7,20 @@
     python scripts/bench_model.py --shape tiny --compile       # adds torch.compile'd MiniGPT
     python scripts/bench_model.py --shape all --threads 1      # steadier when other jobs share the CPU
     python scripts/bench_model.py --shape quickstart --bf16    # adds MiniGPT under bf16 autocast, ratio vs fp32
+    python scripts/bench_model.py --attention                  # the attention paths alone, bf16 and fp32, 128-1024 tokens
 
 Training: tokens/s of one step (forward + loss + backward + AdamW) for MiniGPT with sdpa, MiniGPT
 with the hand-written eager attention, and `GPT2LMHeadModel` (sdpa), run interleaved (one step
 of each per repetition) so a busy machine slows all three alike. Ratios are the median over
 repetitions of ours / HF within a repetition. With --bf16 (on a CPU with bf16 instructions) one
 more MiniGPT with the same weights trains under bf16 autocast, fp32 master weights, as
-`mixed_precision: auto` does, and a second table gives every ratio against fp32 MiniGPT.
+`mixed_precision: auto` does, once with sdpa and once with eager attention (what `attention: auto`
+picks for bf16 on a CPU), and a second table gives every ratio against fp32 MiniGPT.
+
+Attention (--attention): forward + backward of the attention step alone (`MultiHeadAttention`'s
+`_sdpa` and `_eager` on the same queries, keys and values, plain causal) at the gpt2-small head
+shape and the quickstart's, from 128 to 1024 tokens, in fp32 and bf16: the measurement behind
+`training.loop.EAGER_BF16_CPU_MAX_CONTEXT`.
 
 Generation: greedy `generate()` of --new_tokens after 16-token prompts (left-padded rows of
 different lengths for batch > 1) at the gpt2-small shape, every path of both models interleaved
@@ -45,6 +52,7 @@ from transformers import CompileConfig, HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
+from modeling_minigpt.attention import MultiHeadAttention  # noqa: E402
 from modeling_minigpt.convert import minigpt_to_gpt2  # noqa: E402
 
 # name -> (model config overrides on top of a preset, batch size, sequence length)
@@ -55,7 +63,9 @@ SHAPES: dict[str, tuple[dict, int, int]] = {
     "gpt2-small": (dict(), 4, 256),
 }
 GENERATION_PROMPT = 16
-BF16_TRAINING = "minigpt-sdpa bf16 autocast"
+BF16_TRAINING = ("minigpt-sdpa bf16 autocast", "minigpt-eager bf16 autocast")
+# (batch, heads, tokens, head_dim) for --attention: the quickstart's heads, then gpt2-small's
+ATTENTION_SHAPES = [(16, 4, 128, 32), (8, 12, 256, 64), (4, 12, 512, 64), (2, 12, 1024, 64)]
 
 
 @dataclass
@@ -64,6 +74,9 @@ class BenchArguments:
     pairs: int = field(default=5, metadata={"help": "Timed repetitions (each runs every model once)."})
     warmup: int = field(default=1, metadata={"help": "Untimed repetitions first (allocator, kernels, compile)."})
     generate: bool = field(default=False, metadata={"help": "Benchmark cached greedy generation instead of training."})
+    attention: bool = field(
+        default=False, metadata={"help": "Benchmark the attention paths alone (sdpa, eager; fp32, bf16) instead."}
+    )
     compile: bool = field(
         default=False, metadata={"help": "Also time MiniGPT (sdpa) under torch.compile (training only)."}
     )
@@ -160,13 +173,14 @@ def bench_training(shape: str, args: BenchArguments) -> None:
 
     with_bf16 = args.bf16 and bf16_is_fast()
     if with_bf16:
-        models[BF16_TRAINING] = copy.deepcopy(models["minigpt-sdpa"])
+        for name, source in zip(BF16_TRAINING, ("minigpt-sdpa", "minigpt-eager"), strict=True):
+            models[name] = copy.deepcopy(models[source])
     elif args.bf16:
         print(f"--bf16 skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) reports no bf16 instructions")
     losses: dict[str, list[float]] = {name: [] for name in models}
 
     def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == BF16_TRAINING):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name in BF16_TRAINING):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -285,6 +299,48 @@ def time_generation(
     return interleaved(runs, args.pairs, args.warmup), outputs
 
 
+def bench_attention(args: BenchArguments) -> None:
+    """ms of one forward + backward of each attention path, interleaved, per shape and dtype."""
+    torch.manual_seed(args.seed)
+    print(
+        f"attention forward + backward (plain causal), {torch.get_num_threads()} threads, "
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, load average {load_average()} at start"
+    )
+    print(f"  {'(batch, heads, tokens, head_dim)':34s} {'dtype':9s} {'sdpa ms':>8s} {'eager ms':>9s}  eager speed-up")
+    for batch, heads, tokens, head_dim in ATTENTION_SHAPES:
+        config = MiniGPTConfig.from_preset(
+            "tiny", emb_dim=heads * head_dim, n_heads=heads, context_length=tokens, drop_rate=0.0
+        )
+        attention = MultiHeadAttention(config, layer_idx=0)
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv = [torch.randn(batch, heads, tokens, head_dim, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+            def run(path: Callable, qkv: list[torch.Tensor] = qkv) -> None:
+                context = path(*qkv, None)
+                context = context[0] if isinstance(context, tuple) else context
+                context.sum().backward()
+
+            runs = {"sdpa": lambda: run(attention._sdpa), "eager": lambda: run(attention._eager)}
+            for _ in range(max(args.warmup, 1)):
+                for go in runs.values():
+                    go()
+            timings = interleaved_quiet(runs, 5 * args.pairs)
+            sdpa, eager = (statistics.median(timings[name]) * 1000 for name in ("sdpa", "eager"))
+            shape = str((batch, heads, tokens, head_dim))
+            print(f"  {shape:34s} {str(dtype)[6:]:9s} {sdpa:8.2f} {eager:9.2f}  {sdpa / eager:5.2f}x")
+
+
+def interleaved_quiet(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each callable, one of each per repetition, no printing (short runs)."""
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    return timings
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -347,6 +403,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.generate:
         bench_generation(args)
+        return
+    if args.attention:
+        bench_attention(args)
         return
     for shape in SHAPES if args.shape == "all" else [args.shape]:
         bench_training(shape, args)

@@ -1,5 +1,5 @@
 """training/loop.py: exact resume in-process (AdamW and Muon, fp32 and bf16), the NaN guard, a time budget
-on an injected clock, the metrics log, the optimizers' groups and state, and the mixed-precision choice."""
+on an injected clock, the metrics log, the optimizers' groups and state, and the mixed-precision and attention choices."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from training.loop import (
     TrainState,
     build_muon_optimizer,
     build_optimizer,
+    choose_attention,
     hidden_matrices,
     make_accelerator,
     make_optimizer,
     make_train_dataloader,
+    resolve_attention,
     resolve_mixed_precision,
     resume_from_latest,
     train_loop,
@@ -401,6 +403,44 @@ def test_bf16_autocast_changes_the_arithmetic_but_keeps_fp32_weights_and_state(t
     losses = [[loss for _, loss, _ in logged_losses(tmp_path / name)] for name in ("fp32", "bf16")]
     assert losses[0] != losses[1]  # autocast really ran in bf16 ...
     assert losses[0] == pytest.approx(losses[1], abs=0.05)  # ... and trains the same model
+
+
+@pytest.mark.parametrize(
+    "device, precision, context, expected",
+    [
+        ("cpu", "bf16", 128, "eager"),
+        ("cpu", "bf16", 512, "eager"),
+        ("cpu", "bf16", 1024, "sdpa"),  # past the measured crossover the fused kernel wins
+        ("cpu", "no", 128, "sdpa"),  # in fp32 it always wins
+        ("cuda", "bf16", 128, "sdpa"),
+    ],
+)
+def test_auto_attention_is_eager_only_for_short_bf16_contexts_on_a_cpu(device, precision, context, expected):
+    implementation, why = resolve_attention("auto", precision, torch.device(device), context)
+    assert implementation == expected and why.startswith("auto: ")
+    assert resolve_attention("sdpa", precision, torch.device(device), context) == ("sdpa", "as requested")
+
+
+def test_the_attention_choice_switches_the_run_copy_only_and_the_paths_agree(tmp_path, capsys):
+    config = MiniGPTConfig.from_preset("tiny", vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2)
+    model = MiniGPTForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # a padded row: the 4-D mask each path builds for itself
+    with torch.no_grad():
+        sdpa = model(input_ids=ids, attention_mask=mask).logits
+    reset_accelerate_state()  # this test's accelerator autocasts to bf16, whatever ran before it
+    accelerator = make_accelerator(LoopArguments(output_dir=str(tmp_path), report_to="none", mixed_precision="bf16"))
+    choose_attention(model, LoopArguments(output_dir=str(tmp_path), attention="auto"), accelerator)
+    assert model.config._attn_implementation == "eager"
+    assert "attention: eager (auto: bf16 on a CPU with a context of 16 <= 512 tokens" in capsys.readouterr().out
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(eager[mask.bool()], sdpa[mask.bool()], atol=1e-5)  # the same function
+    model.save_pretrained(tmp_path / "saved")
+    assert MiniGPTForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
+    choose_attention(model, LoopArguments(output_dir=str(tmp_path), attention="sdpa"), accelerator)
+    assert model.config._attn_implementation == "sdpa"
 
 
 # ----------------------------------------------------------------------------- the checkpoint format

@@ -52,6 +52,7 @@ from training.loop import (
     MetricsLog,
     TrainState,
     causal_lm_loss,
+    choose_attention,
     log_metrics,
     make_accelerator,
     make_optimizer,
@@ -411,6 +412,7 @@ def prepare(
         print(f"outputs: {run.layout.root.resolve()}")
         print(describe_run_files())
     try:
+        choose_attention(model, args, accelerator)
         if shard:  # before the optimizer, which must hold the sharded parameters
             model = shard_for_training(accelerator, model)
         optimizer = make_optimizer(model, args)
