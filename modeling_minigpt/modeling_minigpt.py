@@ -242,13 +242,20 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         keys_ok = (lambda S: S >= T) if cached else (lambda S: S == T)
         if attention_mask.dim() == 2:
             ok = shape[0] == B and keys_ok(shape[1])
-            expected = f"(batch={B}, {'past + ' if cached else ''}sequence={T})"
         elif attention_mask.dim() == 4:
             ok = shape[0] in (1, B) and shape[1] in (1, self.config.n_heads) and shape[2] == T and keys_ok(shape[3])
-            expected = f"({B} or 1, 1 or {self.config.n_heads}, {T}, {'past + ' if cached else ''}{T})"
         else:
-            ok, expected = False, f"2-D (batch={B}, sequence={T}) or 4-D (batch, 1, {T}, keys)"
+            ok = False
         if not ok:
+            # Formatted only on failure: under torch.compile, turning B or T into text would fix
+            # them to this call's values (a guard per batch size, and no dynamic-batch kernels).
+            past = "past + " if cached else ""
+            if attention_mask.dim() == 2:
+                expected = f"(batch={B}, {past}sequence={T})"
+            elif attention_mask.dim() == 4:
+                expected = f"({B} or 1, 1 or {self.config.n_heads}, {T}, {past}{T})"
+            else:
+                expected = f"2-D (batch={B}, sequence={T}) or 4-D (batch, 1, {T}, keys)"
             raise ValueError(
                 f"attention_mask has shape {shape} but the input is {B} rows of {T} tokens: expected {expected}. "
                 "A mask that does not match would be broadcast across rows."

@@ -604,6 +604,22 @@ def test_compile_fullgraph_forward_and_static_cache_decoding():
         assert torch.equal(decode(compiled), decode(model))
 
 
+def test_compile_with_dynamic_shapes_keeps_the_batch_symbolic_through_the_mask_check():
+    """One graph serves every batch size: the mask-shape check must not fix B or T (formatting them
+    into its message did, which also kept inductor off the dynamic-batch oneDNN matmuls)."""
+    model = tiny_model()
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        ids, mask = left_padded([6, 4])
+        compiled(input_ids=ids, attention_mask=mask, use_cache=False)
+        ids, mask = left_padded([7, 5, 3])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            out = compiled(input_ids=ids, attention_mask=mask, use_cache=False)
+        torch.testing.assert_close(out.logits, model(ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 7\) but the input is 3 rows"):
+            model(ids, attention_mask=mask[:2])
+
+
 def test_torch_export_with_static_and_dynamic_shapes():
     model = tiny_model()
     ids = torch.randint(0, VOCAB, (2, 8))
