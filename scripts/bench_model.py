@@ -7,7 +7,7 @@
     python scripts/bench_model.py --shape tiny --compile       # adds torch.compile'd MiniGPT
     python scripts/bench_model.py --shape all --threads 1      # steadier when other jobs share the CPU
     python scripts/bench_model.py --shape quickstart --bf16    # adds MiniGPT under bf16 autocast, ratio vs fp32
-    python scripts/bench_model.py --attention                  # the attention paths alone, bf16 and fp32, 128-1024 tokens
+    python scripts/bench_model.py --attention                  # attention alone: bf16 and fp32, 128-1024 tokens
 
 Training: tokens/s of one step (forward + loss + backward + AdamW) for MiniGPT with sdpa, MiniGPT
 with the hand-written eager attention, and `GPT2LMHeadModel` (sdpa), run interleaved (one step
@@ -320,7 +320,10 @@ def bench_attention(args: BenchArguments) -> None:
                 context = context[0] if isinstance(context, tuple) else context
                 context.sum().backward()
 
-            runs = {"sdpa": lambda: run(attention._sdpa), "eager": lambda: run(attention._eager)}
+            runs = {
+                "sdpa": lambda path=attention._sdpa: run(path),
+                "eager": lambda path=attention._eager: run(path),
+            }
             for _ in range(max(args.warmup, 1)):
                 for go in runs.values():
                     go()

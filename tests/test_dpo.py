@@ -346,6 +346,15 @@ def test_precomputed_reference_gives_the_frozen_copy_run_and_is_reused(full_run,
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.parametrize("reference", ["precomputed", "frozen"])
+def test_under_bf16_on_a_cpu_the_reference_runs_on_the_policys_attention_path(base_dir, tmp_path, reference):
+    """bf16 autocast on a CPU trains on the eager attention path (`attention: auto`); the reference
+    is built after that choice, so before any step policy and reference agree: zero rewards."""
+    run = run_dpo(*tiny_dpo(base_dir, tmp_path / reference, reference=reference, mixed_precision="bf16", max_steps=1))
+    assert run.before["val_rewards_chosen"] == pytest.approx(0.0, abs=1e-7)
+    assert run.before["val_reward_margin"] == pytest.approx(0.0, abs=1e-7)
+
+
 # ----------------------------------------------------------------------------- the script: bad input, configs
 
 

@@ -1,5 +1,5 @@
 """training/loop.py: exact resume in-process (AdamW and Muon, fp32 and bf16), the NaN guard, a time budget
-on an injected clock, the metrics log, the optimizers' groups and state, and the mixed-precision and attention choices."""
+on an injected clock, the metrics log, the optimizers' groups and state, and the precision and attention choices."""
 
 from __future__ import annotations
 
@@ -439,8 +439,12 @@ def test_the_attention_choice_switches_the_run_copy_only_and_the_paths_agree(tmp
     assert torch.allclose(eager[mask.bool()], sdpa[mask.bool()], atol=1e-5)  # the same function
     model.save_pretrained(tmp_path / "saved")
     assert MiniGPTForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
-    choose_attention(model, LoopArguments(output_dir=str(tmp_path), attention="sdpa"), accelerator)
-    assert model.config._attn_implementation == "sdpa"
+    choose_attention(model, LoopArguments(output_dir=str(tmp_path), attention="auto"), accelerator)
+    assert "attention:" not in capsys.readouterr().out  # chosen once per model (DPO chooses before prepare)
+    forced = MiniGPTForCausalLM(config)
+    forced.set_attn_implementation("eager")
+    choose_attention(forced, LoopArguments(output_dir=str(tmp_path), attention="sdpa"), accelerator)
+    assert forced.config._attn_implementation == "sdpa"
 
 
 # ----------------------------------------------------------------------------- the checkpoint format

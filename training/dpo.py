@@ -79,7 +79,7 @@ from tokenization.load import short_hash, tokenizer_fingerprint
 from training.evaluate import exact_match, exact_match_summary, score_batch, score_generations
 from training.generate import eval_mode
 from training.instruct_data import file_splits, generate_answers
-from training.loop import Batch, LoopArguments, make_train_dataloader
+from training.loop import Batch, LoopArguments, choose_attention, make_train_dataloader
 from training.lora import LoraArguments, apply_lora, trainable_parameter_counts
 from training.plots import LOSS_CURVE_DPI, preference_curves_figure
 from training.preference_data import (
@@ -518,6 +518,9 @@ def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArg
         train_set, train_stats = build_preference_dataset(splits.train, tokenizer, max_length, "training records")
         heldout_set, heldout_stats = build_preference_dataset(splits.heldout, tokenizer, max_length, "held-out records")
     collate = partial(collate_preference_batch, pad_token_id=tokenizer.pad_token_id)
+    # Before the reference exists: a reference on another attention path than the policy would
+    # differ from it in the last bits under bf16, and the log-ratios would start off zero.
+    choose_attention(model, loop_args, accelerator)
 
     cache = None
     if dpo_args.reference == "precomputed":

@@ -343,13 +343,15 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> tuple[str, 
 
 # The longest context at which the eager path beat torch's fused kernel for a bf16 forward+backward
 # on a CPU with AVX-512 BF16 (`python scripts/bench_model.py --attention`, torch 2.13): 1.8x faster
-# at 128 and 256 tokens, 1.4x at 512; at 1024 the fused kernel is 2x faster (eager keeps every
-# score). In fp32 the fused kernel always wins, so only bf16 switches. A quickstart training step
+# at 128 and 256 tokens, 1.0-1.4x at 512 (two runs); at 1024 the fused kernel is 2x faster (eager
+# keeps every score). In fp32 the fused kernel always wins, so only bf16 switches. A quickstart training step
 # (4 x 128, batch 16) runs 1.42x faster than fp32 with bf16 + eager, 0.94x with bf16 + sdpa.
 EAGER_BF16_CPU_MAX_CONTEXT = 512
 
 
-def resolve_attention(requested: str, mixed_precision: str, device: torch.device, context_length: int | None) -> tuple[str, str]:
+def resolve_attention(
+    requested: str, mixed_precision: str, device: torch.device, context_length: int | None
+) -> tuple[str, str]:
     """(attn_implementation, why): `requested` itself unless it is "auto".
 
     auto picks eager only for bf16 autocast on a CPU and a context of at most
@@ -369,14 +371,19 @@ def resolve_attention(requested: str, mixed_precision: str, device: torch.device
 
 
 def choose_attention(model: torch.nn.Module, args: LoopArguments, accelerator: Accelerator) -> None:
-    """Switch `model` to the attention path `resolve_attention` picks for this run, and print it.
-    Only the run's copy changes: `attn_implementation` is not saved with the model."""
-    if not hasattr(model, "set_attn_implementation"):
+    """Switch `model` to the attention path `resolve_attention` picks for this run, and print it
+    (once per model: a job that needs the path early, DPO for its reference, calls this before
+    `training.run.prepare` calls it again). Only the run's copy changes: `attn_implementation`
+    is not saved with the model."""
+    if not hasattr(model, "set_attn_implementation") or getattr(model, "_run_attention", None):
         return
     context_length = getattr(model.config, "context_length", None) or getattr(model.config, "n_positions", None)
-    implementation, why = resolve_attention(args.attention, accelerator.mixed_precision, accelerator.device, context_length)
+    implementation, why = resolve_attention(
+        args.attention, accelerator.mixed_precision, accelerator.device, context_length
+    )
     if model.config._attn_implementation != implementation:
         model.set_attn_implementation(implementation)
+    model._run_attention = implementation
     if accelerator.is_main_process:
         print(f"attention: {implementation} ({why})")
 
