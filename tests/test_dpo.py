@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from helpers.models import tiny_model
 from helpers.processes import launch, sigkill_after_step
-from helpers.runs import argument_groups, load_script, read_metrics, save_tiny_base
+from helpers.runs import FINETUNE_LOOP, argument_groups, load_script, read_metrics, save_tiny_base
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -217,19 +217,7 @@ def base_dir(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 TINY_DPO = dict(num_train_pairs=32, num_heldout_pairs=8, max_new_tokens=6, eval_batch_size=8, generations_shown=2)
-TINY_LOOP = dict(
-    max_steps=6,
-    per_device_batch_size=8,
-    learning_rate=3e-3,
-    min_learning_rate=3e-4,
-    warmup_steps=2,
-    weight_decay=0.0,
-    log_every=1,
-    eval_every=3,
-    save_every=100,
-    report_to="none",
-    mixed_precision="no",  # the same numbers on every CPU (auto would pick bf16 where it is native)
-)
+TINY_LOOP = dict(FINETUNE_LOOP, weight_decay=0.0, eval_every=3)
 
 
 def tiny_dpo(base: Path, out: Path, lora: dict | None = None, **overrides):

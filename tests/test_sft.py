@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.processes import launch, sigkill_after_step
-from helpers.runs import argument_groups, read_metrics, save_tiny_base
+from helpers.runs import FINETUNE_LOOP, argument_groups, read_metrics, save_tiny_base
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,18 +33,7 @@ def base_dir(tiny_tokenizer, tmp_path_factory) -> Path:
 
 
 TINY_SFT = dict(num_train_tasks=48, num_heldout_tasks=8, max_new_tokens=6, eval_batch_size=8)
-TINY_LOOP = dict(
-    max_steps=6,
-    per_device_batch_size=8,
-    learning_rate=3e-3,
-    min_learning_rate=3e-4,
-    warmup_steps=2,
-    log_every=1,
-    eval_every=100,
-    save_every=100,
-    report_to="none",
-    mixed_precision="no",  # the same numbers on every CPU (auto would pick bf16 where it is native)
-)
+TINY_LOOP = FINETUNE_LOOP
 
 
 def tiny_sft(base: Path, out: Path, lora: dict | None = None, **overrides):

@@ -37,6 +37,21 @@ TINY_LOOP = dict(
 )
 
 
+# The fine-tuning jobs' tiny runs (SFT, DPO): 6 steps from a saved tiny base, no tracker.
+FINETUNE_LOOP = dict(
+    max_steps=6,
+    per_device_batch_size=8,
+    learning_rate=3e-3,
+    min_learning_rate=3e-4,
+    warmup_steps=2,
+    log_every=1,
+    eval_every=100,
+    save_every=100,
+    report_to="none",
+    mixed_precision="no",  # the same numbers on every CPU (auto would pick bf16 where it is native)
+)
+
+
 def reset_accelerate_state() -> None:
     """Forget Accelerate's process-wide state, which refuses a second mixed precision in one process
     (tests pick fp32 for numbers, bf16 where that path is tested, and scripts default to auto)."""
