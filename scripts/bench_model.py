@@ -130,8 +130,9 @@ class Timings:
     cpu: dict[str, list[float]]
 
 
-def interleaved(runs: dict[str, Callable[[], object]], pairs: int, warmup: int) -> Timings:
-    """Time each callable once per repetition, in turn; warm-up repetitions are dropped."""
+def interleaved(runs: dict[str, Callable[[], object]], pairs: int, warmup: int, show: bool = True) -> Timings:
+    """Time each callable once per repetition, in turn; warm-up repetitions are dropped. `show`
+    prints each repetition's times."""
     timings = Timings({name: [] for name in runs}, {name: [] for name in runs})
     for rep in range(warmup + pairs):
         line = []
@@ -143,8 +144,9 @@ def interleaved(runs: dict[str, Callable[[], object]], pairs: int, warmup: int) 
             if rep >= warmup:
                 timings.wall[name].append(wall)
                 timings.cpu[name].append(cpu)
-        label = "warm-up" if rep < warmup else f"{rep + 1 - warmup}/{pairs}"
-        print(f"  [{label}] " + ", ".join(line), flush=True)
+        if show:
+            label = "warm-up" if rep < warmup else f"{rep + 1 - warmup}/{pairs}"
+            print(f"  [{label}] " + ", ".join(line), flush=True)
     return timings
 
 
@@ -324,24 +326,10 @@ def bench_attention(args: BenchArguments) -> None:
                 "sdpa": lambda path=attention._sdpa: run(path),
                 "eager": lambda path=attention._eager: run(path),
             }
-            for _ in range(max(args.warmup, 1)):
-                for go in runs.values():
-                    go()
-            timings = interleaved_quiet(runs, 5 * args.pairs)
+            timings = interleaved(runs, 5 * args.pairs, max(args.warmup, 1), show=False).wall
             sdpa, eager = (statistics.median(timings[name]) * 1000 for name in ("sdpa", "eager"))
             shape = str((batch, heads, tokens, head_dim))
             print(f"  {shape:34s} {str(dtype)[6:]:9s} {sdpa:8.2f} {eager:9.2f}  {sdpa / eager:5.2f}x")
-
-
-def interleaved_quiet(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall seconds of each callable, one of each per repetition, no printing (short runs)."""
-    timings: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            timings[name].append(time.perf_counter() - start)
-    return timings
 
 
 def load_average() -> str:
