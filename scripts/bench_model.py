@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
 from modeling_minigpt.attention import MultiHeadAttention  # noqa: E402
 from modeling_minigpt.convert import minigpt_to_gpt2  # noqa: E402
+from training.cli import report_error  # noqa: E402
 
 # name -> (model config overrides on top of a preset, batch size, sequence length)
 SHAPES: dict[str, tuple[dict, int, int]] = {
@@ -387,20 +388,23 @@ def bench_generation(args: BenchArguments) -> None:
     print(f"\nload average {load_average()} at end (1, 5, 15 min)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
+def main(argv: list[str] | None = None) -> int:
+    try:
+        (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # a bad value, refused in BenchArguments.__post_init__
+        return report_error(error)
     print(f"benchmark with {args}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.generate:
         bench_generation(args)
-        return
-    if args.attention:
+    elif args.attention:
         bench_attention(args)
-        return
-    for shape in SHAPES if args.shape == "all" else [args.shape]:
-        bench_training(shape, args)
+    else:
+        for shape in SHAPES if args.shape == "all" else [args.shape]:
+            bench_training(shape, args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
