@@ -20,7 +20,7 @@ from .modeling_minigpt import (
     MiniGPTPreTrainedModel,
 )
 
-# Saved folders carry the code (configuration_minigpt.py, modeling_minigpt.py, attention.py)
+# Saved folders carry the code (configuration_minigpt.py, modeling_minigpt.py, attention.py, linear.py)
 # and an `auto_map` (see MiniGPTConfig) so stock transformers loads them with trust_remote_code.
 MiniGPTConfig.register_for_auto_class()
 MiniGPTModel.register_for_auto_class("AutoModel")

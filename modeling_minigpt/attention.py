@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 class MultiHeadAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
@@ -24,10 +26,10 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.emb_dim // config.n_heads
         d = config.emb_dim
-        self.W_query = nn.Linear(d, d, bias=config.qkv_bias)
-        self.W_key = nn.Linear(d, d, bias=config.qkv_bias)
-        self.W_value = nn.Linear(d, d, bias=config.qkv_bias)
-        self.out_proj = nn.Linear(d, d)
+        self.W_query = Linear(d, d, bias=config.qkv_bias)
+        self.W_key = Linear(d, d, bias=config.qkv_bias)
+        self.W_value = Linear(d, d, bias=config.qkv_bias)
+        self.out_proj = Linear(d, d)
         self.dropout = nn.Dropout(config.drop_rate)
         # mask[i, j] is True where query i must NOT see key j (j > i): plain causal attention,
         # used when the model passes no mask. Not persistent: it is derived data, so

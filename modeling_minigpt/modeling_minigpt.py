@@ -26,6 +26,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention import MultiHeadAttention, causal_mask
 from .configuration_minigpt import MiniGPTConfig
+from .linear import Linear
 
 
 class FeedForward(nn.Module):
@@ -33,10 +34,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
-        self.fc_in = nn.Linear(config.emb_dim, 4 * config.emb_dim)
+        self.fc_in = Linear(config.emb_dim, 4 * config.emb_dim)
         # GPT-2's "gelu_new" is the tanh approximation; torch's fused kernel computes it.
         self.gelu = nn.GELU(approximate="tanh")
-        self.fc_out = nn.Linear(4 * config.emb_dim, config.emb_dim)
+        self.fc_out = Linear(4 * config.emb_dim, config.emb_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(self.gelu(self.fc_in(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
@@ -287,7 +288,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)
         self.model = MiniGPTModel(config)
-        self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.emb_dim, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

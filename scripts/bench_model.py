@@ -8,6 +8,7 @@
     python scripts/bench_model.py --shape all --threads 1      # steadier when other jobs share the CPU
     python scripts/bench_model.py --shape quickstart --bf16    # adds MiniGPT under bf16 autocast, ratio vs fp32
     python scripts/bench_model.py --attention                  # attention alone: bf16 and fp32, 128-1024 tokens
+    python scripts/bench_model.py --linear                     # one linear layer without gradients: MKL vs oneDNN
 
 Training: tokens/s of one step (forward + loss + backward + AdamW) for MiniGPT with sdpa, MiniGPT
 with the hand-written eager attention, and `GPT2LMHeadModel` (sdpa), run interleaved (one step
@@ -21,6 +22,10 @@ Attention (--attention): forward + backward of the attention step alone (`MultiH
 `_sdpa` and `_eager` on the same queries, keys and values, plain causal) at the gpt2-small head
 shape and the quickstart's, from 128 to 1024 tokens, in fp32 and bf16: the measurement behind
 `training.loop.EAGER_BF16_CPU_MAX_CONTEXT`.
+
+Linear (--linear): GB/s of weight read by an fp32 linear layer without gradients at gpt2-small's
+weight shapes, for 1, 8 and 128 rows, through MKL (`F.linear`, PyTorch's fp32 CPU default) and
+through oneDNN (what `modeling_minigpt.linear` uses for inference): the measurement behind it.
 
 Generation: greedy `generate()` of --new_tokens after 16-token prompts (left-padded rows of
 different lengths for batch > 1) at the gpt2-small shape, every path of both models interleaved
@@ -36,6 +41,7 @@ HF model is the MiniGPT converted with `minigpt_to_gpt2`, so both start from ide
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -43,15 +49,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch._dynamo.config
 import torch._inductor.config
+import torch.nn.functional as F
 from transformers import CompileConfig, HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM, linear  # noqa: E402
 from modeling_minigpt.attention import MultiHeadAttention  # noqa: E402
 from modeling_minigpt.convert import minigpt_to_gpt2  # noqa: E402
 from training.cli import report_error  # noqa: E402
@@ -64,9 +72,14 @@ SHAPES: dict[str, tuple[dict, int, int]] = {
     "gpt2-small": (dict(), 4, 256),
 }
 GENERATION_PROMPT = 16
+ONEDNN = linear.USE_ONEDNN  # as the package decided on import
 BF16_TRAINING = ("minigpt-sdpa bf16 autocast", "minigpt-eager bf16 autocast")
 # (batch, heads, tokens, head_dim) for --attention: the quickstart's heads, then gpt2-small's
 ATTENTION_SHAPES = [(16, 4, 128, 32), (8, 12, 256, 64), (4, 12, 512, 64), (2, 12, 1024, 64)]
+# (out, in) of gpt2-small's weights for --linear: Q/K/V/out_proj, fc_in, fc_out, the tied LM head;
+# rows: one decoding step at batch 1 and 8, and a prefill or evaluation batch.
+LINEAR_SHAPES = [(768, 768), (3072, 768), (768, 3072), (50257, 768)]
+LINEAR_ROWS = [1, 8, 128]
 
 
 @dataclass
@@ -77,6 +90,9 @@ class BenchArguments:
     generate: bool = field(default=False, metadata={"help": "Benchmark cached greedy generation instead of training."})
     attention: bool = field(
         default=False, metadata={"help": "Benchmark the attention paths alone (sdpa, eager; fp32, bf16) instead."}
+    )
+    linear: bool = field(
+        default=False, metadata={"help": "Benchmark an fp32 linear layer alone, MKL against oneDNN, instead."}
     )
     compile: bool = field(
         default=False, metadata={"help": "Also time MiniGPT (sdpa) under torch.compile (training only)."}
@@ -253,9 +269,11 @@ def bf16_is_fast() -> bool:
 #   `_compile_all_devices` asks for it on CPU).
 # - "compile+freeze": the fastest found here. The whole forward compiled with fullgraph and
 #   dynamic shapes (the DynamicCache grows every step), with inductor's freezing: the weights
-#   become constants and their matmuls run on pre-packed weights (MKL's at batch 1, oneDNN's when
-#   the batch is a dynamic dimension, 1.8x MKL's plain matmul at batch 8). Q/K/V projections are
-#   concatenated into one matmul. Freezing breaks the StaticCache (it folds the cache's
+#   become constants. HF's matmuls (and ours with USE_ONEDNN off) run on weights inductor
+#   pre-packs: for MKL at batch 1, for oneDNN when the batch is a dynamic dimension (1.8x MKL's
+#   plain matmul at batch 8), with Q/K/V concatenated into one matmul. Ours by default stay on
+#   our oneDNN op with plain weights (`modeling_minigpt.linear`), which inductor does not touch.
+#   Freezing breaks the StaticCache (it folds the cache's
 #   static-address tensors into constants: index out of bounds, torch 2.13 / transformers 5.24),
 #   hence the dynamic cache. Inference only: a frozen graph never sees new weights.
 STATIC_COMPILE = CompileConfig(fullgraph=True, dynamic=False, mode=None)
@@ -263,10 +281,21 @@ STATIC_COMPILE._compile_all_devices = True
 FREEZE_OPTIONS = {"freezing": True, "cpp.enable_concat_linear": True}
 
 
-def generation_paths(ours: MiniGPTForCausalLM, hf: torch.nn.Module, with_bf16: bool) -> dict[str, tuple]:
-    """name -> (model, generate() kwargs, inductor config patch, the HF variant on the same path).
-    The compiled variants are fresh copies: build them once per batch size, or dynamo's limit of
-    8 graphs per function is soon reached (prefill and decoding, each batch size, ...)."""
+class GenerationPath(NamedTuple):
+    model: torch.nn.Module
+    settings: dict  # generate() kwargs
+    inductor: dict  # inductor config patch
+    reference: str | None  # the HF variant on the same path, for the "vs HF same path" column
+    onednn: bool = True  # modeling_minigpt.linear.USE_ONEDNN while it runs
+
+
+def generation_paths(ours: MiniGPTForCausalLM, hf: torch.nn.Module, with_bf16: bool) -> dict[str, GenerationPath]:
+    """Every path of both models. The compiled variants are fresh copies: build them once per batch
+    size, or dynamo's limit of 8 graphs per function is soon reached (prefill and decoding, each
+    batch size, ...). ", F.linear" marks a path with `modeling_minigpt.linear.USE_ONEDNN` off: the
+    default path then runs on MKL and shows what oneDNN's kernel alone is worth, and
+    compile+freeze leaves every linear layer to inductor, which packs the weights for MKL at
+    batch 1 and for oneDNN when the batch is a dynamic dimension."""
 
     def compiled_frozen(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         model = copy.deepcopy(model).to(dtype)
@@ -275,28 +304,38 @@ def generation_paths(ours: MiniGPTForCausalLM, hf: torch.nn.Module, with_bf16: b
 
     static = dict(cache_implementation="static", compile_config=STATIC_COMPILE)
     paths = {
-        "hf-gpt2 default": (hf, {}, {}, "hf-gpt2 default"),
-        "minigpt default": (ours, {}, {}, "hf-gpt2 default"),
-        "hf-gpt2 static+compile": (copy.deepcopy(hf), static, {}, "hf-gpt2 static+compile"),
-        "minigpt static+compile": (copy.deepcopy(ours), static, {}, "hf-gpt2 static+compile"),
-        "hf-gpt2 compile+freeze": (compiled_frozen(hf), {}, FREEZE_OPTIONS, "hf-gpt2 compile+freeze"),
-        "minigpt compile+freeze": (compiled_frozen(ours), {}, FREEZE_OPTIONS, "hf-gpt2 compile+freeze"),
+        "hf-gpt2 default": GenerationPath(hf, {}, {}, "hf-gpt2 default"),
+        "minigpt default": GenerationPath(ours, {}, {}, "hf-gpt2 default"),
+        "minigpt default, F.linear": GenerationPath(ours, {}, {}, "hf-gpt2 default", onednn=False),
+        "hf-gpt2 static+compile": GenerationPath(copy.deepcopy(hf), static, {}, "hf-gpt2 static+compile"),
+        "minigpt static+compile": GenerationPath(copy.deepcopy(ours), static, {}, "hf-gpt2 static+compile"),
+        "hf-gpt2 compile+freeze": GenerationPath(compiled_frozen(hf), {}, FREEZE_OPTIONS, "hf-gpt2 compile+freeze"),
+        "minigpt compile+freeze": GenerationPath(compiled_frozen(ours), {}, FREEZE_OPTIONS, "hf-gpt2 compile+freeze"),
+        "minigpt compile+freeze, F.linear": GenerationPath(
+            compiled_frozen(ours), {}, FREEZE_OPTIONS, "hf-gpt2 compile+freeze", onednn=False
+        ),
     }
     if with_bf16:
-        paths["minigpt bf16 compile+freeze"] = (compiled_frozen(ours, torch.bfloat16), {}, FREEZE_OPTIONS, None)
+        paths["minigpt bf16 compile+freeze"] = GenerationPath(
+            compiled_frozen(ours, torch.bfloat16), {}, FREEZE_OPTIONS, None
+        )
     return paths
 
 
 def time_generation(
-    paths: dict[str, tuple], ids: torch.Tensor, mask: torch.Tensor, greedy: dict, args: BenchArguments
+    paths: dict[str, GenerationPath], ids: torch.Tensor, mask: torch.Tensor, greedy: dict, args: BenchArguments
 ) -> tuple[Timings, dict[str, torch.Tensor]]:
     """Every path's generate() on the same prompts, interleaved; the timings and the ids."""
     outputs: dict[str, torch.Tensor] = {}
 
     def generate(name: str) -> None:
-        model, settings, inductor, _ = paths[name]
-        with torch.inference_mode(), torch._inductor.config.patch(inductor):
-            outputs[name] = model.generate(ids, attention_mask=mask, **greedy, **settings)
+        path = paths[name]
+        linear.USE_ONEDNN = path.onednn and ONEDNN
+        try:
+            with torch.inference_mode(), torch._inductor.config.patch(path.inductor):
+                outputs[name] = path.model.generate(ids, attention_mask=mask, **greedy, **path.settings)
+        finally:
+            linear.USE_ONEDNN = ONEDNN
 
     runs = {name: lambda name=name: generate(name) for name in paths}
     return interleaved(runs, args.pairs, args.warmup), outputs
@@ -333,6 +372,42 @@ def bench_attention(args: BenchArguments) -> None:
             print(f"  {shape:34s} {str(dtype)[6:]:9s} {sdpa:8.2f} {eager:9.2f}  {sdpa / eager:5.2f}x")
 
 
+def apply_each(kernel: Callable, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor) -> None:
+    for weight in weights:
+        kernel(x, weight, bias)
+
+
+def bench_linear(args: BenchArguments) -> None:
+    """GB/s of weight read by an fp32 linear layer without gradients: MKL (`F.linear`) against
+    oneDNN (`modeling_minigpt.linear`), interleaved. Each timed run goes through enough copies of
+    the weight (~256 MB) to leave the caches behind, as a decoding step does."""
+    if not ONEDNN:
+        print("--linear skipped: this build of torch has no oneDNN")
+        return
+    print(
+        f"fp32 linear, no grad, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+        f"load average {load_average()} at start"
+    )
+    print(f"  {'(out, in)':14s} {'rows':>5s} {'MKL GB/s':>9s} {'oneDNN GB/s':>12s}  oneDNN speed-up")
+    torch.manual_seed(args.seed)
+    for out_features, in_features in LINEAR_SHAPES:
+        copies = max(1, (256 << 20) // (out_features * in_features * 4))
+        weights = [torch.randn(out_features, in_features) for _ in range(copies)]
+        bias = torch.randn(out_features)
+        gigabytes = copies * out_features * in_features * 4 / 1e9
+        for rows in LINEAR_ROWS:
+            x = torch.randn(rows, in_features)
+            runs = {
+                "mkl": functools.partial(apply_each, F.linear, x, weights, bias),
+                "onednn": functools.partial(apply_each, linear._onednn_linear, x, weights, bias),
+            }
+            with torch.no_grad():
+                timings = interleaved(runs, 2 * args.pairs, max(args.warmup, 1), show=False).wall
+            mkl, onednn = (statistics.median(timings[name]) for name in ("mkl", "onednn"))
+            shape = str((out_features, in_features))
+            print(f"  {shape:14s} {rows:5d} {gigabytes / mkl:9.1f} {gigabytes / onednn:12.1f}  {mkl / onednn:5.2f}x")
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -352,6 +427,10 @@ def bench_generation(args: BenchArguments) -> None:
         f"greedy generation, gpt2-small, {GENERATION_PROMPT}-token prompts, {args.new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
         f"load average {load_average()} at start (1, 5, 15 min)"
+    )
+    print(
+        "MiniGPT's fp32 linear layers without gradients: "
+        + ("oneDNN (modeling_minigpt.linear)" if ONEDNN else "MKL (this torch has no oneDNN)")
     )
     greedy = dict(
         max_new_tokens=args.new_tokens,
@@ -377,7 +456,7 @@ def bench_generation(args: BenchArguments) -> None:
         print(f"  {'':28s} {'ms/step':>8s} {'x floor':>8s} {'vs HF same path':>16s}  ids == {reference}")
         for name, wall in timings.wall.items():
             step_ms = 1000 * statistics.median(wall) / args.new_tokens
-            same_path = paths[name][3]
+            same_path = paths[name].reference
             versus = (
                 f"{statistics.median(r / t for t, r in zip(wall, timings.wall[same_path], strict=True)):15.2f}x"
                 if same_path
@@ -400,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_generation(args)
     elif args.attention:
         bench_attention(args)
+    elif args.linear:
+        bench_linear(args)
     else:
         for shape in SHAPES if args.shape == "all" else [args.shape]:
             bench_training(shape, args)

@@ -62,7 +62,9 @@ def left_padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, 
 
 
 def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    torch.testing.assert_close(ours, theirs, rtol=0.0, atol=1e-5)
+    # Our inference projections run on oneDNN and GPT-2's on MKL (`modeling_minigpt.linear`), which
+    # sum in different orders: up to 2.5e-5 apart at gpt2-xl's width, 1.3e-5 at gpt2-small's.
+    torch.testing.assert_close(ours, theirs, rtol=0.0, atol=5e-5)
 
 
 @pytest.mark.parametrize("preset", GPT2_PRESETS)

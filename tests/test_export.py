@@ -62,6 +62,7 @@ EXPECTED_FILES = {
     "config.json",
     "configuration_minigpt.py",
     "generation_config.json",
+    "linear.py",
     "loss_curve.png",
     "model.safetensors",
     "modeling_minigpt.py",
@@ -348,7 +349,14 @@ def test_model_and_tokenizer_push_to_hub(hub, tiny_tokenizer, api, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     files = set(api.list_repo_files("test-user/from-python"))
-    assert {"config.json", "model.safetensors", "modeling_minigpt.py", "attention.py", "tokenizer.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_minigpt.py",
+        "attention.py",
+        "linear.py",
+        "tokenizer.json",
+    } <= files
     assert FAKE_TOKEN not in result.stdout + result.stderr
 
 
@@ -387,6 +395,7 @@ def test_save_finetuned_writes_adapter_and_a_merged_folder_that_loads_fresh(tmp_
         "config.json",
         "modeling_minigpt.py",
         "attention.py",
+        "linear.py",
         "configuration_minigpt.py",
         "chat_template.jinja",
     } <= set(os.listdir(tmp_path / "model"))

@@ -386,6 +386,7 @@ def test_save_pretrained_writes_code_and_one_copy_of_tied_weights(tmp_path):
         "configuration_minigpt.py",
         "modeling_minigpt.py",
         "attention.py",
+        "linear.py",
     } <= names
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())
