@@ -26,10 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Off where PyTorch was built without oneDNN. Set it to False for MKL everywhere, or to let
-# inductor's freezing pack the weights itself: with a dynamic batch it packs them for oneDNN,
-# faster at batch 8 than our op on plain weights (33 against 53 ms per gpt2-small decoding step).
-USE_ONEDNN = torch.backends.mkldnn.is_available()
+# On where the CPU reports AVX2 or AVX-512 (an x86-64 CPU, where MKL is the alternative; only an
+# AMD EPYC was measured) and PyTorch has oneDNN's kernel. Set it to False for MKL everywhere, or
+# to let inductor's freezing pack the weights itself: with a dynamic batch it packs them for
+# oneDNN, faster at batch 8 than our op on plain weights (34 against 50 ms per gpt2-small
+# decoding step).
+USE_ONEDNN = (
+    torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
 # 2**18 fp32 elements = 1 MiB, about where reading a weight ~1.4x faster saves more than the
 # ~20 us a call to oneDNN costs over one to MKL (both measured on small weights, where MKL wins).
 ONEDNN_MIN_WEIGHT = 1 << 18

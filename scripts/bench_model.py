@@ -174,13 +174,13 @@ def report(title: str, timings: Timings, tokens: int, reference: str = "hf-gpt2-
     number. On a busy machine two more views help: the ratio of the fastest runs (the least
     disturbed ones) and the ratio of median CPU seconds (work done, blind to waiting)."""
     print(f"\n{title}")
-    print(f"  {'':28s} {'tokens/s':>10s}   {'median':>6s}  {'fastest':>7s}  {'cpu':>5s}   (ratios vs {reference})")
+    print(f"  {'':32s} {'tokens/s':>10s}   {'median':>6s}  {'fastest':>7s}  {'cpu':>5s}   (ratios vs {reference})")
     for name, wall in timings.wall.items():
         rate = tokens / statistics.median(wall)
         median = statistics.median(r / t for t, r in zip(wall, timings.wall[reference], strict=True))
         fastest = min(timings.wall[reference]) / min(wall)
         cpu = statistics.median(timings.cpu[reference]) / statistics.median(timings.cpu[name])
-        print(f"  {name:28s} {rate:10.1f}   {median:5.2f}x  {fastest:6.2f}x  {cpu:4.2f}x")
+        print(f"  {name:32s} {rate:10.1f}   {median:5.2f}x  {fastest:6.2f}x  {cpu:4.2f}x")
 
 
 def bench_training(shape: str, args: BenchArguments) -> None:
@@ -382,7 +382,7 @@ def bench_linear(args: BenchArguments) -> None:
     oneDNN (`modeling_minigpt.linear`), interleaved. Each timed run goes through enough copies of
     the weight (~256 MB) to leave the caches behind, as a decoding step does."""
     if not ONEDNN:
-        print("--linear skipped: this build of torch has no oneDNN")
+        print("--linear skipped: modeling_minigpt.linear.USE_ONEDNN is off on this CPU (no x86 SIMD or no oneDNN)")
         return
     print(
         f"fp32 linear, no grad, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
@@ -430,7 +430,11 @@ def bench_generation(args: BenchArguments) -> None:
     )
     print(
         "MiniGPT's fp32 linear layers without gradients: "
-        + ("oneDNN (modeling_minigpt.linear)" if ONEDNN else "MKL (this torch has no oneDNN)")
+        + (
+            "oneDNN (modeling_minigpt.linear)"
+            if ONEDNN
+            else "F.linear (modeling_minigpt.linear.USE_ONEDNN is off on this CPU)"
+        )
     )
     greedy = dict(
         max_new_tokens=args.new_tokens,
@@ -453,7 +457,7 @@ def bench_generation(args: BenchArguments) -> None:
             f"  memory floor: {weight_bytes(ours) / 1e6:.0f} MB of fp32 weights / {bandwidth:.1f} GB/s copy "
             f"bandwidth (best seen in this run) = {floor_ms:.1f} ms per decoding step"
         )
-        print(f"  {'':28s} {'ms/step':>8s} {'x floor':>8s} {'vs HF same path':>16s}  ids == {reference}")
+        print(f"  {'':32s} {'ms/step':>8s} {'x floor':>8s} {'vs HF same path':>16s}  ids == {reference}")
         for name, wall in timings.wall.items():
             step_ms = 1000 * statistics.median(wall) / args.new_tokens
             same_path = paths[name].reference
@@ -463,7 +467,7 @@ def bench_generation(args: BenchArguments) -> None:
                 else f"{'-':>16s}"
             )
             identical = torch.equal(outputs[name], outputs[reference])
-            print(f"  {name:28s} {step_ms:8.1f} {step_ms / floor_ms:7.2f}x {versus}  {identical}")
+            print(f"  {name:32s} {step_ms:8.1f} {step_ms / floor_ms:7.2f}x {versus}  {identical}")
     print(f"\nload average {load_average()} at end (1, 5, 15 min)")
 
 
