@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import argument_groups, save_tiny_base
+from helpers.runs import FINETUNE_LOOP, argument_groups, save_tiny_base
 from transformers import AutoModelForSequenceClassification, pipeline
 
 from tokenization import train_bpe
@@ -29,18 +29,8 @@ from training.classify_data import (
 from training.loop import LoopArguments
 from training.lora import LoraArguments
 
-TINY_LOOP = dict(
-    max_steps=30,
-    per_device_batch_size=16,
-    learning_rate=3e-3,
-    min_learning_rate=3e-4,
-    warmup_steps=3,
-    log_every=5,
-    eval_every=100,
-    save_every=100,
-    report_to="none",
-    mixed_precision="no",  # the same numbers on every CPU (auto would pick bf16 where it is native)
-)
+# The fine-tuning runs' settings, longer and with bigger batches (a classifier head learns from scratch).
+CLASSIFY_LOOP = {**FINETUNE_LOOP, "max_steps": 30, "per_device_batch_size": 16, "warmup_steps": 3, "log_every": 5}
 
 
 def write_csv(path: Path, rows: list[dict[str, str]], columns=("sentence", "topic")) -> Path:
@@ -73,7 +63,7 @@ def base_dir(tmp_path_factory) -> Path:
 def tiny_run(base: Path, out: Path, lora: dict | None = None, **overrides):
     """(ClassifyArguments, LoraArguments, LoopArguments) for a tiny run."""
     defaults = {ClassifyArguments: dict(model_path=str(base)), LoraArguments: lora or {}}
-    return argument_groups({**defaults, LoopArguments: dict(TINY_LOOP, output_dir=str(out))}, overrides)
+    return argument_groups({**defaults, LoopArguments: dict(CLASSIFY_LOOP, output_dir=str(out))}, overrides)
 
 
 # ----------------------------------------------------------------------------- data

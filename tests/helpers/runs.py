@@ -38,18 +38,14 @@ TINY_LOOP = dict(
 
 
 # The fine-tuning jobs' tiny runs (SFT, DPO): 6 steps from a saved tiny base, no tracker.
-FINETUNE_LOOP = dict(
-    max_steps=6,
-    per_device_batch_size=8,
-    learning_rate=3e-3,
-    min_learning_rate=3e-4,
-    warmup_steps=2,
-    log_every=1,
-    eval_every=100,
-    save_every=100,
-    report_to="none",
-    mixed_precision="no",  # the same numbers on every CPU (auto would pick bf16 where it is native)
-)
+FINETUNE_LOOP = {
+    **TINY_LOOP,
+    "max_steps": 6,
+    "warmup_steps": 2,
+    "eval_every": 100,
+    "save_every": 100,
+    "report_to": "none",
+}
 
 
 def reset_accelerate_state() -> None:
