@@ -84,7 +84,7 @@ LINEAR_ROWS = [1, 8, 128]
 
 @dataclass
 class BenchArguments:
-    shape: str = field(default="tiny", metadata={"help": "Training shape: tiny, gpt2-small or all."})
+    shape: str = field(default="tiny", metadata={"help": "Training shape: tiny, quickstart, gpt2-small or all."})
     pairs: int = field(default=5, metadata={"help": "Timed repetitions (each runs every model once)."})
     warmup: int = field(default=1, metadata={"help": "Untimed repetitions first (allocator, kernels, compile)."})
     generate: bool = field(default=False, metadata={"help": "Benchmark cached greedy generation instead of training."})
@@ -119,6 +119,10 @@ class BenchArguments:
             raise ValueError(f"--shape must be one of {', '.join(SHAPES)} or all, got {self.shape!r}")
         if self.pairs < 1 or self.warmup < 0:
             raise ValueError(f"--pairs must be >= 1 and --warmup >= 0, got {self.pairs} and {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.generate + self.attention + self.linear > 1:
+            raise ValueError("--generate, --attention and --linear are separate benchmarks: give one of them")
         if not self.batches or min(self.batches) < 1 or self.new_tokens < 1:
             raise ValueError(f"--batches and --new_tokens must be >= 1, got {self.batches} and {self.new_tokens}")
 
