@@ -140,10 +140,15 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def staging_dir(folder: str | os.PathLike[str], clean: bool = True) -> Path:
+def staging_dir(folder: str | os.PathLike[str], clean: bool = True, unique: bool = False) -> Path:
     """`.tmp-<name>` beside `folder`, to build it in before `replace_dir`; with `clean`, one left
-    by a killed run is removed first (only one process of a run should clean)."""
+    by a killed run is removed first (only one process of a run should clean). With `unique`, a
+    new empty `.tmp-<name>.<random>` instead, for a folder that independent processes may build
+    at the same time (a shared cache): none of them removes another's."""
     folder = Path(folder)
+    if unique:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{folder.name}.", dir=folder.parent))
     staging = folder.with_name(f"{STAGING_PREFIX}{folder.name}")
     if clean and staging.exists():
         shutil.rmtree(staging)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
@@ -657,13 +658,23 @@ def saved_windows(folder: PathLike, build: Callable[[], Mapping[str, Dataset]]) 
     `save_to_disk` writes into a staging folder renamed into place when complete, so a killed
     build leaves nothing a later run would take for windows. With several processes, call it on
     the main process first (`accelerator.main_process_first()`): the others then load.
+    Independent runs on the same inputs may build the same folder at once: each builds in its own
+    staging folder, and the one that finishes second keeps the first one's windows (the same).
     """
     folder = Path(folder)
     reused = (folder / "dataset_dict.json").is_file()
     if not reused:
-        staging = staging_dir(folder)
-        DatasetDict(build()).save_to_disk(staging)
-        replace_dir(staging, folder)
+        splits = DatasetDict(build())
+        staging = staging_dir(folder, unique=True)
+        try:
+            splits.save_to_disk(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if (folder / "dataset_dict.json").is_file():
+            shutil.rmtree(staging)
+        else:
+            replace_dir(staging, folder)
     return load_from_disk(folder), reused
 
 
