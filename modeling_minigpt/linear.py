@@ -4,7 +4,7 @@ PyTorch runs an fp32 `nn.Linear` on the CPU through MKL (bf16 already goes throu
 the AMD EPYC CPU this was measured on, MKL's fp32 matrix-vector product, which is what a decoding
 step is made of, reads gpt2-small's weights at 11-15 GB/s; oneDNN's reads the same weights, in
 the same layout, at 13-21 GB/s, and it is ahead at 8 and 128 rows too (1.2-2.8x in all,
-`python scripts/bench_model.py --linear`). Greedy decoding of gpt2-small is 1.4x faster with it at
+`python benchmarks/bench_model.py --linear`). Greedy decoding of gpt2-small is 1.4x faster with it at
 batch 1 and 1.6x at batch 8 (`--generate`).
 
 oneDNN's kernel has no backward, so it is used only where no gradient can be asked for: under
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# On where the CPU reports AVX2 or AVX-512 (an x86-64 CPU, where MKL is the alternative; only an
-# AMD EPYC was measured) and PyTorch has oneDNN's kernel. Set it to False for MKL everywhere, or
+# oneDNN's kernel is used where the CPU reports AVX2 or AVX-512 (an x86-64 CPU, where MKL is the
+# alternative; only an AMD EPYC was measured) and PyTorch has that kernel. Set it to False for MKL everywhere, or
 # to let inductor's freezing pack the weights itself: with a dynamic batch it packs them for
 # oneDNN, faster at batch 8 than our op on plain weights (34 against 50 ms per gpt2-small
 # decoding step).

@@ -22,10 +22,11 @@ import sys
 
 from accelerate import PartialState
 
-from training.classify import ClassifyArguments, run_classification
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.loop import LoopArguments, NonFiniteLossError
-from training.lora import LoraArguments
+from training.jobs.classify import ClassifyArguments, run_classification
+from training.run.arguments import LoopArguments
+from training.run.loop import NonFiniteLossError
+from training.run.lora import LoraArguments
 
 ARGUMENTS = (ClassifyArguments, LoraArguments, LoopArguments)
 

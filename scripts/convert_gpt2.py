@@ -18,8 +18,8 @@ from pathlib import Path
 
 from modeling_minigpt.convert import gpt2_to_minigpt, minigpt_to_gpt2
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.export import save_model_folder
-from training.model_folder import check_model_folder, check_weights
+from training.saved.load import check_model_folder, check_weights
+from training.saved.save import save_model_folder
 
 # Copied byte for byte: rebuilding a tokenizer from GPT-2's vocab.json/merges.txt through
 # transformers can silently produce an empty one (see HF_V5_NOTES.md).
@@ -64,7 +64,7 @@ def convert(args: ConvertArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Convert; bad input raises here (tests/test_convert.py calls this in-process and expects the
+    """Convert; bad input raises here (tests/modeling_minigpt/test_convert.py calls this in-process and expects the
     ValueError), and becomes one error line and exit code 1 when run as a command."""
     (args,) = parse_config_args((ConvertArguments,), argv, __doc__.split("\n\n")[0])
     print(f"converting with {args}")

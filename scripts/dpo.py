@@ -23,9 +23,10 @@ import sys
 from accelerate import PartialState
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.dpo import DPOArguments, run_dpo
-from training.loop import LoopArguments, NonFiniteLossError
-from training.lora import LoraArguments
+from training.jobs.dpo import DPOArguments, run_dpo
+from training.run.arguments import LoopArguments
+from training.run.loop import NonFiniteLossError
+from training.run.lora import LoraArguments
 
 ARGUMENTS = (DPOArguments, LoraArguments, LoopArguments)
 

@@ -6,8 +6,8 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py ...
 
 Any folder written by `save_pretrained` works (MiniGPT or any other Hugging Face causal LM);
-the tokenizer defaults to the same folder. The job is `training.evaluate_folder`; see
-`training/evaluate.py` for how every number is defined.
+the tokenizer defaults to the same folder. The job is `training.jobs.evaluate`; see
+`training/evaluation/metrics.py` for how every number is defined.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.evaluate_folder import EvaluateArguments, evaluate_folder
+from training.jobs.evaluate import EvaluateArguments, evaluate_folder
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateArguments:

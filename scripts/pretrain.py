@@ -17,8 +17,9 @@ from __future__ import annotations
 import sys
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.loop import LoopArguments, NonFiniteLossError
-from training.pretrain import DataArguments, ModelArguments, run_pretraining
+from training.jobs.pretrain import DataArguments, ModelArguments, run_pretraining
+from training.run.arguments import LoopArguments
+from training.run.loop import NonFiniteLossError
 
 ARGUMENTS = (ModelArguments, DataArguments, LoopArguments)
 

@@ -9,7 +9,7 @@ The token is read the usual way: the HF_TOKEN environment variable, else the log
 that changed, and makes no commit at all when nothing did. Set HF_ENDPOINT to push to another
 Hub-compatible server. The training scripts write the folder to push as <output_dir>/model;
 checkpoints and temporaries are never pushed, even from a whole run folder (see
-training.export.RUN_ONLY_PATTERNS). A model already in memory can also go up with
+training.saved.hub.RUN_ONLY_PATTERNS). A model already in memory can also go up with
 `model.push_to_hub(repo_id)` and `tokenizer.push_to_hub(repo_id)`, without the card and plots.
 """
 
@@ -23,7 +23,7 @@ from huggingface_hub import get_token
 from huggingface_hub.utils import logging as hub_logging
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.export import DEFAULT_BRANCH, push_folder
+from training.saved.hub import DEFAULT_BRANCH, push_folder
 
 
 @dataclass

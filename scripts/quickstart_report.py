@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.generate import greedy_generate
+from training.evaluation.generate import greedy_generate
 
 FREE_TOKENS = 48  # the pretrained model's free-text sample
 REPETITION_PENALTY = 1.3
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> ReportArguments:
 def untrained_metrics(model_dir: Path, validation: str, seed: int) -> dict:
     """Validation metrics of the model as pretraining started: same config, same seed."""
     from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-    from training.evaluate import evaluate_texts
+    from training.evaluation.metrics import evaluate_texts
 
     torch.manual_seed(seed)
     model = MiniGPTForCausalLM(MiniGPTConfig.from_pretrained(model_dir)).eval()
@@ -104,8 +104,8 @@ def report(args: ReportArguments) -> int:
     # the two folders above had to load from their own code first.
     from modeling_minigpt.files import save_figure
     from modeling_minigpt.visualize import plot_attention
-    from training.evaluate import distinct_n
-    from training.instruct_data import loss_mask_figure, render_example
+    from training.data.instructions import loss_mask_figure, render_example
+    from training.evaluation.metrics import distinct_n
 
     plot_attention(
         pretrained, tokenizer, "The for statement is used to iterate", figures / "attention_layer0_head0.png"

@@ -21,9 +21,10 @@ import sys
 from accelerate import PartialState
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.loop import LoopArguments, NonFiniteLossError
-from training.lora import LoraArguments
-from training.sft import SFTArguments, run_sft
+from training.jobs.sft import SFTArguments, run_sft
+from training.run.arguments import LoopArguments
+from training.run.loop import NonFiniteLossError
+from training.run.lora import LoraArguments
 
 ARGUMENTS = (SFTArguments, LoraArguments, LoopArguments)
 

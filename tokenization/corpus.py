@@ -1,6 +1,6 @@
 """Where data comes from: one opener, with one set of rules and messages, for every consumer.
 
-Tokenizer training (`train_bpe`), pretraining data (`training.data.load_corpus`), evaluation
+Tokenizer training (`train_bpe`), pretraining data (`training.data.windows.load_corpus`), evaluation
 (`scripts/evaluate.py`) and labelled records (`read_records`: instruction and classification
 data) all open what a user hands them with `open_source`, which accepts:
 

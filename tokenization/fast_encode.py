@@ -1,7 +1,7 @@
 """Batched encoding for the data pipeline: texts in, lists of ids out, as fast as we can.
 
 What limits `tokenizers` here (GPT-2's merges on tinyshakespeare, one call per paragraph, CPU
-seconds, scripts/bench_tokenizer.py): the same pipeline with the BPE model swapped for a
+seconds, benchmarks/bench_tokenizer.py): the same pipeline with the BPE model swapped for a
 one-entry WordLevel, i.e. only the ByteLevel pre-tokenizer (Oniguruma regex), the per-byte
 alignment bookkeeping of `NormalizedString` and building the Encoding, takes ~75 % of a full
 encode. The merges are the other ~25 %; a 100x larger BPE word cache does not help; skipping

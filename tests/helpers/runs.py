@@ -12,8 +12,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from training.loop import LoopArguments
-from training.pretrain import DataArguments, ModelArguments
+from training.jobs.pretrain import DataArguments, ModelArguments
+from training.run.arguments import LoopArguments
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_SCRIPT = REPO_ROOT / "scripts" / "pretrain.py"

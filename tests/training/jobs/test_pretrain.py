@@ -1,0 +1,316 @@
+"""training/jobs/pretrain.py and scripts/pretrain.py end to end (tiny model): a whole run, every bad input
+stopping before training, and a run killed with SIGKILL resuming bit-exactly. (The time budget is
+tested in test_loop.py, on an injected clock: no test depends on the machine's speed.)
+
+The tiny run's settings (`tiny_args`, `script_flags`) are in tests/helpers/runs.py (test_ddp.py uses them too).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from helpers.processes import SUBPROCESS_ENV, launch, sigkill_after_step
+from helpers.runs import PRETRAIN_SCRIPT, listing, logged_losses, read_metrics, script_flags, tiny_args
+from safetensors.torch import load_file
+
+from tokenization.corpus import DataError
+from training.data.windows import build_lm_datasets
+from training.jobs.pretrain import run_pretraining
+from training.run.checkpoint import list_checkpoints
+from training.run.lifecycle import RunFolderError
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus_file, tmp_path_factory):
+    """One tiny run that trains its own tokenizer; several tests inspect what it left."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = tiny_args(out, corpus_file, None, tmp_path_factory.mktemp("cache"), max_steps=20)
+    return run_pretraining(*args), out
+
+
+def test_run_learns_and_logs_every_step(finished_run):
+    result, out = finished_run
+    records = read_metrics(out)
+    train = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert [r["tokens"] for r in train] == [8 * 32 * s for s in range(1, 21)]  # batch x context per step
+    assert train[0]["train_loss"] == pytest.approx(math.log(400), abs=0.3)  # starts near uniform over the vocabulary
+    assert train[-1]["train_loss"] < train[0]["train_loss"] - 0.5
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert all(isinstance(r["sample"], str) and r["sample"] for r in evals)
+    # the learning rate follows warmup then cosine decay
+    lrs = [r["lr"] for r in train]
+    assert lrs[:4] == pytest.approx([3e-3 * k / 4 for k in (1, 2, 3, 4)])
+    assert lrs[4] == pytest.approx(3e-3) and lrs[-1] < 5e-4
+    assert result.steps == 20 and result.tokens_seen == 20 * 8 * 32
+    assert 1.5 < result.chars_per_second / result.tokens_per_second < 3.0  # characters per token of a 400-token BPE
+
+
+def test_run_outputs(finished_run):
+    result, out = finished_run
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [15, 20]  # keep_last=2
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["fingerprint"]["model"]["n_layers"] == 2
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["validation"]["bits_per_char"] == pytest.approx(result.report.bits_per_char)
+    # The whole held-out text is scored: its characters are exactly the last 10% of the corpus.
+    assert final["validation"]["n_chars"] == round(0.1 * 12_000)
+    card = (out / "model" / "README.md").read_text()
+    assert "loss_curve.png" in card and (out / "model" / "loss_curve.png").is_file()
+
+
+def test_final_model_loads_with_auto_classes_in_a_fresh_process(finished_run, tmp_path):
+    _, out = finished_run
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(out / 'model')!r}, trust_remote_code=True).eval()\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(out / 'model')!r}, trust_remote_code=True)\n"
+        "ids = tokenizer('The return statement', return_tensors='pt').input_ids\n"
+        "torch.save({'logits': model(ids).logits, 'vocab': len(tokenizer), 'cls': type(model).__name__}, sys.argv[1])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out.pt")],
+        check=True,
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        timeout=300,
+    )
+    loaded = torch.load(tmp_path / "out.pt")
+    assert loaded["cls"] == "MiniGPTForCausalLM" and loaded["vocab"] == 400
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model", trust_remote_code=True)
+    with torch.no_grad():
+        expected = model(tokenizer("The return statement", return_tensors="pt").input_ids).logits
+    torch.testing.assert_close(loaded["logits"], expected)
+
+
+def test_trained_tokenizer_is_saved_with_the_run(finished_run):
+    _, out = finished_run
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out / "tokenizer")
+    assert len(saved) == 400
+    assert (out / "model" / "tokenizer.json").read_text() == (out / "tokenizer" / "tokenizer.json").read_text()
+
+
+# ----------------------------------------------------------------------------- bad input: stop before training
+
+
+def _expect_refusal(args, error: type[Exception], match: str, out: Path) -> None:
+    before = listing(out)
+    with pytest.raises(error, match=match):
+        run_pretraining(*args)
+    assert listing(out) == before, "a refused run must not write anything"
+
+
+def test_a_second_run_loads_the_saved_windows_instead_of_tokenizing(corpus_file, tokenizer_dir, tmp_path, capsys):
+    windows_dir = tmp_path / "windows"
+    short = dict(windows_dir=str(windows_dir), max_steps=2, eval_every=2, save_every=2, report_to="none")
+    run_pretraining(*tiny_args(tmp_path / "one", corpus_file, tokenizer_dir, tmp_path / "cache_one", **short))
+    first = capsys.readouterr().out
+    [folder] = windows_dir.iterdir()
+    assert f"windows tokenized and saved to {folder}" in first
+    run_pretraining(*tiny_args(tmp_path / "two", corpus_file, tokenizer_dir, tmp_path / "cache_two", **short))
+    assert f"windows reused from {folder}" in capsys.readouterr().out
+    assert not (tmp_path / "cache_two").exists()  # its own datasets cache stayed empty: nothing was tokenized
+    assert logged_losses(tmp_path / "two") == logged_losses(tmp_path / "one")
+    # The saved windows are the ones a fresh tokenization gives (tiny_args holds out the last 10% of characters).
+    text = corpus_file.read_text(encoding="utf-8")
+    cut = len(text) - round(0.1 * len(text))
+    saved = datasets.load_from_disk(folder)
+    for split, part in (("train", text[:cut]), ("validation", text[cut:])):
+        fresh = build_lm_datasets([part], tokenizer_dir, context_length=32, validation_fraction=0, cache_dir=tmp_path)
+        assert saved[split].to_dict() == fresh["train"].to_dict()
+    # Another stride (or corpus, tokenizer, context length) is other windows: another folder.
+    other = dict(short, stride=16)
+    run_pretraining(*tiny_args(tmp_path / "three", corpus_file, tokenizer_dir, tmp_path / "cache_three", **other))
+    assert "windows tokenized and saved to" in capsys.readouterr().out
+    assert len(list(windows_dir.iterdir())) == 2
+
+
+def test_missing_training_file(tmp_path, tokenizer_dir):
+    out = tmp_path / "out"
+    args = tiny_args(out, tmp_path / "nope.txt", tokenizer_dir, tmp_path / "cache")
+    _expect_refusal(args, DataError, "nope.txt does not exist", out)
+    assert not out.exists()
+
+
+def test_missing_tokenizer(tmp_path, corpus_file):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tmp_path / "no_tokenizer", tmp_path / "cache")
+    _expect_refusal(args, DataError, "no tokenizer at .*no_tokenizer", out)
+
+
+def test_tokenizer_vocab_differs_from_model(tmp_path, corpus_file, tokenizer_dir):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", vocab_size=1000)
+    _expect_refusal(args, DataError, "tokenizer has 512 tokens but the model's vocab_size is 1000", out)
+
+
+def test_fsdp_on_one_process_is_refused_before_writing(tmp_path, corpus_file, tokenizer_dir):
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", fsdp=True)
+    _expect_refusal(args, ValueError, "--fsdp shards the model over several processes: launch with accelerate", out)
+
+
+def test_corpus_shorter_than_a_window(tmp_path, tokenizer_dir):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("Too short to fill one window of 33 tokens, even held out.\n" * 3)
+    out = tmp_path / "out"
+    args = tiny_args(out, corpus, tokenizer_dir, tmp_path / "cache")
+    _expect_refusal(args, DataError, "fewer than one window", out)
+
+
+def test_folder_with_unrelated_files_is_never_used(tmp_path, corpus_file, tokenizer_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for flag in ({}, {"overwrite": True}, {"resume": True}):
+        args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", **flag)
+        _expect_refusal(args, RunFolderError, "not a run folder", out)
+
+
+def test_folder_with_another_run(finished_run, corpus_file, tokenizer_dir, tmp_path):
+    _, out = finished_run
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=20)
+    _expect_refusal(args, RunFolderError, "already holds a run. Pass --resume .* or --overwrite", out)
+
+
+def test_resume_with_another_model_shape_or_tokenizer(finished_run, corpus_file, tokenizer_dir, tmp_path):
+    _, out = finished_run
+    args = tiny_args(out, corpus_file, None, tmp_path / "cache", max_steps=20, n_layers=3, resume=True)
+    _expect_refusal(args, RunFolderError, r"model.n_layers: saved run has 2, this run has 3", out)
+    args = tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=20, resume=True)
+    _expect_refusal(args, RunFolderError, r"tokenizer.path: saved run has '<missing>'", out)
+
+
+def test_overwrite_replaces_a_run(corpus_file, tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    run_pretraining(
+        *tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=2, eval_every=2, save_every=2)
+    )
+    (out / "checkpoints" / "step_999").mkdir()  # something only the old run had
+    run_pretraining(
+        *tiny_args(
+            out, corpus_file, tokenizer_dir, tmp_path / "cache", max_steps=3, eval_every=3, save_every=3, overwrite=True
+        )
+    )
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [3]
+    assert not (out / "checkpoints" / "step_999").exists()
+    assert max(r["step"] for r in read_metrics(out)) == 3
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+@pytest.fixture(scope="module")
+def script():
+    """scripts/pretrain.py as a module (the SIGKILL and DDP tests run it as a real process)."""
+    spec = importlib.util.spec_from_file_location("pretrain_script", PRETRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_help_lists_every_group(script, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in (
+        "--n_layers",
+        "--train_file",
+        "--tokenizer_path",
+        "--max_time_seconds",
+        "--gradient_accumulation_steps",
+        "--resume",
+    ):
+        assert flag in help_text
+
+
+def test_script_yaml_config_with_overrides(script, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train_file: a.txt\nn_layers: 3\nlearning_rate: 1e-3\nmax_steps: 7\noutput_dir: runs/x\n")
+    model, data, loop = script.parse_args([str(config), "--max_steps", "9", "--resume"])
+    assert (model.n_layers, data.train_file, loop.learning_rate, loop.max_steps, loop.resume) == (
+        3,
+        "a.txt",
+        1e-3,
+        9,
+        True,
+    )
+    config.write_text("train_file: a.txt\nn_layer: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['n_layer'\]"):
+        script.parse_args([str(config)])
+
+
+def test_script_reports_bad_input_as_one_line(script, tmp_path, corpus_file, capsys):
+    out = tmp_path / "out"
+    flags = script_flags(out, corpus_file, tmp_path / "missing_tokenizer", tmp_path / "cache")
+    assert script.main(flags) == 1
+    assert capsys.readouterr().err.startswith("error: no tokenizer at")
+    assert script.main([*flags, "--min_learning_rate", "1e-2"]) == 1  # above the peak of 3e-3
+    assert "need 0 <= --min_learning_rate <= --learning_rate" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- SIGKILL, in a real process
+
+
+def _wait(process: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    assert process.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path, corpus_file, tokenizer_dir):
+    steps = 100  # long enough to be killed mid-run; 2 micro-batches a step, 18 an epoch: ~11 epochs
+    common = dict(max_steps=steps, gradient_accumulation_steps=2, save_every=15, eval_every=40, keep_last=2)
+    reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
+    # The uninterrupted run goes alongside the one that gets killed (one thread each).
+    reference = launch(
+        PRETRAIN_SCRIPT,
+        script_flags(reference_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common),
+        tmp_path / "reference.log",
+    )
+    flags = script_flags(killed_out, corpus_file, tokenizer_dir, tmp_path / "cache", **common)
+    victim = launch(PRETRAIN_SCRIPT, flags, tmp_path / "killed.log")
+    killed_at = sigkill_after_step(victim, killed_out, 40, tmp_path / "killed.log")
+    assert 40 <= killed_at < steps
+
+    resumed = launch(PRETRAIN_SCRIPT, flags + ["--resume", "true"], tmp_path / "resumed.log")
+    _wait(resumed, tmp_path / "resumed.log")
+    _wait(reference, tmp_path / "reference.log")
+    output = (tmp_path / "resumed.log").read_text()
+    resumed_from = int(output.split("resuming from step ")[1].split()[0])
+    assert 30 <= resumed_from <= killed_at and resumed_from % 15 == 0
+
+    expected = load_file(reference_out / "model" / "model.safetensors")
+    actual = load_file(killed_out / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
+        "resumed weights differ from the uninterrupted run"
+    )
+    # The log continues without gaps or repeats, with exactly the uninterrupted run's numbers.
+    assert logged_losses(killed_out) == logged_losses(reference_out)
+    assert [r["step"] for r in read_metrics(killed_out) if "train_loss" in r] == list(range(1, steps + 1))
+    val = lambda out: [(r["step"], r["val_loss"], r["sample"]) for r in read_metrics(out) if "val_loss" in r]  # noqa: E731
+    assert val(killed_out) == val(reference_out)

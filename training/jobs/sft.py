@@ -1,0 +1,306 @@
+"""Instruction fine-tuning (SFT) of a saved causal LM: the job behind `scripts/sft.py`.
+
+`run_sft(sft_args, lora_args, loop_args)` loads a saved MiniGPT folder (or a converted GPT-2
+folder) and its tokenizer, renders Alpaca records to (ids, labels) with the loss on the response
+only (`training.data.instructions`), and trains through the run lifecycle of `training.run.lifecycle`: full
+fine-tuning or LoRA adapters. Without a data file it uses the project's own seeded instruction
+tasks (`training.data.tasks`), whose answers can be checked exactly. `--packing` packs each training
+batch padding-free (`training.data.collate.collate_packed_instruction_batch`): the same loss, fewer
+positions computed.
+
+Evaluation, before training, every `eval_every` steps and at the end:
+- `val_loss`: the response-token loss on the held-out records (always response-only, also in a
+  run trained with the loss on every token, so the two runs compare);
+- `val_exact_match`: greedy answers to held-out prompts compared with the expected output;
+- at the end, `heldout_generations.json`: one {instruction, input, expected, generated,
+  exact_match} object per held-out record, the same shape for any Alpaca data, for a person or
+  a judge model to score.
+
+Output folder: `model/` (weights, code, tokenizer with its chat template, model card; LoRA
+runs save the merged model here), `adapter/` (LoRA runs: the adapter alone, for
+`PeftModel.from_pretrained(base, adapter_dir)`), checkpoints for `--resume`, metrics.jsonl, the
+loss curve and `final_metrics.json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
+from training.data.collate import collate_instruction_batch, collate_packed_instruction_batch
+from training.data.instructions import (
+    build_instruction_dataset,
+    file_splits,
+    load_instruction_records,
+)
+from training.data.tasks import TASK_KINDS, make_task_splits
+from training.evaluation.generate import generate_answers
+from training.evaluation.metrics import evaluate_loss, exact_match_summary, score_generations
+from training.run import lifecycle
+from training.run.arguments import LoopArguments
+from training.run.loop import make_train_dataloader
+from training.run.lora import LoraArguments, apply_lora, trainable_parameter_counts
+
+
+@dataclass
+class SFTArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
+    """The base model, the instruction data and how to evaluate."""
+
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Alpaca records (instruction, input, output): a .json array, .jsonl, .csv or .parquet file, a "
+            "save_to_disk folder or a dataset name. Default: the embedded seeded instruction tasks (no download)."
+        },
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Held-out Alpaca records. Default: hold out part of train_file."}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of train_file records held out (seeded) when there is no validation_file."},
+    )
+    num_train_tasks: int = field(default=3000, metadata={"help": "Embedded tasks: training records."})
+    num_heldout_tasks: int = field(
+        default=120, metadata={"help": "Embedded tasks: held-out records (disjoint prompts)."}
+    )
+    task_kinds: list[str] = field(
+        default_factory=lambda: list(TASK_KINDS),
+        metadata={"help": f"Embedded tasks: kinds to draw from ({', '.join(TASK_KINDS)})."},
+    )
+    data_seed: int = field(
+        default=0, metadata={"help": "Seed of the embedded tasks and of the held-out split of train_file."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per example (prompt + response + eos); longer responses are cut. "
+            "Default: the model's context length."
+        },
+    )
+    mask_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Loss on the response tokens only (default). --mask_prompt false puts the loss on every token."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each training batch padding-free: its examples share rows of at most max_length tokens, "
+            "kept apart by position ids that restart per example. Same examples and targets per step, so the "
+            "same loss as padding; fewer positions to compute when examples are much shorter than max_length."
+        },
+    )
+    finetune: Literal["full", "lora"] = field(
+        default="full", metadata={"help": "Train every weight (full) or LoRA adapters only (see the --lora_* options)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for name in ("num_train_tasks", "num_heldout_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        self.check_evaluation()
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    model_dir: Path
+    adapter_dir: Path | None
+    before: dict[str, float] | None  # val_loss / val_exact_match of the untuned model
+    after: dict[str, float]
+    steps: int
+    train_seconds: float
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class InstructionSplits:
+    train: list[dict[str, str]]
+    heldout: list[dict[str, str]]  # keep extra keys (the task `kind`) for per-kind scores
+    description: str
+
+
+def load_instruction_splits(args: SFTArguments) -> InstructionSplits:
+    """Training and held-out Alpaca records: from files, or the embedded tasks."""
+    if args.train_file is None:
+        if args.validation_file is not None:
+            raise ValueError(
+                "--validation_file needs a --train_file (the embedded tasks make their own held-out split)"
+            )
+        train, heldout = make_task_splits(args.num_train_tasks, args.num_heldout_tasks, args.data_seed, args.task_kinds)
+        kinds = ", ".join(args.task_kinds)
+        return InstructionSplits(train, heldout, f"embedded instruction tasks ({kinds}), seed {args.data_seed}")
+    return InstructionSplits(
+        *file_splits(
+            load_instruction_records, args.train_file, args.validation_file, args.validation_fraction, args.data_seed
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- generation and scoring
+
+
+def heldout_scores(
+    prepared: lifecycle.PreparedRun,
+    tokenizer: PreTrainedTokenizerBase,
+    args: SFTArguments,
+    model: torch.nn.Module,
+    records: Sequence[Mapping[str, str]],
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(numbers, generation rows): the held-out response loss, and exact match of the answers to `records`."""
+    accelerator = prepared.run.accelerator
+    values = {"val_loss": evaluate_loss(model, prepared.eval_loader, accelerator).loss}
+    if not records:
+        return values, []
+    answers = generate_answers(
+        accelerator.unwrap_model(model), tokenizer, records, args.max_new_tokens, args.eval_batch_size, accelerator
+    )
+    rows = score_generations(records, answers)
+    return {**values, **exact_match_summary(rows)}, rows
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> SFTResult:
+    """Fine-tune, evaluate and save (see the module docstring); resumes with `loop_args.resume`."""
+    run = lifecycle.open_run("sft", "SFT", loop_args)
+    tokenizer = lifecycle.load_base_tokenizer(sft_args)
+    if tokenizer.chat_template is None:  # e.g. a tokenizer from elsewhere: saved with the template we train on
+        tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
+    # The seed: LoRA's initial A matrices.
+    model = lifecycle.load_base_model(sft_args, "causal-lm", tokenizer, loop_args.seed)
+    max_length = lifecycle.max_length_for(model, sft_args.max_length)
+    splits = load_instruction_splits(sft_args)
+    with run.accelerator.main_process_first():
+        train_set, train_stats = build_instruction_dataset(splits.train, tokenizer, max_length, sft_args.mask_prompt)
+        # Held-out loss is always on the response only, so masked and unmasked runs compare.
+        heldout_set, heldout_stats = build_instruction_dataset(splits.heldout, tokenizer, max_length, mask_prompt=True)
+    if sft_args.finetune == "lora":
+        model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
+    collate = partial(collate_instruction_batch, pad_token_id=tokenizer.pad_token_id)
+    train_collate = (
+        partial(collate_packed_instruction_batch, pad_token_id=tokenizer.pad_token_id, row_tokens=max_length)
+        if sft_args.packing
+        else collate
+    )
+    prepared = lifecycle.prepare(
+        run,
+        model,
+        make_train_dataloader(train_set, loop_args.per_device_batch_size, train_collate, loop_args.seed),
+        DataLoader(heldout_set, batch_size=sft_args.eval_batch_size, collate_fn=collate),
+        fingerprint=_fingerprint(sft_args, lora_args, loop_args, tokenizer, max_length),
+        config={"sft": asdict(sft_args), "lora": asdict(lora_args), "loop": asdict(loop_args)},
+        summary=_summary(splits, train_stats, heldout_stats, model, run.accelerator.num_processes),
+    )
+    scores = partial(heldout_scores, prepared, tokenizer, sft_args)
+    before = lifecycle.evaluate_before(prepared, partial(scores, records=splits.heldout), sft_args.eval_before_training)
+    periodic = sft_args.periodic(splits.heldout)
+    evaluation = lifecycle.LastEvaluation(partial(scores, records=periodic))
+    after = lifecycle.train(prepared, evaluation)
+    if after is not None and len(periodic) == len(splits.heldout):
+        rows = evaluation.detail  # the loop's final evaluation already covered every record
+    else:
+        after, rows = scores(prepared.model, splits.heldout)
+    totals = {"heldout_records": len(splits.heldout), "mask_prompt": sft_args.mask_prompt}
+    final = {"before": before, "after": after, **lifecycle.run_totals(prepared), **totals}
+    model_dir, adapter_dir = lifecycle.finish(
+        prepared,
+        tokenizer,
+        card=_model_card(prepared, sft_args, splits, after, len(train_set)),
+        json_files={run.layout.generations: rows, run.layout.final_metrics: final},
+        report=_report(prepared, splits, before, after),
+    )
+    return SFTResult(run.layout.root, model_dir, adapter_dir, before, after, final["steps"], final["train_seconds"])
+
+
+def _fingerprint(
+    sft_args: SFTArguments,
+    lora_args: LoraArguments,
+    loop_args: LoopArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+) -> dict[str, Any]:
+    settings = ("validation_fraction", "num_train_tasks", "num_heldout_tasks", "task_kinds", "data_seed")
+    data = {
+        "train_file": lifecycle.file_identity(sft_args.train_file),
+        "validation_file": lifecycle.file_identity(sft_args.validation_file),
+        **{k: getattr(sft_args, k) for k in settings},
+    }
+    return lifecycle.fine_tuning_fingerprint(
+        sft_args,
+        tokenizer,
+        loop_args,
+        lora_args,
+        max_length,
+        data,
+        mask_prompt=sft_args.mask_prompt,
+        packing=sft_args.packing,
+    )
+
+
+def _summary(
+    splits: InstructionSplits, train_stats: Any, heldout_stats: Any, model: torch.nn.Module, num_processes: int
+) -> str:
+    trainable, total = trainable_parameter_counts(model)
+    return (
+        f"data: {splits.description}\n  train: {train_stats}\n  held-out: {heldout_stats}\n"
+        f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}); processes: {num_processes}"
+    )
+
+
+def _report(
+    prepared: lifecycle.PreparedRun,
+    splits: InstructionSplits,
+    before: Mapping[str, float] | None,
+    after: Mapping[str, float],
+) -> str:
+    shown = lambda values: "  ".join(f"{k}={v:.4f}" for k, v in values.items())  # noqa: E731
+    return (
+        f"\nheld-out ({len(splits.heldout)} records), before: {shown(before) if before else 'not measured'}\n"
+        f"held-out ({len(splits.heldout)} records), after:  {shown(after)}\n"
+        f"generations: {prepared.run.layout.generations}"
+    )
+
+
+def _model_card(
+    prepared: lifecycle.PreparedRun,
+    sft_args: SFTArguments,
+    splits: InstructionSplits,
+    after: Mapping[str, float],
+    n_train: int,
+) -> dict[str, Any]:
+    loss = "response tokens only" if sft_args.mask_prompt else "every token"
+    method = "LoRA adapters, merged" if sft_args.finetune == "lora" else "full fine-tuning"
+    packed = ", batches packed padding-free" if sft_args.packing else ""
+    data = f"{splits.description}: {n_train:,} Alpaca-format examples, loss on {loss}{packed}, {method}"
+    evaluation = {
+        "dataset_name": f"held-out records of {splits.description} (response-token loss)",
+        "dataset_split": "held-out",
+        "val_loss": after["val_loss"],
+    }
+    return {
+        "training_info": lifecycle.training_info(prepared, data),
+        "eval_results": evaluation,
+        "base_model": sft_args.model_path,
+        "example_prompt": _example_prompt(splits),
+    }
+
+
+def _example_prompt(splits: InstructionSplits) -> str:
+    record = splits.heldout[0]
+    return format_prompt(record["instruction"], record.get("input"))

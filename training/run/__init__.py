@@ -1,0 +1,1 @@
+"""The run: what every training job shares (lifecycle, arguments, optimizers, loop, schedule, checkpoints, folder)."""
