@@ -10,6 +10,9 @@ second run reads it back instead of re-tokenizing:
     window_dataset       → windows: rows `input_ids` (context_length + 1 tokens), `doc_id`,
                            `offset` (where in its document the window starts)
     build_lm_datasets    all of the above, plus the checks and a train/validation split
+    read_pretraining_text, pretraining_windows
+                         a pretraining run's data: its flags' sources, identified once, split,
+                         windowed and saved (see "Identity and caching" below)
 
 (`training.data.collate.collate_windows` turns a batch of windows into model inputs; `split_indices`
 holds out a seeded share of labelled records, for SFT and classification.)
@@ -31,13 +34,18 @@ each hold whole windows (consecutive blocks overlap by context_length + 1 - stri
 `datasets.map(batched=True)` applies `sliding_windows` to each block. The same generator and
 map serve `streaming=True`, so both modes give the same windows.
 
-Caching: sources get a fingerprint (files: path, size and mtime; texts: a hash of the text;
-datasets: their own fingerprint), each stage adds its parameters and the tokenizer's hash, and
-`datasets` stores every stage as Arrow files under `cache_dir`. Writes go to temporary files
-renamed on success, so a failed run leaves no half-written cache. Bump `PIPELINE_VERSION` when
-a change alters the output of a stage. A job that wants its finished windows in one place,
-keyed by what they are made of rather than by file names and dates, saves them with
-`saved_windows` (`save_to_disk`) under a `content_fingerprint` of the corpus.
+Identity and caching: a source is identified once (`source_identity`: each file's SHA-256, a
+hash of texts, a dataset's name or its own fingerprint), and that one identity serves every
+cache and a run's resume fingerprint. Each stage adds its parameters and the tokenizer's hash to
+the source's content hash, and `datasets` stores every stage as Arrow files under `cache_dir`.
+Writes go to temporary files renamed on success, so a failed run leaves no half-written cache.
+Bump `PIPELINE_VERSION` when a change alters the output of a stage.
+
+A pretraining run's data, in two steps because its tokenizer may be trained on the training
+part in between: `read_pretraining_text` opens, identifies and splits --train_file /
+--validation_file (the three split modes: characters, tokens, documents), and
+`pretraining_windows` turns that into training and validation windows, saved once
+(`saved_windows`) in a folder named by what they are made of, not by file names and dates.
 """
 
 from __future__ import annotations
@@ -48,10 +56,13 @@ import random
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,17 +70,22 @@ from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDa
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
-from modeling_minigpt.files import replace_dir, staging_dir
+from modeling_minigpt.files import file_sha256, replace_dir, staging_dir
 from tokenization import EOS_TOKEN, encode_batch_fast
 from tokenization.corpus import (
+    EMBEDDED_CORPUS,
+    RECORD_FILE_BUILDERS,
     DataError,
     Source,
+    check_file,
     check_text_column,
     checked_texts,
     describe_files,
     describe_source,
+    embedded_documents,
     iter_column,
     open_source,
+    read_text,
     read_utf8_chunks,
 )
 from tokenization.load import check_tokenizer, load_tokenizer, short_hash, tokenizer_fingerprint
@@ -156,6 +172,49 @@ def check_pipeline_tokenizer(tokenizer: PreTrainedTokenizerBase | PathLike | Non
     return tokenizer.eos_token_id
 
 
+# ----------------------------------------------------------------------------- what a source is
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """What a data source is, found once (`source_identity`): one record for a run's fingerprint and
+    one content hash for the caches, both from the same single hashing of each file."""
+
+    # For a run's resume fingerprint: a file's resolved path, size and SHA-256; a folder's path and each
+    # of its files' SHA-256; else the source as given (a dataset name, the embedded corpus). Run folders
+    # have held this form since before the layout move, so a run started then still matches.
+    record: dict[str, Any] | str
+    # What the source holds, not where it lives (a copied or touched file keeps it, an edited one does
+    # not): it names the saved windows and the documents' datasets cache. None for a dataset known by
+    # name, whose content is its own `datasets` fingerprint once it is loaded.
+    content: str | None
+
+
+def source_identity(source: PathLike | Sequence[os.PathLike]) -> SourceIdentity:
+    """The identity of a path, a dataset name, the embedded corpus or a list of files. Each file is
+    read once, to hash it at disk speed (about 1 ms per MB, `modeling_minigpt.files.file_sha256`;
+    tokenizing it costs far more); the embedded corpus is hashed in memory; nothing is loaded.
+    A folder's files are its every file, in sorted order, so a folder of one file holds what that
+    file holds."""
+    if isinstance(source, (list, tuple)):
+        digests = {str(Path(path).resolve()): file_sha256(path) for path in source}
+        return SourceIdentity({"files": digests}, short_hash("files", list(digests.values())))
+    if source == EMBEDDED_CORPUS:
+        return SourceIdentity(source, short_hash("texts", _hash_texts(embedded_documents())))
+    path = Path(source)
+    if path.is_file():
+        digest = file_sha256(path)
+        record = {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest}
+        return SourceIdentity(record, short_hash("files", [digest]))
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        digests = {str(f.relative_to(path)): file_sha256(f) for f in files}
+        return SourceIdentity(
+            {"path": str(path.resolve()), "files": digests}, short_hash("files", list(digests.values()))
+        )
+    return SourceIdentity(str(source), None)  # a dataset name (or a missing path, refused when it is opened)
+
+
 # ----------------------------------------------------------------------------- corpus → documents
 
 
@@ -169,10 +228,13 @@ def load_corpus(
     cache_dir: PathLike | None = None,
     chunk_chars: int = PIECE_CHARS,
     what: str = "corpus file",
+    identity: SourceIdentity | None = None,
 ) -> AnyDataset:
     """Documents of `source` as rows `text`, `doc_id`, `doc_end` (last piece of its document).
 
-    `source` is anything `tokenization.corpus.open_source` accepts (`what` names it in messages).
+    `source` is anything `tokenization.corpus.open_source` accepts (`what` names it in messages);
+    `identity`, its `source_identity` when the caller has it already (its files are then not
+    hashed again to name the cache).
     A text file is one document, or several if `doc_separator` is given (then each document is
     held in memory whole); a row's `text_column` is a document; so is each text of an iterable
     (listed in memory unless streaming; with streaming a one-shot iterator can be iterated only
@@ -188,9 +250,11 @@ def load_corpus(
             "doc_separator": doc_separator,
             "chunk_chars": chunk_chars,
         }
-        # Like make: a file whose size and modification time are unchanged is not read again.
-        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in opened.files]
-        fingerprint = short_hash("files", stats, doc_separator, chunk_chars)
+        # Named by content: a copied or touched file is not tokenized again, an edited one is.
+        content = identity.content if identity is not None and identity.content else None
+        if not streaming:
+            content = content or source_identity(opened.files).content
+        fingerprint = short_hash("files", content, doc_separator, chunk_chars)
     elif isinstance(dataset, Dataset):
         check_text_column(dataset, text_column)
         generator, gen_kwargs = _dataset_documents, {"dataset": dataset, "text_column": text_column}
@@ -550,6 +614,7 @@ def build_lm_datasets(
     num_proc: int | None = None,
     cache_dir: PathLike | None = None,
     vocab_size: int | None = None,
+    identity: SourceIdentity | None = None,
 ) -> DatasetDict | IterableDatasetDict:
     """Model-ready windows of `source`: {"train": ..., "validation": ...} (no validation if 0).
 
@@ -567,6 +632,7 @@ def build_lm_datasets(
         num_proc: processes for tokenization (not used when streaming); default `auto_num_proc`.
         cache_dir: where `datasets` keeps the processed stages (default: its own cache).
         vocab_size: the model's vocabulary size, checked against the tokenizer.
+        identity: the source's `source_identity`, when the caller found it already.
 
     Raises DataError, before anything is trained (and for streaming, after reading just enough
     to produce the first window of each split), for: an empty or whitespace-only corpus, one
@@ -589,7 +655,12 @@ def build_lm_datasets(
         raise DataError("split_by='tokens' needs the corpus length, unknown when streaming: use split_by='documents'")
 
     documents = load_corpus(
-        source, text_column=text_column, doc_separator=doc_separator, streaming=streaming, cache_dir=cache_dir
+        source,
+        text_column=text_column,
+        doc_separator=doc_separator,
+        streaming=streaming,
+        cache_dir=cache_dir,
+        identity=identity,
     )
     tokens = tokenize_documents(documents, tokenizer, num_proc=num_proc)
     corpus = f"the corpus {describe_source(source)}"
@@ -629,31 +700,11 @@ def build_lm_datasets(
 # ----------------------------------------------------------------------------- windows saved once
 
 
-def content_fingerprint(source: Source, what: str = "corpus file") -> str:
-    """A hash of what `source` holds, not of where it lives: the bytes of its files (read once, at
-    disk speed: far cheaper than tokenizing them), the texts themselves, or a datasets dataset's
-    own fingerprint. A copied or touched file keeps its hash; an edited one gets a new one."""
-    opened = open_source(source, what=what)
-    if opened.files:
-        digest = hashlib.sha256()
-        for path in opened.files:
-            digest.update(path.stat().st_size.to_bytes(8, "little"))  # length-prefixed, as in _hash_texts
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-        return digest.hexdigest()
-    if isinstance(opened.dataset, Dataset):
-        return opened.dataset._fingerprint
-    if opened.dataset is not None:
-        raise DataError(f"{what} is a streamed dataset: its content cannot be fingerprinted without reading it")
-    return _hash_texts(tuple(opened.texts))
-
-
 def saved_windows(folder: PathLike, build: Callable[[], Mapping[str, Dataset]]) -> tuple[DatasetDict, bool]:
     """(the windows saved in `folder`, True), or (the splits of `build()`, saved in `folder` now, False).
 
-    `folder` names what the windows are made of (e.g. `content_fingerprint` of the corpus, the
-    tokenizer's hash, context length and stride), so a later run with the same inputs loads them
+    `folder` names what the windows are made of (e.g. the `source_identity` content of the
+    corpus, the tokenizer's hash, context length and stride), so a later run with the same inputs loads them
     (Arrow, memory-mapped: no process holds them all in memory) instead of tokenizing again.
     `save_to_disk` writes into a staging folder renamed into place when complete, so a killed
     build leaves nothing a later run would take for windows. With several processes, call it on
@@ -676,6 +727,189 @@ def saved_windows(folder: PathLike, build: Callable[[], Mapping[str, Dataset]]) 
         else:
             replace_dir(staging, folder)
     return load_from_disk(folder), reused
+
+
+# ----------------------------------------------------------------------------- a pretraining run's data
+
+
+@dataclass(frozen=True)
+class PretrainingText:
+    """A pretraining run's text before any tokenizer (`read_pretraining_text`): where its training
+    and validation windows come from, and what each source is."""
+
+    train: Source  # --train_file opened (nothing read yet), or its first characters ([text])
+    validation_text: str | None  # the held-out text when it is one text: a --validation_file, the last characters
+    validation_fraction: float  # held out of `train` by `split_by` when validation_text is None
+    split_by: Literal["characters", "tokens", "documents"]
+    identity: SourceIdentity  # of --train_file
+    validation_identity: SourceIdentity | None  # of --validation_file
+    content: str | None  # what --train_file holds (see `SourceIdentity.content`; a named dataset's fingerprint)
+    source: str  # --train_file as given
+    name: str  # --train_file in a few words
+    descriptions: tuple[str, str]  # (training data, validation data) in words, for the printout and the card
+
+
+def read_pretraining_text(
+    train_file: str,
+    *,
+    validation_file: str | None = None,
+    validation_fraction: float = 0.1,
+    split_by: Literal["characters", "tokens", "documents"] = "tokens",
+    streaming: bool = False,
+) -> PretrainingText:
+    """--train_file and --validation_file opened, identified and split, each file read once.
+
+    Without a validation file, `validation_fraction` of train_file is held out, cut by `split_by`:
+    "characters", its last characters (the file is read whole, once: the same bytes are hashed and
+    decoded); "tokens", the last tokens, or "documents", every n-th document (`build_lm_datasets`,
+    when it is tokenized: here it is only hashed). A validation file is read whole (it is scored
+    whole at the end), once. Raises DataError for a missing or unreadable file, a file that is not
+    UTF-8, or a held-out share outside (0, 1).
+    """
+    name = "CPython's documentation (pydoc_data.topics)" if train_file == EMBEDDED_CORPUS else Path(train_file).name
+    validation_text, validation_identity = None, None
+    if validation_file is not None:
+        validation_text, validation_identity = _read_whole(validation_file, "--validation_file")
+        descriptions = (name, Path(validation_file).name)
+    elif not 0 < validation_fraction < 1:
+        raise DataError(
+            f"--validation_fraction must be in (0, 1) without a --validation_file, got {validation_fraction}"
+        )
+    elif split_by == "documents":
+        held_out = f"{validation_fraction:.0%}"
+        descriptions = (
+            f"{name} without the held-out {held_out} of its documents",
+            f"{held_out} of the documents of {name} (held out)",
+        )
+    else:
+        kept, held_out = f"{1 - validation_fraction:.0%}", f"{validation_fraction:.0%}"
+        descriptions = (f"first {kept} of the {split_by} of {name}", f"last {held_out} of the {split_by} of {name}")
+    if split_by == "characters" and validation_file is None:
+        text, identity = _read_whole(train_file, "--train_file")
+        cut = len(text) - round(validation_fraction * len(text))
+        train: Source = [text[:cut]]
+        validation_text = text[cut:]
+        content = identity.content
+    else:
+        train = open_source(train_file, streaming=streaming, what="--train_file")  # checked; a file is not read yet
+        identity = source_identity(train_file)
+        content = identity.content or (train.dataset._fingerprint if isinstance(train.dataset, Dataset) else None)
+    return PretrainingText(
+        train,
+        validation_text,
+        validation_fraction,
+        split_by,
+        identity,
+        validation_identity,
+        content,
+        train_file,
+        name,
+        descriptions,
+    )
+
+
+def _read_whole(source: str, what: str) -> tuple[str, SourceIdentity]:
+    """The whole text of a single text file (newlines normalised, as `read_text` gives it) and its
+    identity, from one read of its bytes; or of the embedded corpus."""
+    path = Path(source)
+    if source == EMBEDDED_CORPUS or not path.is_file() or path.suffix.lower() in RECORD_FILE_BUILDERS:
+        return read_text(source, what=what), source_identity(source)  # the embedded corpus, or read_text's refusal
+    data = check_file(path, what).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        read_text(path, what=what)  # raises the DataError that names the file, the byte offset and the line
+        raise
+    digest = hashlib.sha256(data).hexdigest()
+    record = {"path": str(path.resolve()), "size": len(data), "sha256": digest}
+    return text.replace("\r\n", "\n").replace("\r", "\n"), SourceIdentity(record, short_hash("files", [digest]))
+
+
+@dataclass
+class PretrainingData:
+    """The windowed splits of a `PretrainingText`, and how to describe them."""
+
+    train: Dataset | IterableDataset
+    validation: Dataset
+    validation_text: str | None  # the whole held-out text, when it is known as text
+    train_description: str
+    validation_description: str
+    origin: str  # where the windows come from, for the printout
+
+
+def pretraining_windows(
+    text: PretrainingText,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    context_length: int,
+    stride: int | None = None,
+    streaming: bool = False,
+    num_proc: int | None = None,
+    cache_dir: PathLike | None = None,
+    windows_dir: PathLike | None = None,
+) -> PretrainingData:
+    """Training and validation windows of `text`, in all three split modes (see `read_pretraining_text`).
+
+    The windows are tokenized once and saved (`saved_windows`) in a folder of `windows_dir`
+    (default <cache_dir>/windows, or under datasets' cache) named by `text`'s content, the
+    tokenizer, context length, stride and split; a later run with the same inputs, and every other
+    process of this run, loads them from there. With `streaming` the training windows are an
+    IterableDataset read while training, never saved, and the held-out ones are read into memory
+    once (every process reads the whole stream for them; a --validation_file avoids that).
+    """
+    stride = stride or context_length
+    build = partial(_pretraining_splits, text, tokenizer, context_length, stride, streaming, num_proc, cache_dir)
+    if streaming:
+        windows, origin = build(), "each process reads its share"
+        if isinstance(windows["validation"], IterableDataset):
+            windows["validation"] = Dataset.from_list(
+                list(windows["validation"]), features=windows["validation"].features
+            )
+    else:
+        root = Path(windows_dir or Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "windows")
+        split = None if text.validation_identity else (text.validation_fraction, text.split_by)
+        validation = text.validation_identity.content if text.validation_identity else None
+        key = short_hash(
+            text.content, validation, tokenizer_fingerprint(tokenizer), context_length, stride, split, PIPELINE_VERSION
+        )
+        windows, reused = saved_windows(root / key, build)
+        origin = f"windows {'reused from' if reused else 'tokenized and saved to'} {root / key}"
+    return PretrainingData(windows["train"], windows["validation"], text.validation_text, *text.descriptions, origin)
+
+
+def _pretraining_splits(
+    text: PretrainingText,
+    tokenizer: PreTrainedTokenizerBase,
+    context_length: int,
+    stride: int,
+    streaming: bool,
+    num_proc: int | None,
+    cache_dir: PathLike | None,
+) -> dict[str, AnyDataset]:
+    """{"train", "validation"} windows of `text`, tokenized now (the training ones streamed with `streaming`)."""
+    common = dict(tokenizer=tokenizer, context_length=context_length, cache_dir=cache_dir, num_proc=num_proc)
+    train = partial(build_lm_datasets, **common, stride=stride, streaming=streaming)
+    if text.validation_text is None:  # held out of the token stream, or of the documents
+        return train(
+            text.train, validation_fraction=text.validation_fraction, split_by=text.split_by, identity=text.identity
+        )
+    validation = partial(build_lm_datasets, [text.validation_text], **common, validation_fraction=0)
+    if text.validation_identity is not None:  # a --validation_file
+        whole = train(text.train, validation_fraction=0, identity=text.identity)
+        return {"train": whole["train"], "validation": validation()["train"]}
+    parts = {}  # the first and the last characters of --train_file
+    for split, build, part in (
+        ("training", partial(train, text.train, validation_fraction=0), text.train[0]),
+        ("validation", validation, text.validation_text),
+    ):
+        try:
+            parts[split] = build()["train"]
+        except DataError as error:
+            raise DataError(
+                f"--train_file {text.source}, its {split} part (--split_by characters, "
+                f"--validation_fraction {text.validation_fraction}: {len(part):,} characters): {error}"
+            ) from None
+    return {"train": parts["training"], "validation": parts["validation"]}
 
 
 # ----------------------------------------------------------------------------- helpers

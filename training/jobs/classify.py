@@ -313,9 +313,7 @@ def run_classification(
     )
     scores = partial(validation_scores, prepared, labels)
     before = lifecycle.evaluate_before(prepared, scores, cls_args.eval_before_training)
-    evaluation = lifecycle.LastEvaluation(scores)
-    after = lifecycle.train(prepared, evaluation)
-    validation = evaluation.detail if after is not None else scores(prepared.model)[1]  # the loop's final evaluation
+    _, validation = lifecycle.train_and_evaluate(prepared, scores)
     test = _test_report(prepared, test_set, collate, labels, cls_args.eval_batch_size)
     final = {"before": before, "validation": validation.to_dict(), "test": test.to_dict() if test else None}
     model_dir, adapter_dir = lifecycle.finish(

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from modeling_minigpt.files import atomic_path, atomic_write_json, save_figure
-from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
+from tokenization.alpaca import format_prompt
 from tokenization.load import short_hash, tokenizer_fingerprint
 from training.data.instructions import file_splits
 from training.data.preferences import (
@@ -180,17 +180,6 @@ class DPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments)
             raise ValueError("--label_smoothing is cDPO's, for --loss_type sigmoid; IPO has no label smoothing")
         if self.reference_cache is not None and self.reference != "precomputed":
             raise ValueError("--reference_cache needs --reference precomputed")
-
-
-@dataclass
-class DPOResult:
-    output_dir: Path
-    model_dir: Path
-    adapter_dir: Path | None
-    before: dict[str, float] | None
-    after: dict[str, float]
-    steps: int
-    train_seconds: float
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -505,30 +494,66 @@ def write_reference_cache(path: Path, tensors: dict[str, torch.Tensor], identity
 # ----------------------------------------------------------------------------- the job
 
 
-def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> DPOResult:
+def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> lifecycle.FineTuningResult:
     """Preference-tune, evaluate and save (see the module docstring); resumes with `loop_args.resume`."""
-    run = lifecycle.open_run("dpo", "DPO", loop_args)
-    accelerator = run.accelerator
-    tokenizer = lifecycle.load_base_tokenizer(dpo_args)
-    if tokenizer.chat_template is None:  # e.g. a tokenizer from elsewhere: saved with the template we train on
-        tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
-    # The seed: LoRA's initial A matrices.
-    model = lifecycle.load_base_model(dpo_args, "causal-lm", tokenizer, loop_args.seed)
-    max_length = lifecycle.max_length_for(model, dpo_args.max_length)
+    run, tokenizer, model, max_length = lifecycle.open_fine_tuning(
+        "dpo", "DPO", dpo_args, loop_args, dpo_args.max_length
+    )
     splits = load_preference_splits(dpo_args)
-    with accelerator.main_process_first():
+    with run.accelerator.main_process_first():
         train_set, train_stats = build_preference_dataset(splits.train, tokenizer, max_length, "training records")
         heldout_set, heldout_stats = build_preference_dataset(splits.heldout, tokenizer, max_length, "held-out records")
     collate = partial(collate_preference_batch, pad_token_id=tokenizer.pad_token_id)
     # Before the reference exists: a reference on another attention path than the policy would
     # differ from it in the last bits under bf16, and the log-ratios would start off zero.
-    choose_attention(model, loop_args, accelerator)
-
+    choose_attention(model, loop_args, run.accelerator)
     cache = None
     if dpo_args.reference == "precomputed":
         cache = _reference_cache(dpo_args, loop_args, run, tokenizer, model, train_set, heldout_set, collate)
         train_set = train_set.add_column(REFERENCE_COLUMN, cache.tensors["train"].tolist())
         heldout_set = heldout_set.add_column(REFERENCE_COLUMN, cache.tensors["heldout"].tolist())
+    model, loss, restore_dropout = _policy_and_loss(model, dpo_args, lora_args, run.accelerator, cache)
+    prepared = lifecycle.prepare(
+        run,
+        model,
+        make_train_dataloader(train_set, loop_args.per_device_batch_size, collate, loop_args.seed),
+        DataLoader(heldout_set, batch_size=dpo_args.eval_batch_size, collate_fn=collate),
+        fingerprint=_fingerprint(dpo_args, lora_args, loop_args, tokenizer, max_length, cache),
+        config={"dpo": asdict(dpo_args), "lora": asdict(lora_args), "loop": asdict(loop_args)},
+        summary=_summary(splits, train_stats, heldout_stats, model, run.accelerator.num_processes, cache),
+    )
+    if cache is not None and not cache.loaded and run.is_main:
+        write_reference_cache(cache.path, cache.tensors, cache.identity)
+    scores = partial(heldout_scores, prepared, tokenizer, dpo_args, loss)
+    before, before_answers = _before_training(prepared, scores, splits.heldout, dpo_args.eval_before_training)
+    after, answers = lifecycle.train_on_heldout(prepared, dpo_args, scores, splits.heldout, loss_fn=loss)
+    restore_dropout()
+    rows = generation_rows(splits.heldout, before_answers, answers)
+    if run.is_main:
+        figure = preference_curves_figure(prepared.metrics.records(), title=f"DPO {run.layout.root.name}")
+        save_figure(figure, run.layout.preference_curves, dpi=LOSS_CURVE_DPI)
+    return lifecycle.finish_fine_tuning(
+        prepared,
+        tokenizer,
+        before=before,
+        after=after,
+        totals={"heldout_pairs": heldout_stats.pairs, "train_pairs": train_stats.pairs},
+        card=_model_card(prepared, dpo_args, splits, before, after, train_stats.pairs),
+        json_files={run.layout.generations: rows},
+        report=_report(prepared, dpo_args, heldout_stats.pairs, before, after, rows),
+        extra_files=[run.layout.preference_curves],
+    )
+
+
+def _policy_and_loss(
+    model: torch.nn.Module,
+    dpo_args: DPOArguments,
+    lora_args: LoraArguments,
+    accelerator: Accelerator,
+    cache: ReferenceCache | None,
+) -> tuple[torch.nn.Module, DPOLoss, Callable[[], None]]:
+    """(the policy to train: the base, with a LoRA adapter for LoRA, dropout off; the loop's loss
+    against its reference; the function that restores the dropout rates before saving)."""
     if dpo_args.finetune == "lora":
         model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
     restore_dropout = disable_dropout(model)
@@ -541,51 +566,23 @@ def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArg
     objective = DPOObjective(
         dpo_args.beta, dpo_args.loss_type, dpo_args.label_smoothing, dpo_args.logprob_reduction, dpo_args.sft_weight
     )
-    loss = DPOLoss(objective, reference)
+    return model, DPOLoss(objective, reference), restore_dropout
 
-    prepared = lifecycle.prepare(
-        run,
-        model,
-        make_train_dataloader(train_set, loop_args.per_device_batch_size, collate, loop_args.seed),
-        DataLoader(heldout_set, batch_size=dpo_args.eval_batch_size, collate_fn=collate),
-        fingerprint=_fingerprint(dpo_args, lora_args, loop_args, tokenizer, max_length, cache),
-        config={"dpo": asdict(dpo_args), "lora": asdict(lora_args), "loop": asdict(loop_args)},
-        summary=_summary(splits, train_stats, heldout_stats, model, accelerator.num_processes, cache),
-    )
-    if cache is not None and not cache.loaded and run.is_main:
-        write_reference_cache(cache.path, cache.tensors, cache.identity)
 
-    scores = partial(heldout_scores, prepared, tokenizer, dpo_args, loss)
-    first = lifecycle.LastEvaluation(partial(scores, records=splits.heldout))
-    before = lifecycle.evaluate_before(prepared, lambda m: (first(m), first.detail), dpo_args.eval_before_training)
+def _before_training(
+    prepared: lifecycle.PreparedRun,
+    scores: Callable[[torch.nn.Module, Sequence[Mapping[str, str]]], tuple[dict[str, float], list[str]]],
+    records: Sequence[Mapping[str, str]],
+    enabled: bool,
+) -> tuple[dict[str, float] | None, list[str] | None]:
+    """(the untuned model's held-out numbers, its answers): measured on a fresh run (the answers kept
+    in heldout_generations_before.json), read back by a resumed one."""
+    run = prepared.run
+    first = lifecycle.LastEvaluation(partial(scores, records=records))
+    before = lifecycle.evaluate_before(prepared, lambda m: (first(m), first.detail), enabled)
     if first.detail is not None and run.is_main:  # measured now, on a fresh run: kept for a resumed one
         atomic_write_json(run.layout.generations_before, first.detail)
-    before_answers = first.detail if first.detail is not None else _read_json(run.layout.generations_before)
-
-    periodic = dpo_args.periodic(splits.heldout)
-    evaluation = lifecycle.LastEvaluation(partial(scores, records=periodic))
-    after = lifecycle.train(prepared, evaluation, loss_fn=loss)
-    if after is not None and len(periodic) == len(splits.heldout):
-        answers = evaluation.detail  # the loop's final evaluation already answered every prompt
-    else:
-        after, answers = scores(prepared.model, splits.heldout)
-    restore_dropout()
-
-    rows = generation_rows(splits.heldout, before_answers, answers)
-    totals = {"heldout_pairs": heldout_stats.pairs, "train_pairs": train_stats.pairs}
-    final = {"before": before, "after": after, **lifecycle.run_totals(prepared), **totals}
-    if run.is_main:
-        figure = preference_curves_figure(prepared.metrics.records(), title=f"DPO {run.layout.root.name}")
-        save_figure(figure, run.layout.preference_curves, dpi=LOSS_CURVE_DPI)
-    model_dir, adapter_dir = lifecycle.finish(
-        prepared,
-        tokenizer,
-        card=_model_card(prepared, dpo_args, splits, before, after, train_stats.pairs),
-        json_files={run.layout.generations: rows, run.layout.final_metrics: final},
-        report=_report(prepared, dpo_args, heldout_stats.pairs, before, after, rows),
-        extra_files=[run.layout.preference_curves],
-    )
-    return DPOResult(run.layout.root, model_dir, adapter_dir, before, after, final["steps"], final["train_seconds"])
+    return before, first.detail if first.detail is not None else _read_json(run.layout.generations_before)
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """Pretraining a MiniGPT from a text corpus: the job behind `scripts/pretrain.py`.
 
-`run_pretraining(model_args, data_args, loop_args)` checks every input, builds the tokenizer,
-the windowed datasets and the model, and goes through the run lifecycle of `training.run.lifecycle`:
-train, evaluate the result on the whole validation set, and save a Hugging Face folder
-(`output_dir/model`: weights, code for trust_remote_code, tokenizer, model card with the loss
-curve).
+`run_pretraining(model_args, data_args, loop_args)` checks every input, reads and identifies the
+text (`training.data.windows.read_pretraining_text`: each file read once), builds the tokenizer,
+the windows (`pretraining_windows`, saved once for later runs) and the model, and goes through the
+run lifecycle of `training.run.lifecycle`: train, evaluate the result on the whole validation set,
+and save a Hugging Face folder (`output_dir/model`: weights, code for trust_remote_code, tokenizer,
+model card with the loss curve).
 
 Order matters for "nothing half-written": everything that can reject the inputs (missing files,
 a tokenizer that does not fit the model, a corpus shorter than a window, an output folder that
@@ -19,7 +20,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object, set_seed
@@ -29,16 +29,15 @@ from transformers import PreTrainedTokenizerBase
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from tokenization import EMBEDDED_CORPUS, train_bpe
-from tokenization.corpus import DataError, open_source, read_text
-from tokenization.load import check_tokenizer, load_tokenizer, short_hash, tokenizer_fingerprint
+from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
 from tokenization.train import save_atomically
 from training.data.collate import collate_windows
 from training.data.windows import (
-    PIPELINE_VERSION,
-    build_lm_datasets,
+    PretrainingData,
+    PretrainingText,
     check_pipeline_tokenizer,
-    content_fingerprint,
-    saved_windows,
+    pretraining_windows,
+    read_pretraining_text,
 )
 from training.evaluation.generate import greedy_generate
 from training.evaluation.metrics import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
@@ -186,27 +185,22 @@ class PretrainResult:
     report: MetricsReport  # final evaluation on the whole validation set
 
 
-@dataclass
-class _Data:
-    """The windowed splits, and how to describe them."""
-
-    train: Any  # datasets.Dataset of windows
-    validation: Any
-    validation_text: str | None  # the whole held-out text, when it is known as text
-    train_description: str
-    validation_description: str
-    origin: str  # where the windows come from, for the printout
-
-
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments) -> PretrainResult:
     """Pretrain, evaluate and save; resumes when `loop_args.resume` (see module docstring)."""
     run = lifecycle.open_run("pretrain", "Pretraining", loop_args)
     if not data_args.train_file:
         raise ValueError("--train_file is required: the text to pretrain on")
-    tokenizer = _tokenizer(run.accelerator, data_args, run.layout, loop_args.resume)
+    text = read_pretraining_text(
+        data_args.train_file,
+        validation_file=data_args.validation_file,
+        validation_fraction=data_args.validation_fraction,
+        split_by=data_args.split_by,
+        streaming=data_args.streaming,
+    )
+    tokenizer = _tokenizer(run.accelerator, data_args, text, run.layout, loop_args.resume)
     model_config = build_model_config(model_args, tokenizer)
     with run.accelerator.main_process_first():  # rank 0 fills the datasets cache, the others read it
-        data = _build_data(data_args, tokenizer, model_config.context_length)
+        data = _windows(text, tokenizer, data_args, model_config.context_length)
     set_seed(loop_args.seed)  # the same initial weights on every process and in every rerun
     config = {"model": model_config.to_diff_dict(), "model_args": asdict(model_args), "data": asdict(data_args)}
     prepared = lifecycle.prepare(
@@ -214,7 +208,7 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
         MiniGPTForCausalLM(model_config),
         _train_batches(run, data_args, data.train, loop_args.per_device_batch_size),
         DataLoader(data.validation, batch_size=data_args.eval_batch_size, collate_fn=collate_windows),
-        fingerprint=_fingerprint(model_args, data_args, loop_args, model_config),
+        fingerprint=_fingerprint(model_args, data_args, loop_args, model_config, text),
         config={**config, "loop": asdict(loop_args)},
         summary=f"processes: {run.accelerator.num_processes}{' (model sharded, FSDP2)' if model_args.fsdp else ''}; "
         f"training: {_describe_windows(data.train)}; validation: {_describe_windows(data.validation)}; {data.origin}",
@@ -242,9 +236,10 @@ def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_a
 
 
 def _tokenizer(
-    accelerator: Accelerator, data_args: DataArguments, layout: RunLayout, resume: bool
+    accelerator: Accelerator, data_args: DataArguments, text: PretrainingText, layout: RunLayout, resume: bool
 ) -> PreTrainedTokenizerBase:
-    """The given tokenizer; on resume, the one this run trained; otherwise a BPE trained in memory.
+    """The given tokenizer; on resume, the one this run trained; otherwise a BPE trained in memory
+    on the training text (never the held-out characters).
 
     Training happens on every process (it is deterministic; checked below) so nothing needs to
     be written before the output folder has been checked.
@@ -253,15 +248,9 @@ def _tokenizer(
         return load_tokenizer(data_args.tokenizer_path)
     if resume and (layout.tokenizer / "tokenizer.json").is_file():
         return load_tokenizer(layout.tokenizer)
-    if data_args.split_by == "characters" and not data_args.validation_file:
-        source = [_character_split(data_args)[0]]  # never the held-out text
-    else:
-        source = open_source(data_args.train_file, what="--train_file")
     if PartialState().is_main_process:  # a long step: say what it is (pass --tokenizer_path to skip it)
-        print(
-            f"training a {data_args.tokenizer_vocab_size:,}-token BPE tokenizer on {_source_name(data_args.train_file)}"
-        )
-    tokenizer = train_bpe(source, data_args.tokenizer_vocab_size, show_progress=False)
+        print(f"training a {data_args.tokenizer_vocab_size:,}-token BPE tokenizer on {text.name}")
+    tokenizer = train_bpe(text.train, data_args.tokenizer_vocab_size, show_progress=False)
     if len(set(gather_object([tokenizer_fingerprint(tokenizer)]))) > 1:
         raise RuntimeError("the processes trained different tokenizers from the same text: pass --tokenizer_path")
     return tokenizer
@@ -284,19 +273,25 @@ def build_model_config(model_args: ModelArguments, tokenizer: PreTrainedTokenize
 
 
 def _fingerprint(
-    model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments, model_config: MiniGPTConfig
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    loop_args: LoopArguments,
+    model_config: MiniGPTConfig,
+    text: PretrainingText,
 ) -> dict[str, Any]:
     """What must be equal for a resumed run to continue the same run (see `training.run.lifecycle.check_run_folder`).
 
     Logging, evaluation and checkpoint cadence may change between segments; the model's shape,
-    the tokenizer, the data and the optimisation may not.
+    the tokenizer, the data (what its files hold: `text`'s identities, found once) and the
+    optimisation may not.
     """
     if data_args.tokenizer_path:
         path = data_args.tokenizer_path
         tokenizer = {"path": str(Path(path).resolve()), "hash": tokenizer_fingerprint(load_tokenizer(path))}
     else:
         tokenizer = {"trained_vocab_size": data_args.tokenizer_vocab_size}
-    files = {name: lifecycle.file_identity(getattr(data_args, name)) for name in ("train_file", "validation_file")}
+    validation = text.validation_identity.record if text.validation_identity else None
+    files = {"train_file": text.identity.record, "validation_file": validation}
     data = {k: getattr(data_args, k) for k in ("validation_fraction", "split_by", "stride", "streaming")}
     if data_args.streaming:  # the stream's order depends on it
         data["shuffle_buffer"] = data_args.shuffle_buffer
@@ -305,104 +300,20 @@ def _fingerprint(
     return lifecycle.run_fingerprint(loop_args, model=model, tokenizer=tokenizer, data={**files, **data}, **sharding)
 
 
-def _character_split(data_args: DataArguments) -> tuple[str, str]:
-    """(training, validation) text of train_file, cut `validation_fraction` of the characters from its end."""
-    text = read_text(data_args.train_file, what="--train_file")
-    cut = len(text) - round(data_args.validation_fraction * len(text))
-    return text[:cut], text[cut:]
-
-
-def _source_name(source: str) -> str:
-    return "CPython's documentation (pydoc_data.topics)" if source == EMBEDDED_CORPUS else Path(source).name
-
-
-def _build_data(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> _Data:
-    """Training and validation windows (and the validation text when it is a text).
-
-    The windows are tokenized once and saved (`training.data.windows.saved_windows`) under a folder named
-    by the fingerprint of `_windows_folder`; a later run with the same inputs, and every other
-    process of this run, loads them from there. With `streaming` the training windows are an
-    IterableDataset read while training, never saved; the held-out documents of a stream are read
-    into memory once (every process reads the whole stream for them; a --validation_file avoids that).
-    """
-    name = _source_name(data_args.train_file)
-    texts: tuple[str, str] | None = None  # (training, validation) text when the file is split by characters
-    if data_args.validation_file is not None:
-        validation_text = read_text(data_args.validation_file, what="--validation_file")
-        descriptions = (name, Path(data_args.validation_file).name)
-    else:
-        if not 0 < data_args.validation_fraction < 1:
-            raise DataError(
-                "--validation_fraction must be in (0, 1) without a --validation_file, "
-                f"got {data_args.validation_fraction}"
-            )
-        texts = _character_split(data_args) if data_args.split_by == "characters" else None
-        validation_text = texts[1] if texts else None
-        descriptions = _split_descriptions(data_args, name)
-    if data_args.streaming:
-        windows = _windows(data_args, tokenizer, context_length, validation_text, texts)
-        validation = windows["validation"]
-        if isinstance(validation, IterableDataset):
-            validation = Dataset.from_list(list(validation), features=validation.features)
-        return _Data(windows["train"], validation, validation_text, *descriptions, "each process reads its share")
-    folder = _windows_folder(data_args, tokenizer, context_length)
-    build = partial(_windows, data_args, tokenizer, context_length, validation_text, texts)
-    windows, reused = saved_windows(folder, build)
-    note = f"windows {'reused from' if reused else 'tokenized and saved to'} {folder}"
-    return _Data(windows["train"], windows["validation"], validation_text, *descriptions, note)
-
-
 def _windows(
-    data_args: DataArguments,
-    tokenizer: PreTrainedTokenizerBase,
-    context_length: int,
-    validation_text: str | None,
-    texts: tuple[str, str] | None,
-) -> dict[str, Dataset | IterableDataset]:
-    """{"train", "validation"} windows of the run's data, tokenized now (training ones streamed with --streaming)."""
-    common = dict(
-        tokenizer=tokenizer, context_length=context_length, cache_dir=data_args.cache_dir, num_proc=data_args.num_proc
+    text: PretrainingText, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, context_length: int
+) -> PretrainingData:
+    """`training.data.windows.pretraining_windows` with the run's flags."""
+    return pretraining_windows(
+        text,
+        tokenizer,
+        context_length=context_length,
+        stride=data_args.stride,
+        streaming=data_args.streaming,
+        num_proc=data_args.num_proc,
+        cache_dir=data_args.cache_dir,
+        windows_dir=data_args.windows_dir,
     )
-    train = partial(build_lm_datasets, **common, stride=data_args.stride, streaming=data_args.streaming)
-    corpus = open_source(data_args.train_file, streaming=data_args.streaming, what="--train_file")
-    if validation_text is None:
-        return train(corpus, validation_fraction=data_args.validation_fraction, split_by=data_args.split_by)
-    if not texts:  # a --validation_file
-        return {
-            "train": train(corpus, validation_fraction=0)["train"],
-            "validation": build_lm_datasets([validation_text], **common, validation_fraction=0)["train"],
-        }
-    parts = {}  # the last characters of the training file
-    for split, build, text in (
-        ("training", train, texts[0]),
-        ("validation", partial(build_lm_datasets, **common), texts[1]),
-    ):
-        try:
-            parts[split] = build([text], validation_fraction=0)["train"]
-        except DataError as error:
-            raise DataError(
-                f"--train_file {data_args.train_file}, its {split} part (--split_by characters, "
-                f"--validation_fraction {data_args.validation_fraction}: {len(text):,} characters): {error}"
-            ) from None
-    return {"train": parts["training"], "validation": parts["validation"]}
-
-
-def _windows_folder(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, context_length: int) -> Path:
-    """Where this run's windows are saved: one folder per (training and validation content,
-    tokenizer, context length, stride, held-out share and how it is cut)."""
-    root = data_args.windows_dir or Path(data_args.cache_dir or datasets.config.HF_DATASETS_CACHE) / "windows"
-    validation_file = data_args.validation_file
-    split = None if validation_file else (data_args.validation_fraction, data_args.split_by)
-    key = short_hash(
-        content_fingerprint(data_args.train_file, what="--train_file"),
-        content_fingerprint(validation_file, what="--validation_file") if validation_file else None,
-        tokenizer_fingerprint(tokenizer),
-        context_length,
-        data_args.stride or context_length,
-        split,
-        PIPELINE_VERSION,
-    )
-    return Path(root) / key
 
 
 def _train_batches(
@@ -428,17 +339,6 @@ def _train_batches(
 
 def _describe_windows(windows: Dataset | IterableDataset) -> str:
     return f"{len(windows):,} windows" if isinstance(windows, Dataset) else "windows streamed"
-
-
-def _split_descriptions(data_args: DataArguments, name: str) -> tuple[str, str]:
-    """(training data, validation data) in words, for the printout and the model card."""
-    held_out, unit = data_args.validation_fraction, data_args.split_by
-    if unit == "documents":
-        return (
-            f"{name} without the held-out {held_out:.0%} of its documents",
-            f"{held_out:.0%} of the documents of {name} (held out)",
-        )
-    return f"first {1 - held_out:.0%} of the {unit} of {name}", f"last {held_out:.0%} of the {unit} of {name}"
 
 
 # ----------------------------------------------------------------------------- evaluation and output
@@ -542,7 +442,11 @@ def eval_info(dataset_name: str, report: MetricsReport) -> EvalInfo:
 
 
 def _model_card(
-    prepared: lifecycle.PreparedRun, model_args: ModelArguments, data: _Data, report: MetricsReport, context_length: int
+    prepared: lifecycle.PreparedRun,
+    model_args: ModelArguments,
+    data: PretrainingData,
+    report: MetricsReport,
+    context_length: int,
 ) -> dict[str, Any]:
     data_in_words = f"{data.train_description} ({_describe_windows(data.train)})"
     training = lifecycle.training_info(prepared, data_in_words, tokens_per_sequence=context_length)

@@ -27,14 +27,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
+from tokenization.alpaca import format_prompt
 from training.data.collate import collate_instruction_batch, collate_packed_instruction_batch
 from training.data.instructions import (
     build_instruction_dataset,
@@ -113,17 +112,6 @@ class SFTArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments)
         self.check_evaluation()
 
 
-@dataclass
-class SFTResult:
-    output_dir: Path
-    model_dir: Path
-    adapter_dir: Path | None
-    before: dict[str, float] | None  # val_loss / val_exact_match of the untuned model
-    after: dict[str, float]
-    steps: int
-    train_seconds: float
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -176,15 +164,11 @@ def heldout_scores(
 # ----------------------------------------------------------------------------- the job
 
 
-def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> SFTResult:
+def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> lifecycle.FineTuningResult:
     """Fine-tune, evaluate and save (see the module docstring); resumes with `loop_args.resume`."""
-    run = lifecycle.open_run("sft", "SFT", loop_args)
-    tokenizer = lifecycle.load_base_tokenizer(sft_args)
-    if tokenizer.chat_template is None:  # e.g. a tokenizer from elsewhere: saved with the template we train on
-        tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
-    # The seed: LoRA's initial A matrices.
-    model = lifecycle.load_base_model(sft_args, "causal-lm", tokenizer, loop_args.seed)
-    max_length = lifecycle.max_length_for(model, sft_args.max_length)
+    run, tokenizer, model, max_length = lifecycle.open_fine_tuning(
+        "sft", "SFT", sft_args, loop_args, sft_args.max_length
+    )
     splits = load_instruction_splits(sft_args)
     with run.accelerator.main_process_first():
         train_set, train_stats = build_instruction_dataset(splits.train, tokenizer, max_length, sft_args.mask_prompt)
@@ -209,23 +193,17 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
     )
     scores = partial(heldout_scores, prepared, tokenizer, sft_args)
     before = lifecycle.evaluate_before(prepared, partial(scores, records=splits.heldout), sft_args.eval_before_training)
-    periodic = sft_args.periodic(splits.heldout)
-    evaluation = lifecycle.LastEvaluation(partial(scores, records=periodic))
-    after = lifecycle.train(prepared, evaluation)
-    if after is not None and len(periodic) == len(splits.heldout):
-        rows = evaluation.detail  # the loop's final evaluation already covered every record
-    else:
-        after, rows = scores(prepared.model, splits.heldout)
-    totals = {"heldout_records": len(splits.heldout), "mask_prompt": sft_args.mask_prompt}
-    final = {"before": before, "after": after, **lifecycle.run_totals(prepared), **totals}
-    model_dir, adapter_dir = lifecycle.finish(
+    after, rows = lifecycle.train_on_heldout(prepared, sft_args, scores, splits.heldout)
+    return lifecycle.finish_fine_tuning(
         prepared,
         tokenizer,
+        before=before,
+        after=after,
+        totals={"heldout_records": len(splits.heldout), "mask_prompt": sft_args.mask_prompt},
         card=_model_card(prepared, sft_args, splits, after, len(train_set)),
-        json_files={run.layout.generations: rows, run.layout.final_metrics: final},
+        json_files={run.layout.generations: rows},
         report=_report(prepared, splits, before, after),
     )
-    return SFTResult(run.layout.root, model_dir, adapter_dir, before, after, final["steps"], final["train_seconds"])
 
 
 def _fingerprint(

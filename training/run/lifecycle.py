@@ -3,7 +3,7 @@
 Every job (`training.jobs`: pretraining, SFT, DPO, classification) imports this module as
 `from training.run import lifecycle` and reads as
 
-    run = lifecycle.open_run("sft", "SFT", loop_args)   # the Accelerator and the run folder's layout
+    run = lifecycle.open_run("pretrain", "Pretraining", loop_args)   # the Accelerator and the run folder's layout
     ... its own inputs: load and check everything, build the model and the datasets ...
     prepared = lifecycle.prepare(run, model, train_loader, eval_loader, fingerprint=..., config=..., summary=...)
     before = lifecycle.evaluate_before(prepared, scores, enabled)   # step 0, on a fresh run
@@ -12,13 +12,20 @@ Every job (`training.jobs`: pretraining, SFT, DPO, classification) imports this 
 
 Nothing is written into the output folder before `prepare`: every input is checked first, and
 `prepare` is the one place that decides whether the folder may hold this run (`check_run_folder`)
-and then claims it (`start_run_folder`). It also builds the optimizer, wraps everything with
+and then claims it (its lock, `record_run`). It also builds the optimizer, wraps everything with
 `accelerator.prepare`, resumes from the latest checkpoint and starts the trackers. `finish` is
 the shared ending: the loss curve, the model folder with its card (and a LoRA adapter), the JSON
 results, the report and a clean shutdown of every process.
 
-Fine-tuning jobs start from a saved folder: `BaseModelArguments`, `load_base_tokenizer`,
-`load_base_model`, `max_length_for` and `fine_tuning_fingerprint` are theirs.
+Fine-tuning jobs start from a saved folder (`BaseModelArguments`, `load_base_tokenizer`,
+`load_base_model`, `max_length_for`, `fine_tuning_fingerprint`), and those tuned on prompts and
+answers (SFT, DPO) share their opening and ending too:
+
+    run, tokenizer, model, max_length = lifecycle.open_fine_tuning("sft", "SFT", args, loop_args, args.max_length)
+    ... prepare as above ...
+    after, detail = lifecycle.train_on_heldout(prepared, args, scores, heldout_records)   # train_and_evaluate
+    return lifecycle.finish_fine_tuning(prepared, tokenizer, before=..., after=..., totals=..., card=...,
+                                        json_files=..., report=...)    # a FineTuningResult
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -38,9 +45,11 @@ from accelerate.utils import broadcast, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from modeling_minigpt.files import atomic_write_json, file_sha256, save_figure
+from modeling_minigpt.files import atomic_write_json, save_figure
+from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
 from tokenization.corpus import DataError
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
+from training.data.windows import source_identity
 from training.evaluation.generate import eval_mode
 from training.run.accelerator import choose_attention, make_accelerator
 from training.run.arguments import LoopArguments
@@ -86,21 +95,11 @@ Scores = Callable[[torch.nn.Module], tuple[dict[str, float], Any]]
 
 
 def file_identity(path: str | os.PathLike[str] | None) -> dict[str, Any] | str | None:
-    """What identifies a data source for a resume fingerprint: a file's path, size and SHA-256
-    (so a file edited in place, even at the same size, is another source), a folder's files each
-    so, a dataset name or the embedded corpus as given. None stays None.
-
-    Hashing costs about 1 ms per MB here (`modeling_minigpt.files.file_sha256`), once per start.
-    """
-    if path is None:
-        return None
-    p = Path(path)
-    if p.is_file():
-        return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256": file_sha256(p)}
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file())
-        return {"path": str(p.resolve()), "files": {str(f.relative_to(p)): file_sha256(f) for f in files}}
-    return str(path)
+    """What identifies a data source for a resume fingerprint: `training.data.windows.source_identity`'s
+    record (a file's path, size and SHA-256, so a file edited in place, even at the same size, is
+    another source; a folder's files each so; a dataset name or the embedded corpus as given).
+    None stays None."""
+    return None if path is None else source_identity(path).record
 
 
 def model_identity(model_dir: Path) -> dict[str, Any]:
@@ -213,6 +212,31 @@ def max_length_for(model: Any, requested: int | None) -> int:
     """Tokens per example: `requested`, at most the model's context length (its default)."""
     context_length = model.config.max_position_embeddings
     return min(requested or context_length, context_length)
+
+
+class FineTuningStart(NamedTuple):
+    """What `open_fine_tuning` gives a job: its run, the base tokenizer and model, the tokens per sequence."""
+
+    run: Run
+    tokenizer: PreTrainedTokenizerBase
+    model: Any
+    max_length: int
+
+
+def open_fine_tuning(
+    project: str, title: str, args: BaseModelArguments, loop_args: LoopArguments, max_length: int | None
+) -> FineTuningStart:
+    """The opening of a job that tunes a saved causal LM on prompts and answers (SFT, DPO): `open_run`,
+    the base tokenizer (given the Alpaca chat template when it has none, e.g. one from elsewhere: the
+    model is saved with the template it was trained on), the base model seeded with `loop_args.seed`
+    (LoRA's initial A matrices start the same in every rerun), and the tokens per sequence
+    (`max_length`, at most the model's context length)."""
+    run = open_run(project, title, loop_args)
+    tokenizer = load_base_tokenizer(args)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
+    model = load_base_model(args, "causal-lm", tokenizer, loop_args.seed)
+    return FineTuningStart(run, tokenizer, model, max_length_for(model, max_length))
 
 
 def fine_tuning_fingerprint(
@@ -494,6 +518,33 @@ def train(
     )
 
 
+def train_and_evaluate(
+    prepared: PreparedRun, scores: Scores, periodic: Scores | None = None, loss_fn: LossFn = causal_lm_loss
+) -> tuple[dict[str, float], Any]:
+    """`train`, evaluating with `periodic` (default: `scores`) every eval_every steps; then the trained
+    model's (numbers, detail) by `scores`: the loop's final evaluation when that was `scores` (it
+    does not run twice), else measured now."""
+    evaluation = LastEvaluation(periodic or scores)
+    after = train(prepared, evaluation, loss_fn)
+    if after is not None and periodic is None:
+        return after, evaluation.detail
+    return scores(prepared.model)
+
+
+def train_on_heldout(
+    prepared: PreparedRun,
+    args: HeldoutEvalArguments,
+    scores: Callable[[torch.nn.Module, Sequence[Any]], tuple[dict[str, float], Any]],
+    records: Sequence[Any],
+    loss_fn: LossFn = causal_lm_loss,
+) -> tuple[dict[str, float], Any]:
+    """`train_and_evaluate` for a job scored on held-out `records` (SFT, DPO): each periodic
+    evaluation answers `args.periodic(records)`, the final one every record."""
+    periodic = args.periodic(records)
+    every = (lambda model: scores(model, periodic)) if len(periodic) < len(records) else None
+    return train_and_evaluate(prepared, lambda model: scores(model, records), every, loss_fn)
+
+
 def _draw_loss_curve(prepared: PreparedRun) -> None:
     run = prepared.run
     figure = loss_curve_figure(prepared.metrics.records(), title=f"{run.title} {run.layout.root.name}")
@@ -552,3 +603,44 @@ def finish(
     prepared.claim.checkpointed()  # a run that resumed at its last step saved no new checkpoint
     prepared.claim.release()
     return run.layout.model, adapter
+
+
+@dataclass
+class FineTuningResult:
+    """What a fine-tuning job scored on held-out records returns (SFT, DPO); final_metrics.json holds
+    the same numbers."""
+
+    output_dir: Path
+    model_dir: Path
+    adapter_dir: Path | None  # LoRA runs: the adapter alone
+    before: dict[str, float] | None  # the untuned model's held-out numbers (None: not measured)
+    after: dict[str, float]
+    steps: int
+    train_seconds: float
+
+
+def finish_fine_tuning(
+    prepared: PreparedRun,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    before: dict[str, float] | None,
+    after: dict[str, float],
+    totals: Mapping[str, Any],
+    card: Mapping[str, Any],
+    json_files: Mapping[Path, Any],
+    report: str,
+    extra_files: Sequence[Path] = (),
+) -> FineTuningResult:
+    """`finish` for a fine-tuning job: final_metrics.json holds `before`, `after`, the run's totals
+    (`run_totals`) and the job's own `totals`, beside its other `json_files`."""
+    layout = prepared.run.layout
+    final = {"before": before, "after": after, **run_totals(prepared), **totals}
+    model_dir, adapter_dir = finish(
+        prepared,
+        tokenizer,
+        card=card,
+        json_files={**json_files, layout.final_metrics: final},
+        report=report,
+        extra_files=extra_files,
+    )
+    return FineTuningResult(layout.root, model_dir, adapter_dir, before, after, final["steps"], final["train_seconds"])

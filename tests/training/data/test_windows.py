@@ -4,6 +4,7 @@ input) and the seeded hold-out of records."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import multiprocessing
 import os
 import pickle
@@ -224,18 +225,33 @@ def test_windows_saved_once_are_loaded_by_later_calls(documents, tiny_tokenizer,
         assert loaded[split].features == fresh[split].features
 
 
-def test_content_fingerprint_follows_the_bytes_not_the_path(documents, tmp_path):
+def test_a_source_is_identified_once_by_its_bytes_for_caches_and_with_its_path_for_a_resume(documents, tmp_path):
     text = "\n\n".join(documents)
     one, two = tmp_path / "one.txt", tmp_path / "b" / "two.txt"
     one.write_text(text, encoding="utf-8")
     two.parent.mkdir()
     two.write_text(text, encoding="utf-8")
     os.utime(two, (0, 0))
-    assert data.content_fingerprint(one) == data.content_fingerprint(two)
-    assert data.content_fingerprint(tmp_path / "b") == data.content_fingerprint(one)  # a folder of the same file
+    # The record a run fingerprint holds: path, size and the SHA-256 that hashlib gives the bytes.
+    size, sha256 = len(one.read_bytes()), hashlib.sha256(one.read_bytes()).hexdigest()
+    assert data.source_identity(one).record == {"path": str(one.resolve()), "size": size, "sha256": sha256}
+    assert data.source_identity(tmp_path / "b").record == {
+        "path": str((tmp_path / "b").resolve()),
+        "files": {"two.txt": sha256},
+    }
+    assert data.source_identity("some/dataset-name") == data.SourceIdentity("some/dataset-name", None)
+    # The content, which names the caches: the bytes, not the path or the date.
+    assert data.source_identity(one).content == data.source_identity(two).content
+    assert (
+        data.source_identity(tmp_path / "b").content == data.source_identity(one).content
+    )  # a folder of the same file
     two.write_text(text + ".", encoding="utf-8")
-    assert data.content_fingerprint(two) != data.content_fingerprint(one)
-    assert data.content_fingerprint([text]) != data.content_fingerprint([text[:10], text[10:]])
+    assert data.source_identity(two).content != data.source_identity(one).content
+    # In-memory texts are hashed with their boundaries.
+    assert (
+        load_corpus([text], cache_dir=tmp_path)._fingerprint
+        != load_corpus([text[:10], text[10:]], cache_dir=tmp_path)._fingerprint
+    )
 
 
 # ----------------------------------------------------------------------------- validation split

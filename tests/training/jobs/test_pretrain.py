@@ -7,11 +7,18 @@ The tiny run's settings (`tiny_args`, `script_flags`) are in tests/helpers/runs.
 
 from __future__ import annotations
 
+import builtins
+import hashlib
 import importlib.util
+import io
 import json
 import math
+import os
+import pickletools
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import datasets
@@ -19,6 +26,7 @@ import pytest
 import torch
 from helpers.processes import SUBPROCESS_ENV, launch, sigkill_after_step
 from helpers.runs import PRETRAIN_SCRIPT, listing, logged_losses, read_metrics, script_flags, tiny_args
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tokenization.corpus import DataError
@@ -217,6 +225,148 @@ def test_overwrite_replaces_a_run(corpus_file, tokenizer_dir, tmp_path):
     assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [3]
     assert not (out / "checkpoints" / "step_999").exists()
     assert max(r["step"] for r in read_metrics(out)) == 3
+
+
+def test_the_training_file_is_read_once(corpus_file, tokenizer_dir, tmp_path, monkeypatch):
+    """One read of --train_file serves the resume fingerprint, the windows' folder name, the tokenizer
+    and the windows (--split_by characters: it was read four times before). Split by tokens, the file
+    is streamed, so each use that needs its text reads it: the hash, then the tokenization when the
+    windows are not saved yet (training a tokenizer would be one more)."""
+    opened = []
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file).resolve() == corpus_file.resolve():
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    short = dict(max_steps=2, eval_every=2, save_every=2, report_to="none")
+    run_pretraining(*tiny_args(tmp_path / "one", corpus_file, None, tmp_path / "cache", **short))
+    assert len(opened) == 1
+    by_tokens = dict(short, split_by="tokens")
+    for out, reads in (("two", 2), ("three", 1)):  # the windows built, then loaded
+        opened.clear()
+        run_pretraining(*tiny_args(tmp_path / out, corpus_file, tokenizer_dir, tmp_path / "cache", **by_tokens))
+        assert len(opened) == reads, out
+
+
+# ----------------------------------------------------------------------------- a run from before the layout move
+
+# What the code before the layout move (0cd5885) stored for `tiny_args(..., **OLD_RUN)`, read from a run
+# folder it wrote: run_config.json's fingerprint (the corpus's path, size and SHA-256 filled in by `old_fingerprint`),
+# the JSON files of a checkpoint and its tensor names.
+OLD_RUN = dict(max_steps=4, warmup_steps=2, eval_every=2, save_every=2, report_to="none")
+OLD_OPTIMIZATION = {
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+    "attention": "auto",
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 0.003,
+    "max_grad_norm": 1.0,
+    "max_steps": 4,
+    "max_time_seconds": None,
+    "min_learning_rate": 0.0003,
+    "mixed_precision": "no",
+    "muon_learning_rate": 0.02,
+    "optimizer": "adamw",
+    "per_device_batch_size": 8,
+    "seed": 1337,
+    "warmup_steps": 2,
+    "weight_decay": 0.1,
+}
+OLD_TRAIN_STATE = {"accelerator_step", "scaler", "train_state"}  # train_state.json's keys
+OLD_STATE = {"batches_in_epoch", "epoch", "step", "tokens_seen", "train_seconds"}  # ... and its train_state's
+OLD_CHECKPOINT_FILES = ["model.safetensors", "optimizer.pt", "rng_rank0.safetensors", "train_state.json"]
+OLD_TENSOR_SUFFIXES = {
+    "att.W_key",
+    "att.W_query",
+    "att.W_value",
+    "att.out_proj",
+    "ff.fc_in",
+    "ff.fc_out",
+    "norm1",
+    "norm2",
+}
+
+
+def old_fingerprint(corpus: Path) -> dict:
+    data = corpus.read_bytes()
+    train_file = {"path": str(corpus.resolve()), "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return {
+        "data": {
+            "split_by": "characters",
+            "streaming": False,
+            "stride": None,
+            "train_file": train_file,
+            "validation_file": None,
+            "validation_fraction": 0.1,
+        },
+        "model": {
+            "context_length": 32,
+            "drop_rate": 0.1,
+            "emb_dim": 32,
+            "n_heads": 2,
+            "n_layers": 2,
+            "vocab_size": 400,
+        },
+        "optimization": OLD_OPTIMIZATION,
+        "tokenizer": {"trained_vocab_size": 400},
+    }
+
+
+def pickled_modules(path: Path) -> set[str]:
+    """The modules whose globals a torch.save file's pickle names."""
+    with zipfile.ZipFile(path) as archive:
+        [pickle] = [name for name in archive.namelist() if name.endswith("data.pkl")]
+        ops = list(pickletools.genops(archive.read(pickle)))
+    return {arg.split(" ")[0] for op, arg, _ in ops if op.name == "GLOBAL"}
+
+
+def test_a_run_started_before_the_layout_move_resumes_after_it(corpus_file, tmp_path, capsys):
+    """Nothing a run stores names a module of ours: run_config.json and a checkpoint's JSON files hold
+    settings and names of the run, its tensors are keyed by parameter names, optimizer.pt pickles only
+    torch tensors in plain containers (read back with weights_only=True). So a run folder written by
+    the code before the layout move resumes with this code if this code records the same fingerprint
+    and checkpoint files. Checked here without the old code (no git, no binary fixture): this code's
+    run must write what the old one wrote (the literals above, taken from a folder it wrote), and a
+    folder made of the old record, a step-2 checkpoint and the log up to it (what a run killed after
+    that checkpoint leaves) resumes to the uninterrupted run's weights. (Its windows are tokenized
+    again once: their cache folder is now named by the file's SHA-256, was by a length-prefixed hash.)"""
+    reference = tmp_path / "reference"
+    run_pretraining(*tiny_args(reference, corpus_file, None, tmp_path / "cache", **OLD_RUN))
+    record = json.loads((reference / "run_config.json").read_text())
+    assert record["fingerprint"] == old_fingerprint(corpus_file)
+    step_2 = reference / "checkpoints" / "step_2"
+    train_state = json.loads((step_2 / "train_state.json").read_text())
+    assert set(train_state) == OLD_TRAIN_STATE and set(train_state["train_state"]) == OLD_STATE
+    complete = json.loads((step_2 / "checkpoint_complete.json").read_text())
+    assert (complete["format"], complete["num_processes"], complete["step"]) == ("minigpt-checkpoint-v1", 1, 2)
+    assert sorted(complete["files"]) == OLD_CHECKPOINT_FILES
+    with safe_open(step_2 / "model.safetensors", "pt") as tensors:
+        blocks = {
+            key.split(".", 3)[3].rsplit(".", 1)[0] for key in tensors.keys() if key.startswith("model.trf_blocks.")
+        }  # noqa: SIM118
+    assert blocks == OLD_TENSOR_SUFFIXES
+    assert pickled_modules(step_2 / "optimizer.pt") <= {"torch", "torch._utils", "collections"}
+
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step_2, old / "checkpoints" / "step_2")
+    shutil.copytree(reference / "tokenizer", old / "tokenizer")
+    (old / "run_config.json").write_text(json.dumps({"fingerprint": old_fingerprint(corpus_file), "config": {}}))
+    logged = [r for r in read_metrics(reference) if r["step"] <= 2]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    capsys.readouterr()
+    run_pretraining(*tiny_args(old, corpus_file, None, tmp_path / "another_cache", **OLD_RUN, resume=True))
+    assert "resuming from step 2" in capsys.readouterr().out
+    expected, actual = (
+        load_file(reference / "model" / "model.safetensors"),
+        load_file(old / "model" / "model.safetensors"),
+    )
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert logged_losses(old) == logged_losses(reference)
 
 
 # ----------------------------------------------------------------------------- the script
