@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from training.run.checkpoint import (
     CHECKPOINT_MARKER,
     checkpoint_dir,
