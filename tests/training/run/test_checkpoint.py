@@ -33,7 +33,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
         ("MULTI_GPU", False, None),
         ("FSDP", True, None),  # Accelerate's FSDP2: fully_shard, gathered by parameter name like --fsdp
         ("FSDP", False, "FSDP1 runs are not supported: set fsdp_version: 2"),
-        ("DEEPSPEED", False, "DeepSpeed runs (optimizer state sharded over the ranks) are not supported yet"),
+        ("DEEPSPEED", False, r"DeepSpeed runs \(optimizer state sharded over the ranks\) are not supported yet"),
     ],
 )
 def test_only_setups_the_format_can_hold_are_accepted(distributed_type, fsdp2, refusal):
