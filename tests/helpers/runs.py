@@ -127,8 +127,8 @@ def save_tiny_base(folder: Path, tokenizer, seed: int = 0, context_length: int =
     return folder
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+def load_script(name: str, folder: str = "scripts"):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the script runs
     spec.loader.exec_module(module)

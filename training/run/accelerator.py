@@ -102,8 +102,11 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
     # arrives as ACCELERATE_USE_CPU); a PartialState without it sets up a different distributed backend.
     process = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     mixed_precision, why = resolve_mixed_precision(args.mixed_precision, process.device)
+    tf32 = allow_tf32(process.device)
     if process.is_main_process:
         print(f"mixed precision: {'bf16 autocast' if mixed_precision == 'bf16' else mixed_precision} ({why})")
+        if tf32:
+            print("fp32 matmuls: TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; ~8x fp32 on Ampere+)")
     return Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -115,3 +118,26 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
             project_dir=args.output_dir, logging_dir=os.fspath(RunLayout(Path(args.output_dir)).logs)
         ),
     )
+
+
+def allow_tf32(device: torch.device) -> bool:
+    """Let CUDA run fp32 matmuls and convolutions on TF32 tensor cores (what stays fp32 under bf16
+    autocast: the loss, norms, the optimizer; and whole runs with --mixed_precision no). PyTorch's
+    default keeps full fp32 matmuls; nanoGPT and most training code turn TF32 on. A no-op elsewhere."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def compile_for_training(model: torch.nn.Module, args: LoopArguments, accelerator: Accelerator) -> None:
+    """With --compile, compile `model` in place (`nn.Module.compile`: the module, its parameters and
+    its state dict keep their names, so checkpoints, `unwrap_model` and the saved folder are the
+    same as without it) and print it. Call after the attention path is chosen and after sharding or
+    `accelerator.prepare`: compiling the module inside DDP keeps DDP's gradient hooks outside the graph."""
+    if not args.compile:
+        return
+    accelerator.unwrap_model(model).compile()
+    if accelerator.is_main_process:
+        print("compile: torch.compile (inductor), in place; the first steps include the compile time")

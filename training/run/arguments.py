@@ -77,6 +77,14 @@ class LoopArguments:
             "where torch's fused kernel runs bf16 slowly; sdpa everywhere else. The choice is printed."
         },
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the model for training with torch.compile (inductor, in place: the saved weights and "
+            "checkpoints are the same as without it). The first steps include the compile time (tens of seconds "
+            "on a CPU); worth it for long runs, above all on GPUs."
+        },
+    )
     seed: int = field(default=1337, metadata={"help": "Seeds weights init, dropout and the data order."})
     log_every: int = field(default=10, metadata={"help": "Log the mean training loss every N steps."})
     eval_every: int = field(

@@ -23,10 +23,12 @@ same size, same SHA-256, no file it does not list). A checkpoint that fails the 
 Writing: every rank writes its files into `.tmp-step_N`, then the main process hashes them,
 writes the manifest and renames the folder to `step_N` (`modeling_minigpt.files`), so a process
 killed at any moment leaves the previous complete checkpoint and at most a temporary folder.
-A model sharded by `pretrain --fsdp` (`training.run.distributed.shard_for_training`) is gathered
-whole to the main process for the same files and scattered back on resume. Sharding through
-Accelerate's FSDP or DeepSpeed plugins keeps optimizer state that this format does not gather
-yet: `check_supported` refuses those before a run writes anything.
+A model sharded with FSDP2 — by `pretrain --fsdp` (`training.run.distributed.shard_for_training`) or
+by Accelerate's own FSDP2 plugin (`--config_file scripts/configs/accelerate/fsdp2.yaml`, whose
+`prepare` calls the same `fully_shard`) — is gathered whole to the main process for the same files
+and scattered back on resume, so a checkpoint does not depend on how many ranks wrote it.
+Accelerate's FSDP1 and DeepSpeed plugins keep state this format does not gather yet:
+`check_supported` refuses those before a run writes anything.
 """
 
 from __future__ import annotations
@@ -156,11 +158,17 @@ def verify_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def check_supported(accelerator: Accelerator) -> None:
-    """Refuse a setup whose training state this format cannot hold (sharded optimizers), before anything is written."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    """Refuse a setup whose training state this format cannot hold, before anything is written:
+    FSDP2 (gathered by parameter name, see the module docstring) is held; FSDP1 and DeepSpeed are not."""
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
-            f"checkpoints of {accelerator.distributed_type.value} runs (optimizer state sharded over the ranks) "
-            "are not supported yet: launch with scripts/configs/accelerate/ddp.yaml or one process"
+            "checkpoints of FSDP1 runs are not supported: set fsdp_version: 2 in the Accelerate config "
+            "(scripts/configs/accelerate/fsdp2.yaml)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "checkpoints of DeepSpeed runs (optimizer state sharded over the ranks) are not supported yet: "
+            "launch with scripts/configs/accelerate/fsdp2.yaml (the same memory per GPU as ZeRO-3) or ddp.yaml"
         )
 
 

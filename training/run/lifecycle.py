@@ -51,7 +51,7 @@ from tokenization.corpus import DataError
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
 from training.data.windows import source_identity
 from training.evaluation.generate import eval_mode
-from training.run.accelerator import choose_attention, make_accelerator
+from training.run.accelerator import choose_attention, compile_for_training, make_accelerator
 from training.run.arguments import LoopArguments
 from training.run.checkpoint import Resumable, check_supported
 from training.run.distributed import RankBatches, check_can_shard, shard_for_training, unsharded
@@ -79,7 +79,7 @@ from training.run.loop import (
     start_trackers,
     train_loop,
 )
-from training.run.optim import make_optimizer
+from training.run.optim import describe_optimizer, make_optimizer
 from training.run.schedule import describe_schedule
 from training.saved.card import TrainingInfo, describe_hardware
 from training.saved.layout import RunLayout, describe_run_files
@@ -438,9 +438,12 @@ def prepare(
         choose_attention(model, args, accelerator)
         if shard:  # before the optimizer, which must hold the sharded parameters
             model = shard_for_training(accelerator, model)
-        optimizer = make_optimizer(model, args)
+        optimizer = make_optimizer(model, args, accelerator.device)
         if not shard:  # a sharded model is not wrapped in DDP; the checkpoint gathers its state whole
             model, optimizer = accelerator.prepare(model, optimizer)
+        compile_for_training(model, args, accelerator)
+        if run.is_main:
+            print(f"optimizer: {describe_optimizer(args, accelerator.device)}")
         eval_loader = accelerator.prepare(eval_loader)
         if isinstance(train_loader, DataLoader):  # a stream split by rank (`RankBatches`) would be split again
             train_loader = accelerator.prepare(train_loader)

@@ -158,6 +158,7 @@ def make_train_dataloader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),  # page-locked host batches copy to the GPU asynchronously
     )
 
 

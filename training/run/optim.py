@@ -12,16 +12,26 @@ from training.run.arguments import LoopArguments
 
 
 def build_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    fused: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW that decays matrices (weights of linear and embedding layers) but not biases or norms.
 
     Decaying LayerNorm gains or biases pulls them toward 0 for no regularising benefit (nanoGPT,
     GPT-2/3). Tied weights appear once (`parameters()` de-duplicates shared tensors); frozen
-    parameters are left out.
+    parameters are left out. `fused`: one CUDA kernel for the whole update (`use_fused_adamw`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(_decay_groups(params, lr, weight_decay), betas=betas)
+    return torch.optim.AdamW(_decay_groups(params, lr, weight_decay), betas=betas, fused=fused or None)
+
+
+def use_fused_adamw(device: torch.device | None) -> bool:
+    """Fused AdamW on CUDA (one kernel for all parameters instead of a few per tensor list; nanoGPT's
+    choice); elsewhere torch's default (foreach), so CPU runs keep the numbers they always had."""
+    return device is not None and device.type == "cuda"
 
 
 def _decay_groups(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -72,9 +82,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adamw_groups: list[dict[str, Any]],
         *,
         betas: tuple[float, float] = (0.9, 0.95),
+        fused: bool = False,
     ):
         self.muon = torch.optim.Muon(muon_groups)
-        self.adamw = torch.optim.AdamW(adamw_groups, betas=betas)
+        self.adamw = torch.optim.AdamW(adamw_groups, betas=betas, fused=fused or None)
         # add_param_group keeps each group dict as given: these are the parts' own dicts.
         super().__init__([*self.muon.param_groups, *self.adamw.param_groups], defaults={})
         self._link()
@@ -105,6 +116,7 @@ def build_muon_optimizer(
     muon_lr: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
+    fused: bool = False,
 ) -> MuonWithAdamW:
     """Muon (at `muon_lr`, decoupled weight decay) on `hidden_matrices(model)`; AdamW (at `lr`, the
     groups of `build_optimizer`) on every other trainable parameter.
@@ -118,12 +130,23 @@ def build_muon_optimizer(
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     muon = [{"params": hidden, "lr": muon_lr, "weight_decay": weight_decay, "initial_lr": muon_lr}]
-    return MuonWithAdamW(muon, _decay_groups(rest, lr, weight_decay), betas=betas)
+    return MuonWithAdamW(muon, _decay_groups(rest, lr, weight_decay), betas=betas, fused=fused)
 
 
-def make_optimizer(model: torch.nn.Module, args: LoopArguments) -> torch.optim.Optimizer:
-    """The optimizer `args` asks for, over the model's trainable parameters."""
-    betas = (args.adam_beta1, args.adam_beta2)
+def make_optimizer(
+    model: torch.nn.Module, args: LoopArguments, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer `args` asks for, over the model's trainable parameters; AdamW fused on a CUDA
+    `device` (the run's, where the parameters will live: `use_fused_adamw`)."""
+    betas, fused = (args.adam_beta1, args.adam_beta2), use_fused_adamw(device)
     if args.optimizer == "muon":
-        return build_muon_optimizer(model, args.learning_rate, args.muon_learning_rate, args.weight_decay, betas)
-    return build_optimizer(model, args.learning_rate, args.weight_decay, betas)
+        return build_muon_optimizer(
+            model, args.learning_rate, args.muon_learning_rate, args.weight_decay, betas, fused=fused
+        )
+    return build_optimizer(model, args.learning_rate, args.weight_decay, betas, fused=fused)
+
+
+def describe_optimizer(args: LoopArguments, device: torch.device | None) -> str:
+    """The optimizer in words, as the run prints it."""
+    adamw = "AdamW (fused CUDA kernel)" if use_fused_adamw(device) else "AdamW (torch's default foreach kernels)"
+    return f"Muon on the hidden matrices + {adamw} on the rest" if args.optimizer == "muon" else adamw
