@@ -172,12 +172,24 @@ class ChatPrompt:
     note: str | None = None  # set when the conversation had to be shortened
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerFast, history: Sequence[Mapping[str, str]], message: str) -> ChatPrompt:
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerFast,
+    history: Sequence[Mapping[str, str]],
+    message: str,
+    context_length: int | None = None,
+    room: int = 0,
+) -> ChatPrompt:
     """The model's input for `message` after `history` (messages with role and content).
 
     Rendered by the folder's own chat template (`apply_chat_template`, generation prompt added).
+    With `context_length`, the oldest turns (a user message and the reply to it) are left out
+    until the prompt leaves `room` tokens for the reply, or only the new message is left: a small
+    model's context (128 tokens for the quickstart's) holds a turn or two, and a chat should go on
+    with what fits rather than stop. The template renders what is kept as a conversation of its
+    own (the Alpaca preamble before its first turn), in the format fine-tuning trained on.
     A template that takes a single turn refuses a longer conversation; then only the new message
-    is sent, and `note` says so. A folder without a template continues `message` as plain text.
+    is sent. `note` says what was left out. A folder without a template continues `message` as
+    plain text.
     """
     if not message.strip():
         raise ValueError("the prompt is empty: type a message first")
@@ -187,16 +199,45 @@ def chat_prompt(tokenizer: PreTrainedTokenizerFast, history: Sequence[Mapping[st
 
     conversation = [{"role": m["role"], "content": m["content"]} for m in history]
     conversation.append({"role": "user", "content": message})
-    note = None
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        prompt = _rendered(tokenizer, conversation)
     except TemplateError as error:
         if len(conversation) == 1:
             raise ValueError(f"the chat template refused the message: {error}") from None
-        text = tokenizer.apply_chat_template(conversation[-1:], add_generation_prompt=True, tokenize=False)
+        prompt = _rendered(tokenizer, conversation[-1:])
         note = f"this model's chat template takes one turn ({error}); earlier turns were not sent"
+        return ChatPrompt(prompt.text, prompt.ids, note)
+    dropped = 0
+    while context_length is not None and len(prompt.ids) + room > context_length:
+        shorter = _without_oldest_turn(conversation)
+        if shorter is None:
+            break
+        conversation, dropped = shorter, dropped + 1
+        prompt = _rendered(tokenizer, conversation)
+    if not dropped:
+        return prompt
+    turns = "turn was" if dropped == 1 else f"{dropped} turns were"
+    note = (
+        f"the oldest {turns} left out of the prompt: the whole chat does not fit in the model's "
+        f"{context_length} tokens with {room} left for the reply"
+    )
+    return ChatPrompt(prompt.text, prompt.ids, note)
+
+
+def _rendered(tokenizer: PreTrainedTokenizerFast, conversation: list[dict[str, str]]) -> ChatPrompt:
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     # The template writes special tokens as text; encoding maps them back to their ids.
-    return ChatPrompt(text, tokenizer(text, add_special_tokens=False)["input_ids"], note)
+    return ChatPrompt(text, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _without_oldest_turn(conversation: list[dict[str, str]]) -> list[dict[str, str]] | None:
+    """`conversation` without its first user message and the reply to it (a system message stays
+    first); None when the new message, the last one, is all that is left to drop."""
+    start = 1 if conversation[0]["role"] == "system" else 0
+    for end in range(start, len(conversation) - 1):
+        if conversation[end]["role"] == "assistant":
+            return conversation[:start] + conversation[end + 1 :]
+    return None
 
 
 # ----------------------------------------------------------------------------- probabilities

@@ -1,13 +1,18 @@
 """A local web app to chat with a saved model and watch it work (Gradio, on 127.0.0.1 only).
 
     python scripts/app.py --model runs/quickstart/sft/model
-    minigpt-app --model runs/quickstart/sft/model --port 7861
+    minigpt-app --model runs/quickstart/sft/model runs/quickstart/pretrain/model --port 7861
 
 Chat: the folder's chat template, tokens streamed as the KV-cached loop produces them, with
 temperature / top-k / top-p / max new tokens / seed, and each generated token's probability and
 top-5 alternatives. Inspect: token boundaries (ids and bytes), each token's probability given
 the text before it, one head's attention heatmap, and for a classifier the label probabilities
 and the pooled token. The numbers come from `apps/inspect_model.py`; this file is the page.
+
+What a page can load is what the command line allowed: the `--model` folders. Each page chooses
+one of them for itself (a Load changes that page, not the others); each folder loads once, when a
+page first asks for it. Text the model (or the person) wrote is shown as text: a reply holding
+`<b>` or `<img>` shows those characters, it is not rendered as HTML or markdown.
 
 Nothing leaves the machine: the server listens on 127.0.0.1, Gradio's analytics and version
 check are off, and its fonts and scripts are served by the app itself.
@@ -20,6 +25,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Read when gradio is imported and when a Blocks is built: off before either.
@@ -39,11 +45,12 @@ TOKEN_COLOURS = ("#fde2a7", "#b9e4c9", "#c6d8f5", "#f7c6d9", "#e0d0f5", "#d5ecf2
 
 @dataclass
 class AppArguments:
-    model: str | None = field(
+    model: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Saved model folder: a MiniGPT causal LM or sequence classifier, or a GPT-2 folder "
-            "exported by scripts/convert_gpt2.py. Required."
+            "help": "Saved model folder(s): MiniGPT causal LMs or sequence classifiers, or GPT-2 folders exported "
+            "by scripts/convert_gpt2.py. Required. A page opens on the first; these are the only folders a page can "
+            "load."
         },
     )
     port: int | None = field(
@@ -66,6 +73,24 @@ def message_text(content: Any) -> str:
     if isinstance(content, dict):
         return content.get("text", "")
     return "".join(message_text(part) for part in content or [])
+
+
+def shown(text: str) -> str:
+    """`text` as the Chatbot gets it, escaped: the Chatbot puts a message into the page as HTML
+    (sanitized, even with render_markdown=False), so a reply's `<b>x</b>` would show bold and its
+    `<img src=x>` a broken image. Escaped, the page shows the characters the model wrote."""
+    return html.escape(text, quote=False)
+
+
+def written(content: Any) -> str:
+    """The text a Chatbot message holds, as written (the inverse of `shown`)."""
+    return html.unescape(message_text(content))
+
+
+def last_index(count: int) -> int:
+    """The layer / head slider's maximum: Gradio refuses a slider whose maximum is its minimum, so a
+    model with one layer (or head) gets 0-1, and index 1 is refused by the views with a message."""
+    return max(count - 1, 1)
 
 
 def warning(text: str) -> str:
@@ -131,33 +156,54 @@ def attention_figure(tokens: Sequence[str], weights, layer: int, head: int):
 
 
 class ModelApp:
-    """The one model the app serves. A local single-user tool: loading a folder switches every tab."""
+    """The folders the command line allowed, each loaded once, on first use. Each page holds the
+    folder it shows (a gr.State, `folder` below): a Load on one page changes that page only."""
 
-    def __init__(self, loaded):
-        self.loaded = loaded
+    def __init__(self, first, allowed: Sequence[str]):
+        self.first = str(first.folder)
+        self.models = {self.first: first}
+        # Resolved, so that another spelling of an allowed folder is the same folder.
+        self.allowed = {os.path.realpath(folder): folder for folder in allowed}
+
+    def model(self, folder: str):
+        """The loaded model of an allowed `folder` (see `load`)."""
+        from apps.inspect_model import load_for_app
+
+        if folder not in self.models:
+            self.models[folder] = load_for_app(folder)
+        return self.models[folder]
 
     # --- load
 
-    def load(self, folder: str):
-        from apps.inspect_model import load_for_app
+    def load(self, requested: str | None, folder: str):
+        """(page's folder, header, status, *control updates) after the page asked for `requested`."""
         from tokenization.corpus import DataError
 
+        requested = (requested or "").strip()
+        allowed = self.allowed.get(os.path.realpath(requested)) if requested else None
+        if allowed is None:
+            choices = ", ".join(self.allowed.values())
+            status = warning(
+                f"{requested or 'no folder'} is not one of the folders this app was started with ({choices}): "
+                f"to load another, restart the app with it among the --model folders. Still showing {folder}."
+            )
+            return (folder, self.header(folder), status, *self.control_updates(folder))
         try:
-            self.loaded = load_for_app(folder.strip())
-            status = f"Loaded {self.loaded.folder}."
+            self.model(allowed)
+            folder, status = allowed, f"Loaded {allowed}."
         except DataError as error:  # a ModelFolderError, or a tokenizer that does not load
-            status = warning(f"{error}. Still serving {self.loaded.folder}.")
-        return (self.header(), status, *self.control_updates())
+            status = warning(f"{error}. Still showing {folder}.")
+        return (folder, self.header(folder), status, *self.control_updates(folder))
 
-    def header(self) -> str:
-        return f"**Model:** {html.escape(self.loaded.describe())}"
+    def header(self, folder: str) -> str:
+        return f"**Model:** {html.escape(self.model(folder).describe())}"
 
-    def control_updates(self):
-        loaded = self.loaded
+    def control_updates(self, folder: str):
+        loaded = self.model(folder)
         is_lm = loaded.kind == "causal-lm"
         return (
-            gr.Slider(maximum=max(loaded.n_layers - 1, 0), value=0),
-            gr.Slider(maximum=max(loaded.n_heads - 1, 0), value=0),
+            gr.Slider(maximum=last_index(loaded.n_layers), value=0, interactive=loaded.n_layers > 1),
+            gr.Slider(maximum=last_index(loaded.n_heads), value=0, interactive=loaded.n_heads > 1),
             gr.Slider(maximum=loaded.context_length, value=min(64, loaded.context_length)),
             gr.Tab(visible=is_lm),
             gr.Label(visible=not is_lm, value=None),
@@ -174,14 +220,16 @@ class ModelApp:
         top_p: float,
         max_new_tokens: float,
         seed: float,
+        folder: str,
     ) -> Iterator[tuple]:
         """Streams (conversation, prompt box, status, token table, details, text for Inspect)."""
         from apps.inspect_model import SamplingSettings, chat_prompt, eos_id, stream_generate
 
-        loaded = self.loaded  # a Load during this reply does not change the model mid-way
-        history = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+        loaded = self.model(folder)
+        history = [{"role": m["role"], "content": written(m["content"])} for m in history or []]
+        displayed = [{"role": m["role"], "content": shown(m["content"])} for m in history]
         if loaded.kind != "causal-lm":
-            yield history, message, warning("This is a classifier: use the Inspect tab."), [], {}, ""
+            yield displayed, message, warning("This is a classifier: use the Inspect tab."), [], {}, ""
             return
         try:
             settings = SamplingSettings(
@@ -191,14 +239,18 @@ class ModelApp:
                 top_p=float(top_p),
                 seed=int(seed),
             )
-            prompt = chat_prompt(loaded.tokenizer, history, message or "")
+            # Turns that do not fit are left out of the prompt, keeping room for the reply: max new
+            # tokens, or a quarter of the context when that is less (the quickstart's 128 tokens hold
+            # a turn or two beside a 32-token reply).
+            room = min(settings.max_new_tokens, loaded.context_length // 4)
+            prompt = chat_prompt(loaded.tokenizer, history, message or "", loaded.context_length, room)
             steps = stream_generate(loaded.model, loaded.tokenizer, prompt.ids, settings, eos_id(loaded))
             first = next(steps)  # raises ContextFullError / ValueError before the page changes
         except ValueError as error:
-            yield history, message, warning(str(error)), [], {}, ""
+            yield displayed, message, warning(str(error)), [], {}, ""
             return
 
-        conversation = [*history, {"role": "user", "content": message}]
+        conversation = [*displayed, {"role": "user", "content": shown(message)}]
         rows, records = [], []
         note = f" {warning(prompt.note)}" if prompt.note else ""
         for step in _chain(first, steps):
@@ -215,13 +267,13 @@ class ModelApp:
             status = (
                 f"Generating… {len(rows)} tokens.{note}"
                 if step.stop is None
-                else self.stop_message(step.stop, len(prompt.ids), len(rows)) + note
+                else self.stop_message(step.stop, len(prompt.ids), len(rows), loaded.context_length) + note
             )
-            reply = [*conversation, {"role": "assistant", "content": step.text}]
+            reply = [*conversation, {"role": "assistant", "content": shown(step.text)}]
             yield reply, "", status, rows, details, prompt.text + step.text
 
-    def stop_message(self, stop: str, n_prompt: int, n_reply: int) -> str:
-        context = self.loaded.context_length
+    @staticmethod
+    def stop_message(stop: str, n_prompt: int, n_reply: int, context: int) -> str:
         if stop == "eos":
             return f"Stopped at end-of-text after {n_reply} tokens (prompt {n_prompt} tokens)."
         if stop == "length":
@@ -233,11 +285,11 @@ class ModelApp:
 
     # --- inspect
 
-    def inspect(self, text: str, layer: float, head: float):
+    def inspect(self, text: str, layer: float, head: float, folder: str):
         """(token boundaries, status, heatmap, token table, classifier labels, details)."""
         from apps.inspect_model import attention_map, classify, encode, token_pieces, token_probabilities
 
-        loaded = self.loaded
+        loaded = self.model(folder)
         layer, head = int(layer), int(head)
         try:
             tokens, weights = attention_map(loaded.model, loaded.tokenizer, text or "", layer, head)
@@ -284,22 +336,39 @@ def _chain(first, rest):
     yield from rest
 
 
-def build_app(loaded) -> gr.Blocks:
-    """The page for `loaded` (a apps.inspect_model.LoadedModel); other folders load from the page."""
-    app = ModelApp(loaded)
+def build_app(loaded, allowed: Sequence[str] = ()) -> gr.Blocks:
+    """The page for `loaded` (a apps.inspect_model.LoadedModel), which can switch to the
+    `allowed` folders (the command line's --model; `loaded`'s own is always allowed)."""
+    allowed = list(dict.fromkeys(str(Path(folder)) for folder in (loaded.folder, *allowed)))
+    app = ModelApp(loaded, allowed)
     is_lm = loaded.kind == "causal-lm"
     with gr.Blocks(title="MiniGPT", analytics_enabled=False) as demo:
         gr.Markdown("# MiniGPT: chat with a saved model and watch it work")
         with gr.Row():
-            folder = gr.Textbox(value=str(loaded.folder), label="Model folder", scale=5, elem_id="model-folder")
+            requested = gr.Dropdown(
+                choices=allowed,
+                value=app.first,
+                allow_custom_value=True,  # a typed path gets the app's own answer, not a bare validation error
+                label="Model folder (those given with --model when the app started)",
+                scale=5,
+                elem_id="model-folder",
+            )
             load_button = gr.Button("Load", scale=1, elem_id="load")
-        header = gr.Markdown(app.header(), elem_id="model-header")
+        header = gr.Markdown(app.header(app.first), elem_id="model-header")
         load_status = gr.Markdown(elem_id="load-status")
+        folder = gr.State(app.first)  # this page's model
         last_text = gr.State("")
 
         with gr.Tab("Chat", visible=is_lm, elem_id="chat-tab") as chat_tab:
+            # Messages arrive escaped (`shown`): with markdown and LaTeX off too, the bubble shows
+            # the text as written. No copy button: it would copy the escaped text.
             chatbot = gr.Chatbot(
-                label="Conversation", height=320, render_markdown=False, elem_id="chatbot", buttons=["copy"]
+                label="Conversation",
+                height=320,
+                render_markdown=False,
+                latex_delimiters=[],
+                elem_id="chatbot",
+                buttons=[],
             )
             with gr.Row():
                 prompt = gr.Textbox(
@@ -336,8 +405,8 @@ def build_app(loaded) -> gr.Blocks:
             )
             with gr.Row():
                 use_chat = gr.Button("Use the last chat turn", elem_id="use-chat")
-                layer = gr.Slider(0, max(loaded.n_layers - 1, 0), value=0, step=1, label="Layer")
-                head = gr.Slider(0, max(loaded.n_heads - 1, 0), value=0, step=1, label="Head")
+                layer = gr.Slider(0, last_index(loaded.n_layers), value=0, step=1, label="Layer")
+                head = gr.Slider(0, last_index(loaded.n_heads), value=0, step=1, label="Head")
                 inspect_button = gr.Button("Inspect", variant="primary", elem_id="inspect")
             inspect_status = gr.Markdown(elem_id="inspect-status")
             labels = gr.Label(label="Label probabilities", visible=not is_lm, elem_id="labels")
@@ -355,16 +424,12 @@ def build_app(loaded) -> gr.Blocks:
                 inspect_details = gr.JSON(label="Inspect")
 
         load_button.click(
-            app.load, folder, [header, load_status, layer, head, max_new, chat_tab, labels], api_name="load"
+            app.load,
+            [requested, folder],
+            [folder, header, load_status, layer, head, max_new, chat_tab, labels],
+            api_name="load",
         )
-        # A page opened after a Load shows the model now served, not the one the app started with.
-        demo.load(
-            lambda: (str(app.loaded.folder), app.header(), *app.control_updates()),
-            None,
-            [folder, header, layer, head, max_new, chat_tab, labels],
-            api_visibility="private",
-        )
-        chat_inputs = [prompt, chatbot, temperature, top_k, top_p, max_new, seed]
+        chat_inputs = [prompt, chatbot, temperature, top_k, top_p, max_new, seed, folder]
         chat_outputs = [chatbot, prompt, chat_status, generated, chat_details, last_text]
         send.click(app.chat, chat_inputs, chat_outputs, api_name="chat")
         prompt.submit(app.chat, chat_inputs, chat_outputs, api_visibility="private")
@@ -377,7 +442,7 @@ def build_app(loaded) -> gr.Blocks:
         use_chat.click(lambda t: t, last_text, text, api_visibility="private")
         inspect_button.click(
             app.inspect,
-            [text, layer, head],
+            [text, layer, head, folder],
             [boundaries, inspect_status, heatmap, tokens, labels, inspect_details],
             api_name="inspect",
         )
@@ -393,19 +458,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if gr is None:
         print(f'{PROG}: error: the app needs Gradio: pip install -e ".[app]"', file=sys.stderr)
         return 1
-    if args.model is None:
+    if not args.model:
         print(f"{PROG}: error: --model is required (a folder written by save_pretrained)", file=sys.stderr)
         return 1
     from apps.inspect_model import load_for_app
     from tokenization.corpus import DataError
+    from training.saved.load import check_model_folder
 
     try:
-        loaded = load_for_app(args.model)
+        for other in args.model[1:]:  # loaded when a page first asks for them; there, at least
+            check_model_folder(other)
+        loaded = load_for_app(args.model[0])
     except DataError as error:  # a ModelFolderError, or a tokenizer that does not load
         print(f"{PROG}: error: --model: {error}", file=sys.stderr)
         return 1
     print(f"{PROG} config: {asdict(args)}\n{loaded.describe()}")
-    demo = build_app(loaded)
+    demo = build_app(loaded, args.model)
     demo.queue(default_concurrency_limit=1).launch(server_name=HOST, server_port=args.port, share=False)
     return 0
 

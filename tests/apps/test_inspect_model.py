@@ -25,6 +25,7 @@ from apps.inspect_model import (
     token_probabilities,
 )
 from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
+from tokenization.alpaca import ALPACA_PREAMBLE
 
 SETTINGS = {
     "greedy": SamplingSettings(max_new_tokens=24),
@@ -157,6 +158,32 @@ def test_chat_prompt_multi_turn_and_single_turn_templates(lm_dir):  # noqa: F811
     assert shortened.text == "Q: again A:" and "one turn only" in shortened.note
     tokenizer.chat_template = None  # a pretrained-only folder: the message is continued as is
     assert chat_prompt(tokenizer, history, "The for statement").text == "The for statement"
+
+
+def test_chat_prompt_leaves_out_the_oldest_turns_that_do_not_fit(lm):
+    tokenizer = lm.tokenizer
+    turns = [("What is 12 plus 30?", "42"), ("Sort: 5, 3, 9", "3, 5, 9"), ("Repeat: red sun", "red sun")]
+    history = [{"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))]
+    message = "Reverse: moon star"
+
+    def render(messages):  # what the template makes of a conversation, as ids
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    new = [{"role": "user", "content": message}]
+    full, last_two, alone = render(history + new), render(history[2:] + new), render(new)
+    assert len(alone) < len(last_two) < len(full)
+
+    whole = chat_prompt(tokenizer, history, message, context_length=len(full) + 10, room=10)
+    assert whole.ids == full and whole.note is None
+    # One token short of fitting the whole chat: the first turn goes, and the rest is a chat of its own
+    # (the Alpaca preamble before "Sort: 5, 3, 9").
+    cut = chat_prompt(tokenizer, history, message, context_length=len(full) + 9, room=10)
+    assert cut.ids == last_two and cut.text.startswith(ALPACA_PREAMBLE + "\n\n### Instruction:\nSort")
+    assert "oldest turn was left out" in cut.note and f"{len(full) + 9} tokens with 10 left" in cut.note
+    # However small the context, the new message is sent (generation then stops at the context's end).
+    tiny = chat_prompt(tokenizer, history, message, context_length=len(alone), room=10)
+    assert tiny.ids == alone and "3 turns were left out" in tiny.note
 
 
 # ----------------------------------------------------------------------------- generation

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("gradio", reason='the app needs the optional extra: pip install -e ".[app]"')
 gradio_client = pytest.importorskip("gradio_client")
 
-from helpers.models import LABELS  # noqa: E402
+from helpers.models import LABELS, scripted_model  # noqa: E402
 from helpers.runs import REPO_ROOT  # noqa: E402
 
 from apps.inspect_model import SamplingSettings, chat_prompt, classify, load_for_app  # noqa: E402
@@ -58,9 +58,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What the scripted model answers (to a prompt as long as SCRIPTED_MESSAGE's): markup, to see it shown as text.
+SCRIPTED_MESSAGE = "Show me some HTML"
+SCRIPTED_REPLY = "<b>x</b> <img src=x>"
+
+
 @pytest.fixture(scope="module")
-def server(lm_dir, tmp_path_factory):  # noqa: F811
-    """The app on a free port of 127.0.0.1, serving `lm_dir` first; yields (url, outbound log)."""
+def scripted_dir(tiny_tokenizer, tmp_path_factory):
+    """A MiniGPT folder whose greedy reply to SCRIPTED_MESSAGE is SCRIPTED_REPLY (see `scripted_model`)."""
+    folder = tmp_path_factory.mktemp("app_scripted")
+    prompt = chat_prompt(tiny_tokenizer, [], SCRIPTED_MESSAGE)
+    reply = tiny_tokenizer(SCRIPTED_REPLY, add_special_tokens=False)["input_ids"]
+    scripted_model(len(prompt.ids), reply, tiny_tokenizer.eos_token_id, len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(lm_dir, classifier_dir, gpt2_dir, scripted_dir, tmp_path_factory):  # noqa: F811
+    """The app on a free port of 127.0.0.1, on `lm_dir` first, and allowed to load the classifier, the
+    GPT-2 export and the scripted model; yields (url, outbound log)."""
+    folders = [str(lm_dir), str(classifier_dir), str(gpt2_dir), str(scripted_dir)]
     folder = tmp_path_factory.mktemp("app_server")
     outbound, log = folder / "outbound.jsonl", folder / "server.log"
     outbound.touch()
@@ -68,7 +86,7 @@ def server(lm_dir, tmp_path_factory):  # noqa: F811
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         process = subprocess.Popen(
-            [sys.executable, "-c", SERVER_CODE, str(outbound), "--model", str(lm_dir), "--port", str(port)],
+            [sys.executable, "-c", SERVER_CODE, str(outbound), "--model", *folders, "--port", str(port)],
             stdout=f,
             stderr=subprocess.STDOUT,
             env=env,
@@ -103,7 +121,7 @@ def client(server):
 
 
 def load(client, folder) -> str:
-    """Load `folder` in the running app; returns the load status line."""
+    """Load `folder` in this client's page of the running app; returns the load status line."""
     return client.predict(str(folder), api_name="/load")[1]
 
 
@@ -255,12 +273,29 @@ def test_inspect_a_classifier(client, classifier_dir, lm_dir):  # noqa: F811
     load(client, lm_dir)
 
 
+def test_a_page_loads_only_the_command_lines_folders_and_only_for_itself(
+    server, client, lm_dir, classifier_dir, tmp_path
+):
+    assert "Loaded" in load(client, lm_dir)
+    for folder in (classifier_dir.parent / "other", lm_dir.parent, tmp_path / "missing"):
+        status = load(client, folder)
+        assert f"{folder} is not one of the folders this app was started with" in status
+        assert "restart the app with it among the --model folders" in status and f"Still showing {lm_dir}" in status
+    # Another page (another client, its own session) switches to the classifier; this page keeps its model.
+    other = gradio_client.Client(server[0], verbose=False, analytics_enabled=False, download_files=False)
+    try:
+        assert "Loaded" in load(other, classifier_dir)
+        assert "classifier" in chat(other, "hello")[-1][2]
+        assert chat(client, "Repeat: a b")[-1][4]["ids"]  # still the language model here
+    finally:
+        other.close()
+    # Another spelling of an allowed folder is that folder.
+    assert f"Loaded {classifier_dir}" in load(client, f"{classifier_dir}/../{classifier_dir.name}/")
+    load(client, lm_dir)
+
+
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, lm_dir, tmp_path):  # noqa: F811
     load(client, lm_dir)
-    assert "does not exist" in load(client, tmp_path / "missing") and f"Still serving {lm_dir}" in load(
-        client, tmp_path / "missing"
-    )
-    assert "no config.json" in load(client, tmp_path)
     assert "empty" in chat(client, "   ")[-1][2]
     too_long = chat(client, "word " * 400)[-1]
     assert "context is 192" in too_long[2] and too_long[0] == []
@@ -272,6 +307,44 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(client, lm_dir, tmp
     assert last[4]["stop"] == "context" and len(last[4]["ids"]) == 192 - n_prompt
     assert "The context is full" in last[2]
     assert chat(client, "Repeat: a b")[-1][4]["ids"]  # still serving
+
+
+def test_a_multi_turn_chat_goes_on_without_the_turns_that_do_not_fit(client, lm_dir):  # noqa: F811
+    """Each turn's reply fills 40 of the 192 positions: by the fourth, the first turns are left out of the prompt."""
+    load(client, lm_dir)
+    settings = SamplingSettings(max_new_tokens=40)
+    tokenizer = load_for_app(lm_dir).tokenizer
+    history: list = []
+    notes = []
+    for message in ("Repeat: sun moon", "Reverse: red green blue", "Sort: 3, 1, 2", "What is 2 plus 2?"):
+        last = chat(client, message, history, settings)[-1]
+        conversation, status, details = last[0], last[2], last[4]
+        assert details["ids"], status  # a reply every turn, never "no room to generate"
+        sent = tokenizer.decode(details["prompt_ids"])
+        assert sent.endswith(f"### Instruction:\n{message}\n\n### Response:\n")
+        assert len(details["prompt_ids"]) + min(40, 192 // 4) <= 192 or "left out" in status
+        notes.append("oldest" in status and "left out of the prompt" in status)
+        history = conversation
+    assert notes[0] is False and notes[-1] is True
+    assert len(history) == 8  # the page still shows every turn
+
+
+def test_model_text_is_sent_escaped_so_the_page_shows_it_as_text(client, lm_dir, scripted_dir):  # noqa: F811
+    from apps.web import shown, written
+
+    load(client, scripted_dir)
+    reply = chat(client, SCRIPTED_MESSAGE)[-1]
+    assert reply[4]["stop"] == "eos" and reply_text(reply) == shown(SCRIPTED_REPLY)
+    assert shown(SCRIPTED_REPLY) == "&lt;b&gt;x&lt;/b&gt; &lt;img src=x&gt;"
+
+    load(client, lm_dir)
+    message = "Show <b>x</b> & <img src=x>"
+    first = chat(client, message)[-1]
+    assert first[0][0]["content"][0]["text"] == "Show &lt;b&gt;x&lt;/b&gt; &amp; &lt;img src=x&gt;"
+    assert written(shown(message)) == message
+    # What the page hands back is read as the text it shows: the next prompt holds the message as written.
+    second = chat(client, "again", first[0])[-1]
+    assert message in load_for_app(lm_dir).tokenizer.decode(second[4]["prompt_ids"])
 
 
 # ----------------------------------------------------------------------------- in a real browser
@@ -316,7 +389,7 @@ new MutationObserver(() => {
 """
 
 
-def test_in_a_real_browser(server, browser, client, lm_dir, tmp_path):  # noqa: F811
+def test_in_a_real_browser(server, browser, client, lm_dir, scripted_dir, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -360,6 +433,23 @@ def test_in_a_real_browser(server, browser, client, lm_dir, tmp_path):  # noqa: 
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0;", heatmap))
     assert heatmap.size["width"] > 100 and heatmap.size["height"] > 100
     assert len(browser.find_elements(By.CSS_SELECTOR, "#boundaries .tok")) > 10
+
+    # A reply made of markup shows as the characters the model wrote: no bold, no image.
+    chat_tab = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.text.strip() == "Chat")
+    chat_tab.click()
+    folder = browser.find_element(By.CSS_SELECTOR, "#model-folder input")
+    folder.send_keys(Keys.CONTROL, "a")
+    folder.send_keys(str(scripted_dir), Keys.ENTER)
+    browser.find_element(By.ID, "load").click()
+    wait.until(lambda d: f"Loaded {scripted_dir}" in d.find_element(By.ID, "load-status").text)
+    browser.find_element(By.ID, "clear").click()
+    prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    prompt.send_keys(SCRIPTED_MESSAGE)
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: "end-of-text" in d.find_element(By.ID, "chat-status").text)
+    bots = browser.find_elements(By.CSS_SELECTOR, '#chatbot [data-testid="bot"]')
+    assert bots[-1].text.strip() == SCRIPTED_REPLY
+    assert not bots[-1].find_elements(By.CSS_SELECTOR, "b, img")
 
     screenshot = tmp_path / "app.png"
     browser.save_screenshot(str(screenshot))

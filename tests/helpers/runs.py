@@ -127,6 +127,13 @@ def save_tiny_base(folder: Path, tokenizer, seed: int = 0, context_length: int =
     return folder
 
 
+def card_results(model_dir: Path) -> dict[str, float]:
+    """The `model-index` results of the card in a saved folder, by metric type (what the Hub shows)."""
+    from huggingface_hub import ModelCard
+
+    return {r.metric_type: r.metric_value for r in ModelCard.load(model_dir / "README.md").data.eval_results}
+
+
 def load_script(name: str, folder: str = "scripts"):
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -410,6 +410,7 @@ def _model_card(
     evaluation = {
         "dataset_name": f"validation split of {splits.description} (accuracy {validation.accuracy:.3f})",
         "val_loss": validation.loss,
+        "accuracy": validation.accuracy,
     }
     return {
         "training_info": lifecycle.training_info(prepared, data),

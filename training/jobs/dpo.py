@@ -749,6 +749,8 @@ def _model_card(
         "dataset_name": f"chosen responses of the held-out pairs of {splits.description} (response-token loss)",
         "dataset_split": "held-out",
         "val_loss": after["val_chosen_nll"],
+        "reward_accuracy": after["val_reward_accuracy"],
+        "reward_margin": after["val_reward_margin"],
     }
     record = splits.heldout[0]
     return {

@@ -422,6 +422,10 @@ def final_evaluation(
 
 def eval_info(dataset_name: str, report: MetricsReport) -> EvalInfo:
     """What the model card says about the final evaluation."""
+    # How the text was scored changes the numbers (scripts/evaluate.py's default stride gives each
+    # token more context than these non-overlapping windows): the card says which.
+    if report.context_length is not None and report.stride is not None:
+        dataset_name += f", windows of {report.context_length} tokens, stride {report.stride}"
     evaluation: EvalInfo = {
         "dataset_name": dataset_name,
         "val_loss": report.loss,

@@ -271,6 +271,8 @@ def _model_card(
         "dataset_split": "held-out",
         "val_loss": after["val_loss"],
     }
+    if "val_exact_match" in after:  # measured when the run has held-out records to answer
+        evaluation["exact_match"] = after["val_exact_match"]
     return {
         "training_info": lifecycle.training_info(prepared, data),
         "eval_results": evaluation,

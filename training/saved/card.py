@@ -13,6 +13,7 @@ after saving the model, with `training_info` and `eval_results` keyed as `Traini
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -66,12 +67,15 @@ class EvalInfo(TypedDict, total=False):
     val_loss: mean cross-entropy per token, in nats.
     perplexity: exp(val_loss).
     bits_per_byte: total cross-entropy in bits / UTF-8 bytes of the evaluated text.
+    exact_match: share of held-out prompts whose greedy answer is the expected one (0-1).
+    accuracy: share of held-out texts classified right (0-1).
+    reward_accuracy, reward_margin: preference tuning's held-out pairs (see PREFERENCE_METRICS).
     val_loss_ci, perplexity_ci, bits_per_byte_ci: (low, high) confidence interval of each metric.
     confidence_level: of the intervals; defaults to 0.95.
     num_tokens: tokens evaluated.
 
-    At least one of val_loss, perplexity and bits_per_byte is required. Perplexity and bits per
-    byte go into `model-index`; all three go into the card's table.
+    At least one metric is required. Every metric given goes into `model-index` (what the Hub
+    shows as the model's results) and into the card's table.
     """
 
     dataset_name: str
@@ -83,6 +87,10 @@ class EvalInfo(TypedDict, total=False):
     perplexity_ci: tuple[float, float]
     bits_per_byte: float
     bits_per_byte_ci: tuple[float, float]
+    exact_match: float
+    accuracy: float
+    reward_accuracy: float
+    reward_margin: float
     confidence_level: float
     num_tokens: int
 
@@ -116,11 +124,15 @@ PREFERENCE_METRICS: dict[str, str] = {
     "val_match_rejected": "Greedy answer = rejected",
 }
 
-# metric key -> (label in the card, `model-index` metric type or None if kept out of it)
-METRICS: dict[str, tuple[str, str | None]] = {
-    "val_loss": ("Validation loss (nats/token)", None),
+# metric key -> (label in the card, `model-index` metric type)
+METRICS: dict[str, tuple[str, str]] = {
+    "val_loss": ("Validation loss (nats/token)", "loss"),
     "perplexity": ("Validation perplexity", "perplexity"),
     "bits_per_byte": ("Bits per byte", "bits_per_byte"),
+    "exact_match": ("Exact match (greedy answer = expected answer)", "exact_match"),
+    "accuracy": ("Accuracy", "accuracy"),
+    "reward_accuracy": (PREFERENCE_METRICS["val_reward_accuracy"], "reward_accuracy"),
+    "reward_margin": (PREFERENCE_METRICS["val_reward_margin"], "reward_margin"),
 }
 _TRAINING_REQUIRED = {"data", "tokens_seen", "steps", "schedule", "wall_time_seconds", "hardware"}
 
@@ -209,6 +221,11 @@ def render_model_card(
     )
 
 
+def card_for_repo(card_text: str, repo_id: str) -> str:
+    """The card as pushed to `repo_id`: its usage example loads the repo, not `LOCAL_MODEL_ID`."""
+    return card_text.replace(f'model_id = "{LOCAL_MODEL_ID}"', f"model_id = {json.dumps(repo_id)}")
+
+
 def write_model_card(output_dir: str | os.PathLike[str], **kwargs: Any) -> Path:
     """Render the card (same arguments as `render_model_card`) and write `output_dir/README.md` atomically."""
     card = render_model_card(output_dir, **kwargs)
@@ -277,7 +294,7 @@ def _model_index_results(info: EvalInfo, task_type: str) -> list[EvalResult]:
             metric_value=float(info[metric]),
         )
         for metric, (label, metric_type) in METRICS.items()
-        if metric_type is not None and metric in info
+        if metric in info
     ]
 
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS as HUB_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
 from modeling_minigpt.files import TEMPORARY_PATTERNS
+from training.saved.card import CARD_NAME, card_for_repo
 from training.saved.layout import CHECKPOINTS, LOCK
 from training.saved.load import check_model_folder
 
@@ -57,7 +58,7 @@ class PushResult:
 
 
 def files_to_push(folder: str | os.PathLike[str], ignore_patterns: list[str] | None = None) -> list[str]:
-    """Relative POSIX paths of the files `push_folder` sends, filtered exactly as `upload_folder` filters them."""
+    """Relative POSIX paths of the files `push_folder` sends, filtered as `upload_folder` would filter them."""
     folder = Path(folder)
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     patterns = [*(RUN_ONLY_PATTERNS if ignore_patterns is None else ignore_patterns), *HUB_IGNORE_PATTERNS]
@@ -120,12 +121,24 @@ def push_folder(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     head_before = api.repo_info(repo_id, revision=revision).sha
 
-    commit = api.upload_folder(
+    # The files as they are, but the card, whose usage example names the repo instead of a folder
+    # (the local card keeps its placeholder: the same folder may be pushed elsewhere).
+    operations = [
+        CommitOperationAdd(
+            path_in_repo=path,
+            path_or_fileobj=(
+                card_for_repo((folder / path).read_text(encoding="utf-8"), repo_id).encode("utf-8")
+                if path == CARD_NAME
+                else folder / path
+            ),
+        )
+        for path in files
+    ]
+    commit = api.create_commit(
         repo_id=repo_id,
-        folder_path=folder,
+        operations=operations,
         commit_message=commit_message or f"Upload {folder.resolve().name} with MiniGPT",
         revision=revision,
-        ignore_patterns=patterns,
     )
     return PushResult(
         repo_id=repo_id,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import FINETUNE_LOOP, REPO_ROOT, argument_groups, save_tiny_base
+from helpers.runs import FINETUNE_LOOP, REPO_ROOT, argument_groups, card_results, save_tiny_base
 from transformers import AutoModelForSequenceClassification, pipeline
 
 from tokenization import train_bpe
@@ -189,6 +189,7 @@ def test_fine_tuning_learns_the_topic(full_run):
     assert final["validation"]["n_examples"] == 30 and final["test"]["n_examples"] == 30  # 20% of 150 held out
     assert final["validation"]["labels"] == ["animals", "food", "weather"]
     assert sum(map(sum, final["validation"]["confusion_matrix"])) == 30
+    assert card_results(out / "model") == {"loss": result.validation.loss, "accuracy": result.validation.accuracy}
 
 
 def test_saved_classifier_loads_with_auto_class_and_pipeline(full_run):

@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from helpers.models import tiny_model
 from helpers.processes import launch, sigkill_after_step
-from helpers.runs import FINETUNE_LOOP, REPO_ROOT, argument_groups, load_script, read_metrics, save_tiny_base
+from helpers.runs import (
+    FINETUNE_LOOP,
+    REPO_ROOT,
+    argument_groups,
+    card_results,
+    load_script,
+    read_metrics,
+    save_tiny_base,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -272,6 +280,12 @@ def test_saved_folder_is_the_tuned_model_with_its_card_curves_and_the_bases_drop
     assert "## Preference tuning (DPO)" in card and "DPO (sigmoid loss), β 0.1" in card
     assert "| Reward accuracy (chosen reward > rejected) | 0 |" in card and "frozen copy of the base" in card
     assert "![DPO loss, rewards, reward accuracy and log-probabilities](preference_curves.png)" in card
+    after = json.loads((out / "final_metrics.json").read_text())["after"]
+    assert card_results(out / "model") == {
+        "loss": after["val_chosen_nll"],
+        "reward_accuracy": after["val_reward_accuracy"],
+        "reward_margin": after["val_reward_margin"],
+    }
     model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     assert model.config.drop_rate == 0.1  # switched off while training only
     base = load_file(base_dir / "model.safetensors")

@@ -25,7 +25,7 @@ import datasets
 import pytest
 import torch
 from helpers.processes import SUBPROCESS_ENV, launch, sigkill_after_step
-from helpers.runs import PRETRAIN_SCRIPT, listing, logged_losses, read_metrics, script_flags, tiny_args
+from helpers.runs import PRETRAIN_SCRIPT, card_results, listing, logged_losses, read_metrics, script_flags, tiny_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -80,6 +80,11 @@ def test_run_outputs(finished_run):
     assert final["validation"]["n_chars"] == round(0.1 * 12_000)
     card = (out / "model" / "README.md").read_text()
     assert "loss_curve.png" in card and (out / "model" / "loss_curve.png").is_file()
+    report = result.report
+    expected = {"loss": report.loss, "perplexity": report.perplexity, "bits_per_byte": report.bits_per_byte}
+    assert card_results(out / "model") == expected
+    # It says which text, and how it was cut: another stride gives other numbers.
+    assert f"windows of {report.context_length} tokens, stride {report.stride}" in card
 
 
 def test_final_model_loads_with_auto_classes_in_a_fresh_process(finished_run, tmp_path):

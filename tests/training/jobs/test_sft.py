@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.processes import launch, sigkill_after_step
-from helpers.runs import FINETUNE_LOOP, REPO_ROOT, argument_groups, read_metrics, save_tiny_base
+from helpers.runs import FINETUNE_LOOP, REPO_ROOT, argument_groups, card_results, read_metrics, save_tiny_base
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,6 +109,8 @@ def test_saved_folder_loads_with_auto_classes_and_has_the_chat_template(full_run
     assert tokenizer.chat_template == ALPACA_CHAT_TEMPLATE
     assert {"modeling_minigpt.py", "README.md", "loss_curve.png"} <= set(os.listdir(out / "model"))
     assert not (out / "adapter").exists()
+    after = json.loads((out / "final_metrics.json").read_text())["after"]
+    assert card_results(out / "model") == {"loss": after["val_loss"], "exact_match": after["val_exact_match"]}
     # The saved weights are the trained ones: they reproduce the run's held-out answers.
     rows = json.loads((out / "heldout_generations.json").read_text())
     records = [{"instruction": r["instruction"], "input": r["input"], "output": r["expected"]} for r in rows]

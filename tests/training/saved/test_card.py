@@ -7,7 +7,14 @@ import pytest
 from huggingface_hub import EvalResult, ModelCard
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from training.saved.card import count_parameters, render_model_card, write_model_card
+from training.saved.card import (
+    LOCAL_MODEL_ID,
+    METRICS,
+    card_for_repo,
+    count_parameters,
+    render_model_card,
+    write_model_card,
+)
 
 TRAINING_INFO = dict(
     preset="tiny",
@@ -73,6 +80,7 @@ def test_card_reloads_with_metadata_and_model_index_intact(tmp_path, config):
         dataset_split="validation",
     )
     assert data.eval_results == [
+        EvalResult(**common, metric_type="loss", metric_name="Validation loss (nats/token)", metric_value=2.5134),
         EvalResult(**common, metric_type="perplexity", metric_name="Validation perplexity", metric_value=12.3462),
         EvalResult(**common, metric_type="bits_per_byte", metric_name="Bits per byte", metric_value=1.0871),
     ]
@@ -95,6 +103,34 @@ def test_card_body_reports_architecture_training_evaluation_and_usage(tmp_path, 
     assert 'pipeline("text-generation", model=model_id, trust_remote_code=True)' in text
     assert 'model_id = "test-user/m"' in text
     assert "loss_curve.png" not in text  # not in the folder, so not linked
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"val_loss": 0.61, "exact_match": 0.575},  # SFT: held-out response loss and exact match
+        {"val_loss": 1.2, "reward_accuracy": 0.75, "reward_margin": 0.31},  # DPO
+        {"val_loss": 0.2, "accuracy": 0.9667},  # classification
+    ],
+)
+def test_every_result_goes_into_model_index_and_the_table(tmp_path, config, metrics):
+    evaluation = {"dataset_name": "held-out records", "dataset_split": "held-out", **metrics}
+    card = render_model_card(tmp_path, config=config, training_info=TRAINING_INFO, eval_results=evaluation)
+    results = ModelCard(str(card)).data.eval_results  # as the Hub reads it back
+    assert {r.metric_type: r.metric_value for r in results} == {
+        "loss" if key == "val_loss" else key: value for key, value in metrics.items()
+    }
+    assert {(r.dataset_name, r.dataset_split) for r in results} == {("held-out records", "held-out")}
+    for key, value in metrics.items():
+        assert f"| {METRICS[key][0]} | {value:.4g} | not measured |" in card.text
+
+
+def test_the_card_pushed_to_a_repo_names_it_in_its_usage_example(tmp_path, config):
+    local = render_model_card(tmp_path, config=config, training_info=TRAINING_INFO).text
+    pushed = card_for_repo(local, "test-user/minigpt-pydoc")
+    assert f'model_id = "{LOCAL_MODEL_ID}"' in local and LOCAL_MODEL_ID not in pushed
+    changed = [(a, b) for a, b in zip(local.splitlines(), pushed.splitlines(), strict=True) if a != b]
+    assert changed == [(f'model_id = "{LOCAL_MODEL_ID}"', 'model_id = "test-user/minigpt-pydoc"')]
 
 
 def test_loss_curve_is_embedded_when_present(tmp_path, config):

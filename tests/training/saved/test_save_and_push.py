@@ -31,7 +31,7 @@ from peft import PeftModel
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from training.run.lora import LoraArguments, apply_lora
-from training.saved.card import write_model_card
+from training.saved.card import LOCAL_MODEL_ID, write_model_card
 from training.saved.hub import RUN_ONLY_PATTERNS, files_to_push, push_folder
 from training.saved.save import save_finetuned
 
@@ -116,8 +116,7 @@ def model_folder(tiny_tokenizer, tmp_path_factory) -> Path:
             hardware="CPU",
         ),
         eval_results=dict(dataset_name="pydoc topics", perplexity=512.3, perplexity_ci=(500.1, 530.2)),
-        repo_id="test-user/minigpt-tiny",
-    )
+    )  # no repo_id, as the training jobs write it: the usage example names a placeholder until pushed
     (folder / "checkpoints" / "step_1").mkdir(parents=True)
     (folder / "checkpoints" / "step_1" / "optimizer.bin").write_bytes(b"optimizer state")
     return folder
@@ -190,6 +189,14 @@ def test_fresh_process_loads_the_pushed_model_with_identical_outputs(hub, pushed
     assert from_hub["generated"].shape[1] > local["logits"].shape[1]
     assert from_hub["text"] == local["text"]
     assert from_hub["text"].startswith(PROMPT)
+
+
+def test_the_pushed_card_loads_the_repo_and_the_local_one_is_untouched(hub, pushed_repo, model_folder, tmp_path):
+    local = (model_folder / "README.md").read_text()
+    pushed = Path(hf_hub_download(pushed_repo, "README.md", endpoint=hub.url, cache_dir=tmp_path)).read_text()
+    assert f'model_id = "{pushed_repo}"' in pushed and LOCAL_MODEL_ID not in pushed
+    assert f'model_id = "{LOCAL_MODEL_ID}"' in local
+    assert len([a for a, b in zip(local.splitlines(), pushed.splitlines(), strict=True) if a != b]) == 1
 
 
 def test_second_push_of_unchanged_folder_uploads_nothing(hub, pushed_repo, model_folder, api, tmp_path):
