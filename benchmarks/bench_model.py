@@ -9,6 +9,7 @@
     python benchmarks/bench_model.py --shape quickstart --bf16    # adds MiniGPT under bf16 autocast, ratio vs fp32
     python benchmarks/bench_model.py --attention                  # attention alone: bf16 and fp32, 128-1024 tokens
     python benchmarks/bench_model.py --linear                     # one linear layer without gradients: MKL vs oneDNN
+    python benchmarks/bench_model.py --int8 --threads 1           # batch-1 decoding: int8 MiniGPT vs fp32 and HF
 
 Training: tokens/s of one step (forward + loss + backward + AdamW) for MiniGPT with sdpa, MiniGPT
 with the hand-written eager attention, and `GPT2LMHeadModel` (sdpa), run interleaved (one step
@@ -32,6 +33,14 @@ different lengths for batch > 1) at the gpt2-small shape, every path of both mod
 in one process (see `generation_paths`), each checked to produce the same ids as HF's default path. ms/step is
 the wall time of one decoding step (one new token per row, prefill included), against the memory
 floor: the fp32 weight bytes a step must read, over the copy bandwidth measured at start.
+
+Int8 (--int8): batch-1 cached greedy `generate()` of gpt2-small (random weights: the speed does not
+depend on them) by HF's default path, MiniGPT's default fp32 path and MiniGPT with int8 linear
+layers (`modeling_minigpt.quantize.quantize_int8`), interleaved; ms per token against each one's
+memory floor (the bytes of weights one step reads over the copy bandwidth). With random weights
+the logits are nearly flat, so int8 rounding picks other tokens: the "same ids" column is only
+meaningful for the fp32 paths; the int8 accuracy is its perplexity delta on real text
+(`scripts/evaluate.py --int8`).
 
 All models run in fp32 (unless named bf16) with dropout 0.0 (the comparison is about the same
 computation; dropout would add random masks to both), from the same `torch.manual_seed`, and the
@@ -62,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM, linear  # noqa: E402
 from modeling_minigpt.attention import MultiHeadAttention  # noqa: E402
 from modeling_minigpt.convert import minigpt_to_gpt2  # noqa: E402
+from modeling_minigpt.quantize import int8_available, quantize_int8, quantized_weight_bytes  # noqa: E402
 from training.cli import report_error  # noqa: E402
 
 # name -> (model config overrides on top of a preset, batch size, sequence length)
@@ -94,6 +104,10 @@ class BenchArguments:
     linear: bool = field(
         default=False, metadata={"help": "Benchmark an fp32 linear layer alone, MKL against oneDNN, instead."}
     )
+    int8: bool = field(
+        default=False,
+        metadata={"help": "Benchmark batch-1 decoding with int8 linear layers against fp32 MiniGPT and HF instead."},
+    )
     compile: bool = field(
         default=False, metadata={"help": "Also time MiniGPT (sdpa) under torch.compile (training only)."}
     )
@@ -121,8 +135,8 @@ class BenchArguments:
             raise ValueError(f"--pairs must be >= 1 and --warmup >= 0, got {self.pairs} and {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.generate + self.attention + self.linear > 1:
-            raise ValueError("--generate, --attention and --linear are separate benchmarks: give one of them")
+        if self.generate + self.attention + self.linear + self.int8 > 1:
+            raise ValueError("--generate, --attention, --linear and --int8 are separate benchmarks: give one of them")
         if not self.batches or min(self.batches) < 1 or self.new_tokens < 1:
             raise ValueError(f"--batches and --new_tokens must be >= 1, got {self.batches} and {self.new_tokens}")
 
@@ -475,6 +489,56 @@ def bench_generation(args: BenchArguments) -> None:
     print(f"\nload average {load_average()} at end (1, 5, 15 min)")
 
 
+def bench_int8(args: BenchArguments) -> None:
+    """Batch-1 cached greedy decoding of gpt2-small: HF default, MiniGPT fp32, MiniGPT int8, interleaved."""
+    if not int8_available():
+        print(f"--int8 skipped: this PyTorch has no x86 int8 kernels ({torch.backends.quantized.supported_engines})")
+        return
+    torch.manual_seed(args.seed)
+    models = build_models("gpt2-small", with_compile=False)
+    ours, hf = models["minigpt-sdpa"].eval(), models["hf-gpt2-sdpa"].eval()
+    int8 = quantize_int8(copy.deepcopy(ours))
+    paths = {"hf-gpt2 default": hf, "minigpt default (fp32)": ours, "minigpt int8": int8}
+    step_bytes = {name: weight_bytes(model) for name, model in paths.items()}
+    step_bytes["minigpt int8"] = quantized_weight_bytes(int8)
+    reference = "hf-gpt2 default"
+    greedy = dict(
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    ids, mask = generation_prompts(1, ours.config.vocab_size)
+    print(
+        f"int8 decoding, gpt2-small, batch 1, {GENERATION_PROMPT}-token prompt, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+        f"load average {load_average()} at start (1, 5, 15 min)"
+    )
+    bandwidth = copy_bandwidth()
+    outputs: dict[str, torch.Tensor] = {}
+
+    def generate(name: str) -> None:
+        with torch.inference_mode():
+            outputs[name] = paths[name].generate(ids, attention_mask=mask, **greedy)
+
+    timings = interleaved({name: functools.partial(generate, name) for name in paths}, args.pairs, args.warmup)
+    bandwidth = max(bandwidth, copy_bandwidth())
+    report(f"int8 decoding, batch 1 ({args.pairs} repetitions)", timings, args.new_tokens, reference)
+    print(f"  copy bandwidth {bandwidth:.1f} GB/s (best seen in this run)")
+    print(f"  {'':32s} {'ms/token':>8s} {'MB/step':>8s} {'floor ms':>9s} {'x floor':>8s}  same ids as {reference}")
+    for name, wall in timings.wall.items():
+        step_ms = 1000 * statistics.median(wall) / args.new_tokens
+        floor_ms = 1000 * step_bytes[name] / (bandwidth * 1e9)
+        new = slice(ids.shape[1], None)
+        same = (outputs[name][:, new] == outputs[reference][:, new]).float().mean().item()
+        print(
+            f"  {name:32s} {step_ms:8.1f} {step_bytes[name] / 1e6:8.0f} {floor_ms:9.1f} {step_ms / floor_ms:7.2f}x  "
+            f"{same:.0%} of new tokens"
+        )
+    print(f"\nload average {load_average()} at end (1, 5, 15 min)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
@@ -489,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_attention(args)
     elif args.linear:
         bench_linear(args)
+    elif args.int8:
+        bench_int8(args)
     else:
         for shape in SHAPES if args.shape == "all" else [args.shape]:
             bench_training(shape, args)

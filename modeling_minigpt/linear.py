@@ -12,8 +12,8 @@ oneDNN's kernel has no backward, so it is used only where no gradient can be ask
 the weight requires one (a frozen base layer under LoRA). Everything else, and every other
 device, dtype or tensor subclass, is plain `F.linear`. Each call to oneDNN costs ~20 us more than
 MKL's, so weights under `ONEDNN_MIN_WEIGHT` elements (tiny models, where that is more than the
-bandwidth saved) stay on MKL. `torch.export` always gets `F.linear`, so an exported graph holds
-only core ATen ops.
+bandwidth saved) stay on MKL. `torch.export` and TorchScript tracing (the ONNX exporter) always
+get `F.linear`, so an exported graph holds only core ATen ops.
 
 `Linear` subclasses `nn.Linear` and changes only `forward` (same parameters, names and state
 dict), so PEFT wraps it, GPT-2 conversion maps it and `_init_weights` initialises it as any
@@ -73,6 +73,7 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()  # the ONNX exporter traces with TorchScript: core ops only
     )
 
 

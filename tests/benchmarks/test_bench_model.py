@@ -30,6 +30,7 @@ def bench_model():
         (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--shape", "huge"], "--shape must be one of tiny, quickstart, gpt2-small or all, got 'huge'"),
         (["--generate", "--linear"], "separate benchmarks: give one of them"),
+        (["--int8", "--generate"], "separate benchmarks: give one of them"),
     ],
 )
 def test_bad_settings_end_with_one_error_line(bench_model, capsys, args: list[str], message: str) -> None:

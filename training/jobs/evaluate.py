@@ -16,9 +16,13 @@ from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from transformers import GPT2LMHeadModel
 
+from modeling_minigpt.convert import gpt2_to_minigpt
 from modeling_minigpt.files import atomic_write_json
+from modeling_minigpt.quantize import quantize_int8
 from tokenization.load import check_tokenizer, load_tokenizer
 from training.data.windows import load_corpus
 from training.evaluation.metrics import MetricsReport, evaluate_texts
@@ -60,6 +64,13 @@ class EvaluateArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
     output_json: str | None = field(default=None, metadata={"help": "Write the report here as JSON (atomically)."})
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_HELP})
+    int8: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the model with int8 linear layers (modeling_minigpt.quantize, CPU only): how much "
+            "the fast int8 decoding path changes loss and perplexity."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("context_length", "stride", "max_windows"):
@@ -96,6 +107,16 @@ def load_documents(args: EvaluateArguments) -> tuple[list[str], str]:
     return documents, where
 
 
+def int8_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` with int8 linear layers (a GPT-2 first converted to MiniGPT, whose projections are
+    `nn.Linear`s rather than GPT-2's Conv1D); ValueError off the CPU."""
+    if device.type != "cpu":
+        raise ValueError(f"--int8 runs on the CPU only (fbgemm's int8 kernels); this process runs on {device}")
+    if isinstance(model, GPT2LMHeadModel):
+        model = gpt2_to_minigpt(model)
+    return quantize_int8(model)
+
+
 def evaluate_folder(args: EvaluateArguments) -> MetricsReport:
     """Score the folder on the text, print the report and write it as JSON if asked."""
     if args.model is None:
@@ -110,6 +131,8 @@ def evaluate_folder(args: EvaluateArguments) -> MetricsReport:
     model = load_model(model_dir, "causal-lm", trust_remote_code=args.trust_remote_code, what="--model")
     check_tokenizer(tokenizer, model.config.vocab_size)
     model.to(accelerator.device)
+    if args.int8:
+        model = int8_model(model, accelerator.device)
     report = evaluate_texts(
         model,
         tokenizer,
