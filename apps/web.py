@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html
 import os
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,22 @@ class AppArguments:
     port: int | None = field(
         default=None, metadata={"help": "TCP port on 127.0.0.1. Default: the first free port from 7860."}
     )
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [1, 65535], got {self.port}")
+
+
+def port_problem(port: int) -> str | None:
+    """Why `port` on HOST cannot be listened on (e.g. "Address already in use"), None when it can.
+    Checked before the page is built: Gradio's own refusal is a traceback about `launch()`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closing port is free
+        try:
+            probe.bind((HOST, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AppArguments:
@@ -460,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if not args.model:
         print(f"{PROG}: error: --model is required (a folder written by save_pretrained)", file=sys.stderr)
+        return 1
+    problem = port_problem(args.port) if args.port is not None else None
+    if problem:
+        print(
+            f"{PROG}: error: --port {args.port} on {HOST}: {problem}; choose another, or leave it out", file=sys.stderr
+        )
         return 1
     from apps.inspect_model import load_for_app
     from tokenization.corpus import DataError

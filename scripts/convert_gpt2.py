@@ -19,6 +19,7 @@ from pathlib import Path
 from modeling_minigpt.convert import gpt2_to_minigpt, minigpt_to_gpt2
 from training.cli import USER_ERRORS, parse_config_args, report_error
 from training.saved.load import check_model_folder, check_weights
+from training.saved.outputs import check_outputs, named_inputs
 from training.saved.save import save_model_folder
 
 # Copied byte for byte: rebuilding a tokenizer from GPT-2's vocab.json/merges.txt through
@@ -43,7 +44,9 @@ class ConvertArguments:
     to_gpt2: str | None = field(
         default=None, metadata={"help": "A MiniGPT folder to export as a stock GPT2LMHeadModel folder."}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing output folder (never the source folder itself)."}
+    )
 
     def __post_init__(self) -> None:
         if (self.from_gpt2 is None) == (self.to_gpt2 is None):
@@ -51,9 +54,7 @@ class ConvertArguments:
         check_weights(
             check_model_folder(self.from_gpt2 or self.to_gpt2, "--from-gpt2" if self.from_gpt2 else "--to-gpt2")
         )
-        out = Path(self.out)
-        if out.exists() and any(out.iterdir()) and not self.overwrite:
-            raise ValueError(f"output folder {out} is not empty; pass --overwrite to replace it")
+        check_outputs({"--out": self.out}, named_inputs(self), self.overwrite)
 
 
 def convert(args: ConvertArguments) -> Path:

@@ -24,11 +24,16 @@ from tokenization import EMBEDDED_CORPUS, SPECIAL_TOKENS, train_bpe
 from tokenization.corpus import OpenedSource, open_source
 from tokenization.visualize import write_views
 from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.saved.outputs import check_outputs, named_inputs
 
 
 @dataclass
 class TokenizerArguments:
-    output_dir: str = field(metadata={"help": "Folder to save the tokenizer in (created; other files in it are kept)."})
+    output_dir: str = field(
+        metadata={
+            "help": "Folder to save the tokenizer in: new or empty, or any folder with --overwrite (other files kept)."
+        }
+    )
     files: list[str] = field(
         default_factory=list,
         metadata={
@@ -58,6 +63,9 @@ class TokenizerArguments:
         default=50, metadata={"help": "Rows of merges_table.md (0: skip; replays the corpus in Python)."}
     )
     no_progress: bool = field(default=False, metadata={"help": "Hide the trainer's progress bars."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write into a folder that is not empty, replacing its tokenizer files."}
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> TokenizerArguments:
@@ -65,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> TokenizerArguments:
     (args,) = parse_config_args((TokenizerArguments,), argv, __doc__.split("\n\n")[0])
     if args.files and args.dataset:
         raise ValueError("give --files or --dataset, not both")
+    check_outputs({"--output_dir": args.output_dir}, named_inputs(args), args.overwrite)
     return args
 
 

@@ -28,6 +28,7 @@ reported with its file, offset and line.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -159,6 +160,8 @@ def _open_path(path: Path, split: str, streaming: bool, cache_dir: PathLike | No
         builder = RECORD_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             return OpenedSource(files=(check_file(path, what),))
+        if path.suffix.lower() in _LOCATED_RECORD_FILES:  # `datasets` reads bad bytes and fails later, unlocated
+            check_utf8(path)
         return OpenedSource(dataset=_load_dataset(builder, split, streaming, cache_dir, data_files=str(path)))
     if path.is_dir():
         return _open_folder(path, split, streaming, cache_dir, what)
@@ -335,11 +338,7 @@ def read_utf8_chunks(path: Path, chunk_chars: int = FILE_CHUNK_CHARS) -> Iterato
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise DataError(
-                    f"{path}: not valid UTF-8 at byte offset {offset + error.start} (line {line_number}): "
-                    f"{error.reason} ({raw[error.start : error.end]!r}). Text files must be UTF-8; "
-                    "re-encode it, e.g. `iconv -f latin1 -t utf-8`."
-                ) from None
+                raise DataError(_not_utf8(path, error, offset, line_number)) from None
             offset += len(raw)
             if size >= chunk_chars and _safe_cut(previous, line):
                 yield "".join(pieces)
@@ -349,6 +348,36 @@ def read_utf8_chunks(path: Path, chunk_chars: int = FILE_CHUNK_CHARS) -> Iterato
             previous = line
     if pieces:
         yield "".join(pieces)
+
+
+def check_utf8(path: Path) -> None:
+    """DataError naming the file, byte offset and line of the first byte of `path` that is not UTF-8. Reads it once."""
+    offset = 0
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(_not_utf8(path, error, offset, line_number)) from None
+            offset += len(raw)
+
+
+def read_utf8(path: Path, error: type[ValueError] = DataError) -> str:
+    """The whole file as text; `error` naming the file, line and byte offset of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as problem:
+        raise error(_not_utf8(path, problem, 0, data.count(b"\n", 0, problem.start) + 1)) from None
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError, offset: int, line_number: int) -> str:
+    """The message for `error`, raised decoding bytes that start at byte `offset` of `path`, on line `line_number`."""
+    return (
+        f"{path}: not valid UTF-8 at byte offset {offset + error.start} (line {line_number}): "
+        f"{error.reason} ({error.object[error.start : error.end]!r}). Text files must be UTF-8; "
+        "re-encode it, e.g. `iconv -f latin1 -t utf-8`."
+    )
 
 
 def _safe_cut(previous_line: str, line: str) -> bool:
@@ -396,7 +425,7 @@ def _read_record_file(path: Path, error: type[ValueError]) -> list[tuple[str, An
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_utf8(path, error))
         except json.JSONDecodeError as e:
             raise error(f"{path.name} line {e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(data, list):
@@ -404,7 +433,7 @@ def _read_record_file(path: Path, error: type[ValueError]) -> list[tuple[str, An
         return [(f"{path.name} record {i}", row) for i, row in enumerate(data)]
     if suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
+        with io.StringIO(read_utf8(path, error), newline=None) as f:  # newlines as a file opened as text
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -414,7 +443,7 @@ def _read_record_file(path: Path, error: type[ValueError]) -> list[tuple[str, An
                 except json.JSONDecodeError as e:
                     raise error(f"{where}: invalid JSON: {e.msg}") from None
         return records
-    with path.open(encoding="utf-8", newline="") as f:
+    with io.StringIO(read_utf8(path, error), newline="") as f:
         reader = csv.DictReader(f)
         # line_num is read after each row so quoted multi-line fields still point at the row's end.
         return [(f"{path.name} record {i} (line {reader.line_num})", row) for i, row in enumerate(reader)]

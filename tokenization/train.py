@@ -96,6 +96,7 @@ def train_bpe(
         )
     if min_frequency < 1:
         raise ValueError(f"min_frequency={min_frequency} must be at least 1")
+    check_trainer_memory(vocab_size)
     max_length = _resolve_model_max_length(model_max_length)
 
     texts, n_texts = iter_texts(source, text_column)
@@ -134,6 +135,24 @@ def train_bpe(
     if output_dir is not None:
         save_atomically(hf_tokenizer, output_dir)
     return hf_tokenizer
+
+
+# The Rust BPE trainer reserves its tables for `vocab_size` tokens before it reads a word: about 44
+# bytes per token (measured: vocab_size 10**8 asks for 4,429,185,040 bytes at once). An allocation
+# the machine cannot give aborts the process with a Rust backtrace, so it is refused first.
+TRAINER_BYTES_PER_TOKEN = 45
+
+
+def check_trainer_memory(vocab_size: int) -> None:
+    """ValueError when the trainer's tables for `vocab_size` tokens exceed this machine's memory."""
+    needed = vocab_size * TRAINER_BYTES_PER_TOKEN
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > memory:
+        raise ValueError(
+            f"vocab_size={vocab_size:,} cannot be built here: the BPE trainer reserves about "
+            f"{TRAINER_BYTES_PER_TOKEN} bytes per token up front, {needed / 1e9:,.1f} GB, and this machine has "
+            f"{memory / 1e9:,.1f} GB of memory (at most {memory // TRAINER_BYTES_PER_TOKEN:,} tokens)"
+        )
 
 
 def bpe_trainer(

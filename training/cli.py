@@ -11,6 +11,7 @@ datasets).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 import types
@@ -53,7 +54,22 @@ def parse_config_args(
             raise ValueError(f"{path}: unknown keys {unknown}; run with --help for the accepted flags")
         parser.set_defaults(**{name: _typed(value, hints[name], f"{path}: {name}") for name, value in values.items()})
         argv = argv[1:]
-    return tuple(parser.parse_args_into_dataclasses(args=argv))
+    parsed = tuple(parser.parse_args_into_dataclasses(args=argv))
+    for arguments in parsed:
+        check_finite(arguments)
+    return parsed
+
+
+def check_finite(arguments: Any) -> None:
+    """ValueError naming the first float field of the dataclass `arguments` that is inf or nan.
+
+    `--learning_rate inf` or YAML's `.inf` / `.nan` pass comparisons such as "> 0" (nan fails
+    every comparison, so `x <= 0` is False), and would reach the run as a value it cannot use.
+    """
+    for item in fields(arguments):
+        value = getattr(arguments, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{item.name} must be a finite number, got {value}")
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:
@@ -108,6 +124,7 @@ _OS_ADVICE = {
     errno.ENOTDIR: "a part of the path is a file, not a folder",
     errno.EISDIR: "give a file, not a folder",
     errno.ENOENT: "check the path",
+    errno.EEXIST: "a file is in the way where a folder is needed: move it, or choose another path",
 }
 
 

@@ -170,7 +170,7 @@ def test_train_script_help_and_run(tmp_path, pydoc_text, capsys):
     )
     assert len(AutoTokenizer.from_pretrained(out)) == 300
     assert (out / "merges_table.md").read_text().count("\n| ") == 6 and (out / "token_boundaries.html").is_file()
-    assert script.main(["--files", str(tmp_path / "missing.txt"), "--output_dir", str(out)]) == 1
+    assert script.main(["--files", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "tok2")]) == 1
     assert "missing.txt does not exist" in capsys.readouterr().err
 
 

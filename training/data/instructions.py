@@ -296,6 +296,11 @@ def build_instruction_dataset(
         truncated=sum(dataset["truncated"]) if len(dataset) else 0,
         skipped=len(rows) - len(dataset),
     )
+    if rows and not len(dataset):  # else an empty dataset reaches torch's sampler ("num_samples=0")
+        raise InstructionDataError(
+            f"no instruction example is left: {stats}. Raise --max_length (at most the model's context length; "
+            f"now {max_length}) or shorten the prompts"
+        )
     if stats.truncated or stats.skipped:
         logger.warning("%s", stats)
     return dataset.remove_columns("truncated"), stats

@@ -112,7 +112,7 @@ def build_preference_dataset(
     InstructionDataError when no pair is left, naming `what` and why.
     """
     distinct = [r for r in records if r["chosen"] != r["rejected"]]
-    rendered = render_pairs(tokenizer, distinct, max_length)
+    rendered = render_pairs(tokenizer, distinct, max_length) if distinct else []  # the tokenizer fails on none
     kept = [pair for pair in rendered if pair is not None]
     first = next((i for i, pair in enumerate(rendered) if pair is None), None)
     stats = PreferenceDatasetStats(

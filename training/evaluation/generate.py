@@ -31,6 +31,17 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
+def check_generation_room(max_new_tokens: int, context_length: int, flag: str = "max_new_tokens") -> None:
+    """ValueError unless `max_new_tokens` new tokens fit a `context_length`-token context after a
+    prompt of at least one token. Jobs call it before their run folder is written, so a generation
+    during training cannot fail after the run has started."""
+    if not 0 < max_new_tokens < context_length:
+        raise ValueError(
+            f"{flag} must be in [1, {context_length - 1}] for the model's {context_length}-token context "
+            f"(a prompt needs at least one token), got {max_new_tokens}"
+        )
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Any,
@@ -52,11 +63,7 @@ def greedy_generate(
     `model` may be a MiniGPT, any HF causal LM or a PEFT model (not a DDP wrapper).
     """
     context_length = model.config.max_position_embeddings
-    if not 0 < max_new_tokens < context_length:
-        raise ValueError(
-            f"max_new_tokens must be in [1, {context_length - 1}] for a {context_length}-token context, "
-            f"got {max_new_tokens}"
-        )
+    check_generation_room(max_new_tokens, context_length)
     room = context_length - max_new_tokens
     device = next(model.parameters()).device
     indices = list(range(len(prompts)))

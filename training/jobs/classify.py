@@ -285,7 +285,7 @@ def run_classification(
     cls_args: ClassifyArguments, lora_args: LoraArguments, loop_args: LoopArguments
 ) -> ClassificationResult:
     """Fine-tune a classifier, evaluate on validation and test, save; resumes with `loop_args.resume`."""
-    run = lifecycle.open_run("classify", "Classification", loop_args)
+    run = lifecycle.open_run("classify", "Classification", loop_args, cls_args)
     tokenizer = lifecycle.load_base_tokenizer(cls_args)
     splits = load_classification_splits(cls_args)
     labels = [name for name, _ in sorted(splits.label2id.items(), key=lambda item: item[1])]

@@ -27,6 +27,7 @@ from tokenization.load import check_tokenizer, load_tokenizer
 from training.data.windows import load_corpus
 from training.evaluation.metrics import MetricsReport, evaluate_texts
 from training.saved.load import TRUST_HELP, check_model_folder, load_model
+from training.saved.outputs import check_outputs, named_inputs
 
 
 @dataclass
@@ -62,7 +63,11 @@ class EvaluateArguments:
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the confidence interval; 0: none."})
     confidence: float = field(default=0.95, metadata={"help": "Confidence level of the interval."})
     seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
-    output_json: str | None = field(default=None, metadata={"help": "Write the report here as JSON (atomically)."})
+    output_json: str | None = field(
+        default=None,
+        metadata={"help": "Write the report here as JSON (atomically); an existing file only with --overwrite."},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_json file."})
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_HELP})
     int8: bool = field(
         default=False,
@@ -84,6 +89,7 @@ class EvaluateArguments:
             raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {self.confidence}")
         if self.output_json is not None and Path(self.output_json).is_dir():
             raise ValueError(f"--output_json {self.output_json} is a folder: give a file name, e.g. report.json")
+        check_outputs({"--output_json": self.output_json}, named_inputs(self), self.overwrite)
 
 
 def load_documents(args: EvaluateArguments) -> tuple[list[str], str]:

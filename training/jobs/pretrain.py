@@ -81,6 +81,13 @@ class ModelArguments:
         },
     )
 
+    def __post_init__(self) -> None:
+        # The in-training sample continues a one-token prompt by at least one token.
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(
+                f"--context_length must be >= 2 (the sample continues a 1-token prompt), got {self.context_length}"
+            )
+
 
 @dataclass
 class DataArguments:
@@ -187,7 +194,7 @@ class PretrainResult:
 
 def run_pretraining(model_args: ModelArguments, data_args: DataArguments, loop_args: LoopArguments) -> PretrainResult:
     """Pretrain, evaluate and save; resumes when `loop_args.resume` (see module docstring)."""
-    run = lifecycle.open_run("pretrain", "Pretraining", loop_args)
+    run = lifecycle.open_run("pretrain", "Pretraining", loop_args, data_args)
     if not data_args.train_file:
         raise ValueError("--train_file is required: the text to pretrain on")
     text = read_pretraining_text(

@@ -50,7 +50,7 @@ from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
 from tokenization.corpus import DataError
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
 from training.data.windows import source_identity
-from training.evaluation.generate import eval_mode
+from training.evaluation.generate import check_generation_room, eval_mode
 from training.run.accelerator import choose_attention, compile_for_training, make_accelerator
 from training.run.arguments import LoopArguments
 from training.run.checkpoint import Resumable, check_supported
@@ -84,6 +84,7 @@ from training.run.schedule import describe_schedule
 from training.saved.card import TrainingInfo, describe_hardware
 from training.saved.layout import RunLayout, describe_run_files
 from training.saved.load import TRUST_HELP, Task, load_model, read_model_config
+from training.saved.outputs import check_apart, named_inputs
 from training.saved.plots import LOSS_CURVE_DPI, loss_curve_figure
 from training.saved.save import is_peft_model, save_finetuned
 
@@ -203,13 +204,19 @@ def load_base_model(
     classes, no code from the folder), seeded (new heads and LoRA's matrices start the same in
     every rerun) and checked against `tokenizer`."""
     set_seed(seed)
-    model = load_model(args.model_path, task, trust_remote_code=args.trust_remote_code, what="--model_path", **kwargs)
+    model = load_model(
+        args.model_path, task, trust_remote_code=args.trust_remote_code, what="--model_path", trained=True, **kwargs
+    )
     check_tokenizer(tokenizer, model.config.vocab_size)
+    if isinstance(args, HeldoutEvalArguments):  # its answers are generated before and during training
+        check_generation_room(args.max_new_tokens, model.config.max_position_embeddings, "--max_new_tokens")
     return model
 
 
 def max_length_for(model: Any, requested: int | None) -> int:
-    """Tokens per example: `requested`, at most the model's context length (its default)."""
+    """Tokens per example: `requested` (--max_length), at most the model's context length (its default)."""
+    if requested is not None and requested < 1:  # 0 would read as "the default", -5 reach the tokenizer
+        raise ValueError(f"--max_length must be >= 1 (or left out for the model's context length), got {requested}")
     context_length = model.config.max_position_embeddings
     return min(requested or context_length, context_length)
 
@@ -231,7 +238,7 @@ def open_fine_tuning(
     model is saved with the template it was trained on), the base model seeded with `loop_args.seed`
     (LoRA's initial A matrices start the same in every rerun), and the tokens per sequence
     (`max_length`, at most the model's context length)."""
-    run = open_run(project, title, loop_args)
+    run = open_run(project, title, loop_args, args)
     tokenizer = load_base_tokenizer(args)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
@@ -280,13 +287,16 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def open_run(project: str, title: str, loop_args: LoopArguments) -> Run:
+def open_run(project: str, title: str, loop_args: LoopArguments, *inputs: Any) -> Run:
     """The run's Accelerator and folder layout. Writes nothing, and refuses early what needs no
-    data to be refused: no --output_dir, an output path that cannot be a writable folder, a folder
-    another run is writing or that holds a run without --resume/--overwrite, a launch whose
-    processes do not form one run, a setup the checkpoints cannot hold."""
+    data to be refused: no --output_dir, an output folder that is, contains or lies inside one of
+    the job's inputs (the paths its argument objects `inputs` name, `training.saved.outputs`), an
+    output path that cannot be a writable folder, a folder another run is writing or that holds a
+    run without --resume/--overwrite, a launch whose processes do not form one run, a setup the
+    checkpoints cannot hold."""
     if not loop_args.output_dir:
         raise ValueError("--output_dir is required: the folder for checkpoints, logs and the final model")
+    check_apart({"--output_dir": loop_args.output_dir}, named_inputs(*inputs))
     layout = RunLayout(Path(loop_args.output_dir))
     check_output_location(layout.root)
     check_run_folder(layout.root, None, resume=loop_args.resume, overwrite=loop_args.overwrite)
@@ -377,9 +387,13 @@ def _abandons_on_error(function: Callable[..., Any]) -> Callable[..., Any]:
     return step
 
 
-def check_batches(train_loader: DataLoader | RankBatches, eval_loader: DataLoader) -> None:
-    """DataError unless the training data gives at least one full batch that collates, and the
-    evaluation data is not empty: found before the folder is touched, not at the first step."""
+def check_batches(
+    train_loader: DataLoader | RankBatches, eval_loader: DataLoader, accumulation: int = 1, num_processes: int = 1
+) -> None:
+    """DataError unless the training data gives at least one full batch that collates, each process
+    at least `accumulation` batches per epoch (one optimizer step; more would accumulate over
+    repeated data, for a long time with no step and no word), and the evaluation data is not
+    empty: found before the folder is touched, not at the first step."""
     if isinstance(train_loader, RankBatches):
         pass  # a stream is not read ahead here: the loop stops with an error if no rank gets a batch
     elif len(train_loader) == 0:
@@ -389,6 +403,14 @@ def check_batches(train_loader: DataLoader | RankBatches, eval_loader: DataLoade
             "Use more data or a smaller batch"
         )
     else:
+        per_process = len(train_loader) // num_processes
+        if per_process < accumulation:
+            raise DataError(
+                f"--gradient_accumulation_steps {accumulation:,} needs {accumulation:,} batches per optimizer step, "
+                f"but the training data gives {per_process:,} per epoch on each of {num_processes} process(es) "
+                f"({len(train_loader.dataset):,} examples, --per_device_batch_size {train_loader.batch_size}): "
+                f"use at most {per_process:,}, or more data"
+            )
         train_loader.collate_fn([train_loader.dataset[i] for i in range(train_loader.batch_size)])
     if len(eval_loader.dataset) == 0:
         raise DataError("the held-out (evaluation) data is empty: every held-out example was dropped or there is none")
@@ -413,7 +435,7 @@ def prepare(
     args, accelerator = run.args, run.accelerator
     if shard:
         check_can_shard(accelerator)
-    check_batches(train_loader, eval_loader)
+    check_batches(train_loader, eval_loader, args.gradient_accumulation_steps, accelerator.num_processes)
     claim = _Claim(run)
     failure: BaseException | None = None
     if run.is_main:

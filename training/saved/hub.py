@@ -15,7 +15,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS as HUB_IGNORE_PATTERNS
@@ -25,10 +24,6 @@ from modeling_minigpt.files import TEMPORARY_PATTERNS
 from training.saved.card import CARD_NAME, card_for_repo
 from training.saved.layout import CHECKPOINTS, LOCK
 from training.saved.load import check_model_folder
-
-if TYPE_CHECKING:
-    pass
-
 
 DEFAULT_BRANCH = "main"
 
@@ -70,7 +65,29 @@ def check_push_inputs(folder: str | os.PathLike[str], repo_id: str) -> Path:
     folder = check_model_folder(folder, "folder to push")
     if not _REPO_ID_RE.fullmatch(repo_id):
         raise ValueError(f"repo id {repo_id!r} must look like 'namespace/name' (a user or organization, then a name)")
+    check_contained(folder)
     return folder
+
+
+def check_contained(folder: Path) -> None:
+    """ValueError naming the first entry of `folder` that would publish something outside it: a
+    symbolic link whose target lies outside the folder (the client uploads a link's target, so
+    `notes.txt -> ~/.cache/huggingface/token` would publish the token), or a special file (a
+    FIFO, socket or device, whose reading could block or leak). Links inside the folder are fine."""
+    root = folder.resolve()
+    for directory, folders, files in os.walk(folder):  # never descends into a linked folder
+        for name in sorted([*folders, *files]):
+            path = Path(directory) / name
+            if path.is_symlink():
+                if not path.resolve().is_relative_to(root):
+                    raise ValueError(
+                        f"{path} is a link to {os.readlink(path)}, outside the folder to push: nothing was sent. "
+                        "Copy the file into the folder if it is meant to be published, or remove the link"
+                    )
+            elif not (path.is_file() or path.is_dir()):
+                raise ValueError(
+                    f"{path} is not a regular file or folder (a FIFO, socket or device): nothing was sent. Remove it"
+                )
 
 
 def push_folder(

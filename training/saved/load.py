@@ -15,13 +15,21 @@ So a MiniGPT or GPT-2 folder whose `modeling_minigpt.py` was edited, or whose `a
 at another file, still loads with the package's own classes: nothing in it is executed. Weights
 are read only from `*.safetensors` files (a folder holding only a pickled `pytorch_model.bin` is
 refused), and a damaged safetensors file (empty, cut short) is named before transformers reads it.
+
+A loaded model is the model its config describes, whole (`check_whole`): a tensor it has that the
+folder lacks (a config saying 3 blocks over 2 blocks' weights, a `model_type` over another model's
+weights) or one of the folder it does not use is refused, never left random. The one exception is
+a language model's folder loaded for classification, which gets a new head. A classifier's folder
+is never loaded as a language model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +40,7 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedModel,
 )
+from transformers.utils import logging as transformers_logging
 
 from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from tokenization.corpus import DataError, DataFileNotFoundError
@@ -112,6 +121,13 @@ def folder_task(folder: str | os.PathLike[str], what: str = "model folder") -> T
     return ARCHITECTURE_TASKS[architecture]
 
 
+def _head_task(architecture: str | None) -> Task:
+    """The task of a saved head by its class name (any transformers classifier counts); a causal LM otherwise."""
+    if architecture in ARCHITECTURE_TASKS:
+        return ARCHITECTURE_TASKS[architecture]
+    return "sequence-classification" if str(architecture).endswith("ForSequenceClassification") else "causal-lm"
+
+
 def model_class_for(folder: str | os.PathLike[str], task: Task, what: str = "model folder") -> type | None:
     """The package's or transformers' class for the folder's model type and `task`; None for a
     model type that only transformers' Auto classes can resolve."""
@@ -145,10 +161,19 @@ def check_safetensors_file(path: Path) -> None:
         raise ModelFolderError(f"{damaged}: cut short ({size:,} of {expected:,} bytes); {fix}")
 
 
-def check_weights(folder: Path) -> None:
-    """ModelFolderError naming the first damaged `*.safetensors` file of `folder` (see `check_safetensors_file`)."""
-    for weights in sorted(folder.glob("*.safetensors")):
-        check_safetensors_file(weights)
+def check_weights(folder: Path, what: str = "model folder") -> None:
+    """ModelFolderError unless `folder` holds safetensors weights, naming the first damaged
+    `*.safetensors` file (see `check_safetensors_file`). A folder with only pickled `.bin` files is
+    refused: unpickling can run code, so they are never read."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = ", ".join(sorted(p.name for p in folder.glob("*.bin")))
+        raise ModelFolderError(
+            f"{what} {folder} has no *.safetensors weights{f' (only {pickled})' if pickled else ''}: only "
+            "safetensors are loaded, never pickled .bin files; save the model again with save_pretrained"
+        )
+    for path in weights:
+        check_safetensors_file(path)
 
 
 def load_model(
@@ -157,10 +182,13 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     what: str = "model folder",
+    trained: bool = False,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """The model saved in `folder` with a `task` head (a new head if the folder has another one),
-    loaded by the rules of the module docstring; ModelFolderError for anything that does not load."""
+    """The model saved in `folder` with a `task` head (a new head if the folder is a language model
+    loaded for classification), loaded by the rules of the module docstring and checked whole
+    (`check_whole`); ModelFolderError for anything that does not load. A classifier is never a
+    causal LM; `trained` (a training job's base model) accepts only the types of `OWN_CLASSES`."""
     folder = check_model_folder(folder, what)
     model_class = model_class_for(folder, task, what)
     config = read_model_config(folder, what)
@@ -170,17 +198,28 @@ def load_model(
             f"can load (auto_map: {config['auto_map']}): pass --trust_remote_code to run that code, and only for a "
             "folder you trust"
         )
-    check_weights(folder)
-    if not any(folder.glob("*.safetensors")):
-        pickled = ", ".join(sorted(p.name for p in folder.glob("*.bin")))
+    if trained and model_class is None:
         raise ModelFolderError(
-            f"{what} {folder} has no *.safetensors weights{f' (only {pickled})' if pickled else ''}: only "
-            "safetensors are loaded, never pickled .bin files; save the model again with save_pretrained"
+            f"{what} {folder} holds model_type={config.get('model_type')!r}: the training jobs train only "
+            f"{' and '.join(sorted({t for t, _ in OWN_CLASSES}))} folders"
         )
+    architecture = (config.get("architectures") or [None])[0]
+    saved_task = _head_task(architecture)
+    if task == "causal-lm" and saved_task != task:
+        raise ModelFolderError(
+            f"{what} {folder} is a sequence classifier ({architecture}), not a language model: this needs a "
+            "causal LM folder (e.g. a pretraining or SFT run's model/)"
+        )
+    check_weights(folder, what)
     try:
-        if model_class is not None:
-            return model_class.from_pretrained(folder, **kwargs)
-        return AUTO_CLASSES[task].from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+        with _quiet_load_report():  # the report's news is checked below and said in one line
+            if model_class is not None:
+                model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+            else:
+                auto = AUTO_CLASSES[task]
+                model, info = auto.from_pretrained(
+                    folder, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
+                )
     except ValueError as error:
         if not trust_remote_code and "trust_remote_code" in str(error):
             model_type = read_model_config(folder, what).get("model_type")
@@ -192,3 +231,46 @@ def load_model(
     except (OSError, RuntimeError, KeyError) as error:
         name = model_class.__name__ if model_class is not None else AUTO_CLASSES[task].__name__
         raise ModelFolderError(f"{what} {folder}: the weights do not load as {name}: {error}") from None
+    new_head = saved_task != task
+    check_whole(
+        folder, info, HEAD_PREFIXES[task] if new_head else (), HEAD_PREFIXES[saved_task] if new_head else (), what
+    )
+    return model
+
+
+# The tensors of each task's head, on top of the shared backbone: a language model's folder loaded
+# for classification gets a new `score` and leaves its `lm_head` (when saved untied) unused.
+HEAD_PREFIXES: dict[Task, tuple[str, ...]] = {"causal-lm": ("lm_head.",), "sequence-classification": ("score.",)}
+
+
+def check_whole(
+    folder: Path,
+    info: Mapping[str, Any],
+    added: tuple[str, ...] = (),
+    dropped: tuple[str, ...] = (),
+    what: str = "model folder",
+) -> None:
+    """ModelFolderError unless every tensor of the model came from the folder and every tensor of
+    the folder was used (`info`: transformers' loading info), besides a head being `added` (its
+    tensors are new) and one `dropped` (its saved tensors unused). Without this a config saying 3
+    blocks over 2 blocks' weights, or a model_type over another model's weights, runs with random tensors."""
+    missing = sorted(k for k in info["missing_keys"] if not (added and k.startswith(added)))
+    unused = sorted(k for k in info["unexpected_keys"] if not (dropped and k.startswith(dropped)))
+    if missing or unused:
+        shown = lambda keys: f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"  # noqa: E731
+        parts = [f"missing {shown(missing)}"] * bool(missing) + [f"unused {shown(unused)}"] * bool(unused)
+        raise ModelFolderError(
+            f"{what} {folder}: its weights are not the model its config.json describes (tensors "
+            f"{'; '.join(parts)}): the config or the weights were changed; save the folder again"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers' table of missing and unexpected tensors off for the block (check_whole says it in a line)."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)

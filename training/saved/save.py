@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modeling_minigpt.files import replace_dir, staging_dir
+from modeling_minigpt.files import replace_dir, staging_dir, writing
 from training.saved.card import write_model_card
 
 if TYPE_CHECKING:
@@ -37,14 +37,20 @@ def save_model_folder(
     """
     folder = Path(folder)
     tmp = staging_dir(folder)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for extra in map(Path, extra_files):
-        if extra.is_file():
-            shutil.copy2(extra, tmp / extra.name)
-    if card is not None:
-        write_model_card(tmp, config=model.config, **card)
+    try:
+        # A full disk inside safetensors' writer is a SafetensorError, not an OSError: `writing` names it.
+        with writing(tmp):
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for extra in map(Path, extra_files):
+                if extra.is_file():
+                    shutil.copy2(extra, tmp / extra.name)
+            if card is not None:
+                write_model_card(tmp, config=model.config, **card)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-built folder; `folder` is as it was
+        raise
     return replace_dir(tmp, folder)
 
 

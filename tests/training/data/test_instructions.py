@@ -134,8 +134,13 @@ def test_build_dataset_truncates_and_skips_with_counts(tiny_tokenizer):
 
 
 def test_build_dataset_when_everything_is_skipped(tiny_tokenizer):
-    dataset, stats = build_instruction_dataset([NO_INPUT], tiny_tokenizer, max_length=5)
-    assert (len(dataset), stats.skipped, dataset.column_names) == (0, 1, ["input_ids", "labels"])
+    """Nothing left is said with the counts (like a preference set with no pair), not left to torch's
+    sampler ("num_samples=0"); a batch of the map that skips all its rows still has the columns."""
+    with pytest.raises(InstructionDataError, match=r"no instruction example is left: 0 of 1 .* 1 skipped.*now 5\)"):
+        build_instruction_dataset([NO_INPUT], tiny_tokenizer, max_length=5)
+    long_prompt = {**NO_INPUT, "instruction": NO_INPUT["instruction"] * 60}
+    dataset, stats = build_instruction_dataset([NO_INPUT, long_prompt], tiny_tokenizer, max_length=150)
+    assert (len(dataset), stats.skipped, dataset.column_names) == (1, 1, ["input_ids", "labels"])
 
 
 def test_build_dataset_reports_bad_record_index(tiny_tokenizer):

@@ -204,8 +204,9 @@ def test_converted_gpt2_folder_whose_pad_is_eos(shared_data, tmp_path):
 def test_bad_inputs_stop_before_anything_is_written(base_dir, full_run, tmp_path):
     with pytest.raises(ValueError, match="--model_path is required"):
         run_sft(*tiny_sft(base_dir, tmp_path / "a", model_path=None))
+    (tmp_path / "not_a_model").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        run_sft(*tiny_sft(tmp_path, tmp_path / "b"))
+        run_sft(*tiny_sft(tmp_path / "not_a_model", tmp_path / "b"))
     with pytest.raises(ValueError, match="unknown task kinds.*known kinds"):
         run_sft(*tiny_sft(base_dir, tmp_path / "c", task_kinds=["add", "divide"]))
     with pytest.raises(ValueError, match="--validation_file needs a --train_file"):

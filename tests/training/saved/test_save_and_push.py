@@ -30,10 +30,11 @@ from huggingface_hub.errors import (
 from peft import PeftModel
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from modeling_minigpt.files import WriteError
 from training.run.lora import LoraArguments, apply_lora
 from training.saved.card import LOCAL_MODEL_ID, write_model_card
 from training.saved.hub import RUN_ONLY_PATTERNS, files_to_push, push_folder
-from training.saved.save import save_finetuned
+from training.saved.save import save_finetuned, save_model_folder
 
 PUSH_SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"
 
@@ -310,6 +311,29 @@ def test_bad_inputs_fail_before_any_request(hub, model_folder, api, tmp_path):
     assert len(hub.requests) == requests_before
 
 
+@pytest.mark.parametrize("kind", ["link-to-a-file-outside", "link-to-a-folder-outside", "fifo"])
+def test_nothing_outside_the_folder_is_published(kind, hub, model_folder, api, tmp_path):
+    """A link leaving the folder (the client would upload its target: a secret, the Hub token) or a
+    special file is refused by name before any request; a link that stays inside is pushed."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the secret")
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    (folder / "card_copy.md").symlink_to("README.md")  # inside the folder: fine
+    offending = folder / ("plots" if kind == "link-to-a-folder-outside" else "notes.txt")
+    if kind == "fifo":
+        os.mkfifo(offending)
+    else:
+        offending.symlink_to(secret if kind == "link-to-a-file-outside" else tmp_path)
+    requests_before = len(hub.requests)
+    with pytest.raises(ValueError, match=f"{offending} is (a link to|not a regular file).*nothing was sent"):
+        push_folder(folder, "test-user/leak", endpoint=hub.url, token=FAKE_TOKEN)
+    assert len(hub.requests) == requests_before
+    offending.unlink()
+    push_folder(folder, "test-user/leak", endpoint=hub.url, token=FAKE_TOKEN)
+    assert "card_copy.md" in {e.path for e in api.list_repo_tree("test-user/leak")}
+
+
 def test_tree_and_paths_info_list_folders_like_the_hub(hub, api):
     repo_id = "test-user/tree"
     api.create_repo(repo_id)
@@ -339,6 +363,7 @@ def test_model_and_tokenizer_push_to_hub(hub, tiny_tokenizer, api, tmp_path):
     code = textwrap.dedent(
         f"""
         from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from modeling_minigpt.files import WriteError
         from transformers import AutoTokenizer
         config = MiniGPTConfig.from_preset("tiny", vocab_size=512, n_layers=2, emb_dim=32, n_heads=2)
         MiniGPTForCausalLM(config).push_to_hub("test-user/from-python")
@@ -418,3 +443,27 @@ def test_save_finetuned_writes_adapter_and_a_merged_folder_that_loads_fresh(tmp_
     out = torch.load(tmp_path / "out.pt")
     assert out["module"].startswith("transformers_modules.") and out["has_template"]
     torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_full_disk_in_the_weights_writer_is_one_line_and_leaves_the_old_folder(tmp_path, tiny_tokenizer, monkeypatch):
+    """safetensors reports a full disk as a SafetensorError (not an OSError): the save names the
+    folder and what to do, and leaves neither a half-built folder nor a changed old one."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from training.cli import describe_error
+
+    model = MiniGPTForCausalLM(tiny_config(vocab_size=len(tiny_tokenizer)))
+    folder = save_model_folder(model, tmp_path / "model", tiny_tokenizer)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(WriteError) as failure:
+        save_model_folder(model, folder, tiny_tokenizer)
+    assert describe_error(failure.value).startswith("no space left on device writing ")
+    assert "free some space" in describe_error(failure.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
