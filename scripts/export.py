@@ -21,6 +21,7 @@ from typing import Literal
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
 from training.saved.load import check_model_folder
+from training.saved.outputs import named_inputs
 from training.saved.runtimes import check_output_dir, load_for_export
 from training.saved.runtimes.executorch import missing_packages
 
@@ -52,7 +53,7 @@ class ExportArguments:
         if self.model is None or self.output_dir is None:
             raise ValueError("--model and --output_dir are required")
         check_model_folder(self.model, "--model")
-        check_output_dir(self.output_dir, self.overwrite)
+        check_output_dir(self.output_dir, self.overwrite, named_inputs(self))
         if self.format == "executorch":
             missing = missing_packages(self.executorch_backend)
             if missing:

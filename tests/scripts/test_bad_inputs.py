@@ -1,4 +1,4 @@
-"""Bad input to the nine scripts: one row per case, each a non-zero exit with one clear line
+"""Bad input to the ten scripts: one row per case, each a non-zero exit with one clear line
 naming the file/flag/value, no traceback, and the output folder as it was (nothing written,
 nothing deleted). Every row stops before training, so each takes a fraction of a second
 in-process (the scripts' `main(argv)`, which is what `python scripts/x.py` runs).
@@ -21,7 +21,18 @@ from helpers.runs import listing, load_script, save_tiny_base, script_flags
 
 from training.cli import USER_ERRORS, report_error
 
-SCRIPTS = ("pretrain", "sft", "dpo", "classify", "evaluate", "train_tokenizer", "convert_gpt2", "push_to_hub", "app")
+SCRIPTS = (
+    "pretrain",
+    "sft",
+    "dpo",
+    "classify",
+    "evaluate",
+    "train_tokenizer",
+    "convert_gpt2",
+    "export",
+    "push_to_hub",
+    "app",
+)
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +356,10 @@ def T(id, message, *extra, setup=None):
 
 def V(id, message, argv, setup=None):
     return Case(id, "convert_gpt2", argv, message, setup)
+
+
+def X(id, message, argv, setup=None):
+    return Case(id, "export", argv, message, setup)
 
 
 def H(id, message, argv, setup=None):
@@ -775,6 +790,18 @@ CASES = [
         "lies inside --to_gpt2",
         lambda w, o: ["--out", str(o / "model" / "gpt2"), "--to-gpt2", str(o / "model")],
         setup=model_folder_with(unchanged),
+    ),
+    X(
+        "output-dir-is-the-model-with-overwrite",
+        "/model is --model",
+        lambda w, o: ["--model", str(o / "model"), "--output_dir", str(o / "model"), "--overwrite"],
+        setup=model_folder_with(unchanged),
+    ),
+    X(
+        "output-dir-not-empty",
+        "is not empty: pass --overwrite",
+        lambda w, o: ["--model", str(w.base), "--output_dir", str(o)],
+        setup=write("keep.txt", "mine"),
     ),
     # ----- Class 3: a loaded folder is the model its config says, whole (training.saved.load.check_whole)
     E(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from modeling_minigpt.convert import gpt2_to_minigpt
 from modeling_minigpt.files import replace_dir, staging_dir
 from tokenization.load import check_tokenizer, load_tokenizer
 from training.saved.load import ModelFolderError, check_model_folder, folder_task, load_model
+from training.saved.outputs import check_outputs
 
 
 def load_for_export(
@@ -54,13 +55,16 @@ def load_for_export(
     return model.float().eval(), tokenizer
 
 
-def check_output_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """`out_dir` as a Path; ValueError if it is a file, or a non-empty folder without `overwrite`."""
+def check_output_dir(
+    out_dir: str | os.PathLike[str], overwrite: bool, inputs: Mapping[str, str | os.PathLike[str] | None]
+) -> Path:
+    """`out_dir` as a Path; ValueError if it is a file, or breaks the output rule of
+    `training.saved.outputs` (a non-empty folder without `overwrite`; the model folder itself, or
+    a folder in or around it, even with `overwrite`)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output_dir {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--output_dir {out} is not empty; pass --overwrite to replace it")
+    check_outputs({"--output_dir": out}, inputs, overwrite)
     return out
 
 
