@@ -1,11 +1,11 @@
 """Throughput of the data pipeline (text → model-ready windows) against the book's approach.
 
     python benchmarks/bench_data.py                                   # ~20 MB, context 256, stride 128
-    python benchmarks/bench_data.py --repeat-mb 2                     # a quick run
+    python benchmarks/bench_data.py --repeat_mb 2                     # a quick run
     python benchmarks/bench_data.py --repeats 3                       # on a busy machine: medians
-    python benchmarks/bench_data.py --context-length 1024 --stride 512
+    python benchmarks/bench_data.py --context_length 1024 --stride 512
 
-Corpus: tinyshakespeare repeated to about `--repeat-mb` MB, written to a temporary file.
+Corpus: tinyshakespeare repeated to about `--repeat_mb` MB, written to a temporary file.
 
 The book (rasbt/LLMs-from-scratch, `GPTDatasetV1`): tiktoken's GPT-2 encoding of the whole text
 (built from shared/data/gpt2, the same merges as ours), then a Python loop that builds one
@@ -27,26 +27,20 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
 
 import datasets
 import numpy as np
 import torch
+from common import SHARED_DATA, check_at_least, check_data_dir, load_average, median_ratio, timed
 
 from tokenization import EOS_TOKEN, gpt2_tiktoken_encoding, load_gpt2_tokenizer
 from tokenization.fast_encode import tiktoken_twin
-from training.cli import parse_config_args
+from training.cli import USER_ERRORS, parse_config_args, report_error
 from training.data.windows import build_lm_datasets, load_corpus, sliding_windows, tokenize_documents, window_dataset
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -64,17 +58,15 @@ class BenchArguments:
         default=None, metadata={"help": "Tokenization processes (default: one, with encoder threads)."}
     )
     repeats: int = field(default=1, metadata={"help": "Repetitions (book and ours alternate); medians are reported."})
-    data_dir: str = field(
-        default=str(REPO_ROOT.parent / "shared" / "data"),
-        metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."},
-    )
+    data_dir: str = field(default=str(SHARED_DATA), metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."})
 
-
-def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
-    """(fn(*args, **kwargs), seconds it took)."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
+    def __post_init__(self) -> None:
+        if self.repeat_mb <= 0:
+            raise ValueError(f"--repeat_mb must be > 0, got {self.repeat_mb}")
+        check_at_least(self, 1, "context_length", "stride", "num_proc", "repeats")
+        if self.stride > self.context_length:
+            raise ValueError(f"--stride must be <= --context_length, got {self.stride} and {self.context_length}")
+        check_data_dir(self.data_dir, "tinyshakespeare.txt", "gpt2")
 
 
 def book_windows(ids: list[int], context_length: int, stride: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -87,7 +79,10 @@ def book_windows(ids: list[int], context_length: int, stride: int) -> tuple[list
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    try:
+        (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:
+        return report_error(error)
     data_dir = Path(args.data_dir)
     shakespeare = (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
     copies = max(1, round(args.repeat_mb * 1e6 / len(shakespeare.encode("utf-8"))))
@@ -101,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     print(f"corpus: tinyshakespeare x {copies} = {corpus.stat().st_size / 1e6:.1f} MB; context {L}, stride {stride}")
     engine = "tiktoken twin" if tiktoken_twin(tokenizer) is not None else "tokenizers"
-    load = os.getloadavg()[0]
     print(
-        f"pipeline encoder: tokenization.encode_batch_fast ({engine}); load average {load:.1f} on {os.cpu_count()} CPUs"
+        f"pipeline encoder: tokenization.encode_batch_fast ({engine}); "
+        f"load average {load_average()} (1, 5, 15 min) on {os.cpu_count()} CPUs"
     )
 
     timings: dict[str, list[float]] = defaultdict(list)
     for repetition in range(args.repeats):
         # Book and ours alternate, so a machine busy with other work slows both sides alike.
-        ids, t = timed(encoding.encode, corpus.read_text(encoding="utf-8"), allowed_special={EOS_TOKEN})
+        ids, t, _ = timed(encoding.encode, corpus.read_text(encoding="utf-8"), allowed_special={EOS_TOKEN})
         timings["book: tiktoken encode"].append(t)
 
         cache = work / f"cache_e2e_{repetition}"  # fresh: everything is computed
@@ -123,24 +118,24 @@ def main(argv: list[str] | None = None) -> int:
             num_proc=args.num_proc,
             cache_dir=cache,
         )
-        splits, t = timed(run)
+        splits, t, _ = timed(run)
         timings["ours: end to end (cold)"].append(t)
 
-        (inputs, _), t = timed(book_windows, ids, L, stride)
+        (inputs, _), t, _ = timed(book_windows, ids, L, stride)
         timings["book: window loop (tensors)"].append(t)
         timings["book: end to end"].append(timings["book: tiktoken encode"][-1] + t)
 
         cache = work / f"cache_stages_{repetition}"
-        documents, t = timed(load_corpus, [corpus], cache_dir=cache)
+        documents, t, _ = timed(load_corpus, [corpus], cache_dir=cache)
         timings["ours: read + store documents"].append(t)
-        tokens, t = timed(tokenize_documents, documents, tokenizer, num_proc=args.num_proc)
+        tokens, t, _ = timed(tokenize_documents, documents, tokenizer, num_proc=args.num_proc)
         timings["ours: tokenize"].append(t)
-        windows, t = timed(window_dataset, tokens, L, stride, cache_dir=cache)
+        windows, t, _ = timed(window_dataset, tokens, L, stride, cache_dir=cache)
         timings["ours: windows (datasets.map)"].append(t)
         flat = np.asarray(ids, dtype=np.int32)
-        _, t = timed(lambda stream: torch.from_numpy(np.ascontiguousarray(sliding_windows(stream, L, stride))), flat)
+        _, t, _ = timed(lambda stream: torch.from_numpy(np.ascontiguousarray(sliding_windows(stream, L, stride))), flat)
         timings["ours: sliding_windows alone"].append(t)
-        _, t = timed(run)
+        _, t, _ = timed(run)
         timings["ours: end to end (warm cache)"].append(t)
 
     # Same tokens and windows as the book (ours ends the document with one <|endoftext|>).
@@ -158,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:32s} {seconds:8.3f} {n / seconds / 1e6:8.2f}")
 
     def ratio(numerator: str, denominator: str) -> float:
-        return statistics.median(a / b for a, b in zip(timings[numerator], timings[denominator], strict=True))
+        return median_ratio(timings[numerator], timings[denominator])
 
     print()
     windowing = ratio("book: window loop (tensors)", "ours: windows (datasets.map)")

@@ -16,7 +16,6 @@ over minutes, hits both sides of each ratio alike. Goal: overhead under 5 %.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import sys
 import tempfile
@@ -27,14 +26,17 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate.utils import set_seed
+from common import check_at_least, load_average, median_ratio
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from training.cli import parse_config_args
+from training.cli import USER_ERRORS, parse_config_args, report_error
 from training.data.collate import collate_windows
 from training.run.accelerator import make_accelerator
 from training.run.arguments import LoopArguments
 from training.run.loop import MetricsLog, TrainState, make_train_dataloader, train_loop
 from training.run.optim import build_optimizer
+
+WINDOWS = 512  # random token windows both loops draw their batches from
 
 
 @dataclass
@@ -49,6 +51,14 @@ class BenchArguments:
     steps: int = field(default=10, metadata={"help": "Optimizer steps per timed segment."})
     repeats: int = field(default=9, metadata={"help": "Timed segments per variant (alternating)."})
     log_every: int = field(default=10, metadata={"help": "train_loop logs every N steps."})
+
+    def __post_init__(self) -> None:
+        names = ("n_layers", "emb_dim", "n_heads", "context_length", "vocab_size", "batch_size", "accumulation")
+        check_at_least(self, 1, *names, "steps", "repeats", "log_every")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"--emb_dim must be a multiple of --n_heads, got {self.emb_dim} and {self.n_heads}")
+        if self.batch_size >= WINDOWS:
+            raise ValueError(f"--batch_size must be below {WINDOWS} (the windows drawn from), got {self.batch_size}")
 
 
 def build_model(args: BenchArguments) -> MiniGPTForCausalLM:
@@ -83,9 +93,12 @@ def bare_segment(
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    try:
+        (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:
+        return report_error(error)
     windows = torch.randint(
-        0, args.vocab_size, (512, args.context_length + 1), generator=torch.Generator().manual_seed(0)
+        0, args.vocab_size, (WINDOWS, args.context_length + 1), generator=torch.Generator().manual_seed(0)
     )
     with tempfile.TemporaryDirectory() as out:
         loop_args = LoopArguments(
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"model {args.n_layers} x {args.emb_dim}, context {args.context_length}, vocab {args.vocab_size}; "
             f"batch {args.batch_size} x {args.accumulation} accumulation; torch threads {torch.get_num_threads()}; "
-            f"load average {os.getloadavg()[0]:.2f}"
+            f"load average {load_average()} (1, 5, 15 min)"
         )
         bare_segment(bare_model, bare_optimizer, windows, dataclasses.replace(args, steps=3))  # warm-up
         loop_segment(3)
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     ratios = [loop / bare for loop, bare in zip(times["train_loop"], times["bare"], strict=True)]
     print(
-        f"train_loop overhead vs bare loop: {statistics.median(ratios) - 1:+.1%} "
+        f"train_loop overhead vs bare loop: {median_ratio(times['train_loop'], times['bare']) - 1:+.1%} "
         f"(median of {len(ratios)} paired segments; pairs range {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%}; "
         "goal: < 5%)"
     )

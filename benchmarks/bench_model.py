@@ -51,28 +51,25 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch._dynamo.config
 import torch._inductor.config
 import torch.nn.functional as F
-from transformers import CompileConfig, HfArgumentParser
+from common import Timings, interleaved, load_average, median_ratio, set_threads, threads_field
+from transformers import CompileConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM, linear  # noqa: E402
-from modeling_minigpt.attention import MultiHeadAttention  # noqa: E402
-from modeling_minigpt.convert import minigpt_to_gpt2  # noqa: E402
-from modeling_minigpt.quantize import int8_available, quantize_int8, quantized_weight_bytes  # noqa: E402
-from training.cli import report_error  # noqa: E402
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM, linear
+from modeling_minigpt.attention import MultiHeadAttention
+from modeling_minigpt.convert import minigpt_to_gpt2
+from modeling_minigpt.quantize import int8_available, quantize_int8, quantized_weight_bytes
+from training.cli import USER_ERRORS, parse_config_args, report_error
 
 # name -> (model config overrides on top of a preset, batch size, sequence length)
 SHAPES: dict[str, tuple[dict, int, int]] = {
@@ -123,10 +120,7 @@ class BenchArguments:
         },
     )
     seed: int = field(default=0, metadata={"help": "torch.manual_seed for weights and data."})
-    threads: int | None = field(
-        default=None,
-        metadata={"help": "torch.set_num_threads (default: torch's). 1 gives steadier ratios on a busy machine."},
-    )
+    threads: int | None = threads_field()
 
     def __post_init__(self) -> None:
         if self.shape not in (*SHAPES, "all"):
@@ -157,34 +151,6 @@ def build_models(shape: str, with_compile: bool) -> dict[str, torch.nn.Module]:
     return models
 
 
-@dataclass
-class Timings:
-    """Wall-clock and process CPU seconds of each run, per model."""
-
-    wall: dict[str, list[float]]
-    cpu: dict[str, list[float]]
-
-
-def interleaved(runs: dict[str, Callable[[], object]], pairs: int, warmup: int, show: bool = True) -> Timings:
-    """Time each callable once per repetition, in turn; warm-up repetitions are dropped. `show`
-    prints each repetition's times."""
-    timings = Timings({name: [] for name in runs}, {name: [] for name in runs})
-    for rep in range(warmup + pairs):
-        line = []
-        for name, run in runs.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            run()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            line.append(f"{name} {wall:.2f}s")
-            if rep >= warmup:
-                timings.wall[name].append(wall)
-                timings.cpu[name].append(cpu)
-        if show:
-            label = "warm-up" if rep < warmup else f"{rep + 1 - warmup}/{pairs}"
-            print(f"  [{label}] " + ", ".join(line), flush=True)
-    return timings
-
-
 def report(title: str, timings: Timings, tokens: int, reference: str = "hf-gpt2-sdpa") -> None:
     """Tokens/s and speed ratios against `reference` (> 1 means faster than it).
 
@@ -195,7 +161,7 @@ def report(title: str, timings: Timings, tokens: int, reference: str = "hf-gpt2-
     print(f"  {'':32s} {'tokens/s':>10s}   {'median':>6s}  {'fastest':>7s}  {'cpu':>5s}   (ratios vs {reference})")
     for name, wall in timings.wall.items():
         rate = tokens / statistics.median(wall)
-        median = statistics.median(r / t for t, r in zip(wall, timings.wall[reference], strict=True))
+        median = median_ratio(timings.wall[reference], wall)
         fastest = min(timings.wall[reference]) / min(wall)
         cpu = statistics.median(timings.cpu[reference]) / statistics.median(timings.cpu[name])
         print(f"  {name:32s} {rate:10.1f}   {median:5.2f}x  {fastest:6.2f}x  {cpu:4.2f}x")
@@ -426,10 +392,6 @@ def bench_linear(args: BenchArguments) -> None:
             print(f"  {shape:14s} {rows:5d} {gigabytes / mkl:9.1f} {gigabytes / onednn:12.1f}  {mkl / onednn:5.2f}x")
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def bench_generation(args: BenchArguments) -> None:
     # Dynamo counts graphs per code object, and transformers' deprecate_kwarg wrapper is one code
     # object shared by both models' forwards: the default limit (8) is reached across paths.
@@ -479,11 +441,7 @@ def bench_generation(args: BenchArguments) -> None:
         for name, wall in timings.wall.items():
             step_ms = 1000 * statistics.median(wall) / args.new_tokens
             same_path = paths[name].reference
-            versus = (
-                f"{statistics.median(r / t for t, r in zip(wall, timings.wall[same_path], strict=True)):15.2f}x"
-                if same_path
-                else f"{'-':>16s}"
-            )
+            versus = f"{median_ratio(timings.wall[same_path], wall):15.2f}x" if same_path else f"{'-':>16s}"
             identical = torch.equal(outputs[name], outputs[reference])
             print(f"  {name:32s} {step_ms:8.1f} {step_ms / floor_ms:7.2f}x {versus}  {identical}")
     print(f"\nload average {load_average()} at end (1, 5, 15 min)")
@@ -541,12 +499,11 @@ def bench_int8(args: BenchArguments) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
-    except ValueError as error:  # a bad value, refused in BenchArguments.__post_init__
+        (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:  # a bad value, refused in BenchArguments.__post_init__
         return report_error(error)
     print(f"benchmark with {args}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.generate:
         bench_generation(args)
     elif args.attention:

@@ -19,38 +19,42 @@ cosine over that longer horizon, i.e. the steps it gets in the time Muon needed 
 from __future__ import annotations
 
 import copy
-import os
-import statistics
+import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import HfArgumentParser
+from common import check_at_least, load_average, median_ratio, set_threads, threads_field
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
-from tokenization import train_bpe  # noqa: E402
-from tokenization.corpus import write_embedded_corpus  # noqa: E402
-from training.data.collate import collate_windows  # noqa: E402
-from training.data.windows import build_lm_datasets  # noqa: E402
-from training.evaluation.metrics import evaluate_texts  # noqa: E402
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from tokenization import train_bpe
+from tokenization.corpus import write_embedded_corpus
+from training.cli import USER_ERRORS, parse_config_args, report_error
+from training.data.collate import collate_windows
+from training.data.windows import build_lm_datasets
+from training.evaluation.metrics import evaluate_texts
 from training.run.arguments import LoopArguments
-from training.run.loop import make_train_dataloader  # noqa: E402
+from training.run.loop import make_train_dataloader
 from training.run.optim import make_optimizer
-from training.run.schedule import lr_factor  # noqa: E402
+from training.run.schedule import lr_factor
 
 
 @dataclass
 class BenchArguments:
     steps: int = field(default=300, metadata={"help": "Optimizer steps of each optimizer (the quickstart: 300)."})
     eval_every: int = field(default=100, metadata={"help": "Held-out bits per byte every N steps and at the end."})
-    mixed_precision: str = field(default="no", metadata={"help": "no (fp32) or bf16 (autocast), for both."})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (1: steadier when busy)."})
+    mixed_precision: Literal["no", "bf16"] = field(
+        default="no", metadata={"help": "no (fp32) or bf16 (autocast), for both."}
+    )
+    threads: int | None = threads_field()
     seed: int = field(default=1337, metadata={"help": "Weights and data order."})
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "steps", "eval_every", "threads")
 
 
 def loop_settings(optimizer: str, steps: int) -> LoopArguments:
@@ -96,14 +100,12 @@ def batches(dataset, batch_size: int, seed: int):
         yield from loader
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def main(argv: list[str] | None = None) -> None:
-    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> int:
+    try:
+        (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:
+        return report_error(error)
+    set_threads(args.threads)
     bf16 = args.mixed_precision == "bf16"
     print(f"benchmark with {args}; {torch.get_num_threads()} threads; load average {load_average()} (1, 5, 15 min)")
     folder = Path(tempfile.mkdtemp(prefix="bench_optimizer_"))
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, trainer in trainers.items():
                 curve[name][step] = bits_per_byte(trainer.model)
             print(f"  step {step}: " + ", ".join(f"{n} {c[step]:.3f} bits/byte" for n, c in curve.items()), flush=True)
-    ratio = statistics.median(m / a for m, a in zip(times["muon"], times["adamw"], strict=True))
+    ratio = median_ratio(times["muon"], times["adamw"])
 
     equal_time_steps = round(args.steps * ratio)
     print(f"AdamW alone for {equal_time_steps} steps (the time Muon took for {args.steps}) ...", flush=True)
@@ -165,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         f"  equal time: AdamW {equal_time_steps} steps {equal_time:.3f} bits/byte vs Muon {args.steps} steps "
         f"{curve['muon'][args.steps]:.3f}"
     )
+    shutil.rmtree(folder, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

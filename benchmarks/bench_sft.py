@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_minigpt.files import atomic_write_json, atomic_write_text
-from training.cli import parse_config_args
+from common import REPO_ROOT, check_at_least
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from modeling_minigpt.files import atomic_write_json, atomic_write_text
+from training.cli import USER_ERRORS, parse_config_args, report_error
+
 SFT_CONFIG = REPO_ROOT / "scripts" / "configs" / "sft_tasks.yaml"
 # One OpenMP thread unless told otherwise: on this 2-core machine shared with other jobs, two
 # threads per process measured 3-5x slower per step as soon as another process competed.
@@ -59,6 +60,15 @@ class BenchArguments:
     sft_config: str = field(
         default=str(SFT_CONFIG), metadata={"help": f"SFT YAML config (default: {SFT_CONFIG.relative_to(REPO_ROOT)})."}
     )
+
+    def __post_init__(self) -> None:
+        if self.pretrain_seconds <= 0:
+            raise ValueError(f"--pretrain_seconds must be > 0, got {self.pretrain_seconds}")
+        check_at_least(self, 1, "emb_dim", "n_layers", "n_heads", "context_length", "sft_steps", "num_heldout_tasks")
+        if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
+            raise ValueError(f"--base_model {self.base_model} is not a saved model folder (no config.json)")
+        if not Path(self.sft_config).is_file():
+            raise ValueError(f"--sft_config {self.sft_config} not found")
 
 
 def run(command: list[str], log: Path) -> float:
@@ -167,7 +177,10 @@ def table(masked: dict, unmasked: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    try:
+        (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:
+        return report_error(error)
     work_dir = (REPO_ROOT / args.work_dir).resolve() if not Path(args.work_dir).is_absolute() else Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     if args.base_model:

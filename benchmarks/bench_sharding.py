@@ -33,53 +33,48 @@ model built on the meta device), with these assumptions:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from common import check_at_least, interleaved, median_ratio, set_threads, threads_field
 
-import torch  # noqa: E402
-
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from training.cli import USER_ERRORS, parse_config_args, report_error
 
 TARGETS = ("gpt2-small", "gpt2-xl")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4, help="blocks of the measured shape (default 4)")
-    parser.add_argument("--emb_dim", type=int, default=256, help="emb_dim of the measured shape (default 256)")
-    parser.add_argument("--vocab", type=int, default=8192, help="vocab_size of the measured shape (default 8192)")
-    parser.add_argument("--context", type=int, default=256, help="tokens per sequence when measuring (default 256)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per measured step (default 8)")
-    parser.add_argument("--pairs", type=int, default=5, help="timed (step, reference matmul) pairs (default 5)")
-    parser.add_argument(
-        "--ranks", type=int, nargs="+", default=[1, 2, 8, 64], help="N for the estimates (default 1 2 8 64)"
+@dataclass
+class BenchArguments:
+    layers: int = field(default=4, metadata={"help": "Blocks of the measured shape."})
+    emb_dim: int = field(default=256, metadata={"help": "emb_dim of the measured shape (4 heads: a multiple of 4)."})
+    vocab: int = field(default=8192, metadata={"help": "vocab_size of the measured shape."})
+    context: int = field(default=256, metadata={"help": "Tokens per sequence when measuring."})
+    batch: int = field(default=8, metadata={"help": "Sequences per measured step."})
+    pairs: int = field(default=5, metadata={"help": "Timed (step, reference matmul) pairs, after one warm-up pair."})
+    ranks: list[int] = field(
+        default_factory=lambda: [1, 2, 8, 64], metadata={"help": "N, the ranks of each estimate (--ranks 1 2 8 64)."}
     )
-    parser.add_argument(
-        "--micro_batch", type=int, default=8, help="sequences of 1024 tokens per rank in the estimates (default 8)"
+    micro_batch: int = field(default=8, metadata={"help": "Sequences of 1024 tokens per rank in the estimates."})
+    device_tflops: float | None = field(
+        default=None, metadata={"help": "Also estimate for a device of this peak TFLOP/s (e.g. 312: A100 bf16)."}
     )
-    parser.add_argument(
-        "--device_tflops", type=float, default=None, help="also estimate for a device of this peak TFLOP/s"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args()
-    for name in ("layers", "emb_dim", "vocab", "context", "batch", "pairs", "micro_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.emb_dim % 4:
-        parser.error(f"--emb_dim must be a multiple of 4 (4 heads), got {args.emb_dim}")
-    if any(n < 1 for n in args.ranks):
-        parser.error(f"--ranks must all be >= 1, got {args.ranks}")
-    return args
+    threads: int | None = threads_field()
+
+    def __post_init__(self) -> None:
+        names = ("layers", "emb_dim", "vocab", "context", "batch", "pairs", "micro_batch", "ranks", "threads")
+        check_at_least(self, 1, *names)
+        if self.emb_dim % 4:
+            raise ValueError(f"--emb_dim must be a multiple of 4 (4 heads), got {self.emb_dim}")
+        if not self.ranks:
+            raise ValueError("--ranks needs at least one number of ranks")
+        if self.device_tflops is not None and self.device_tflops <= 0:
+            raise ValueError(f"--device_tflops must be > 0, got {self.device_tflops}")
 
 
-def small_config(args: argparse.Namespace, layers: int) -> MiniGPTConfig:
+def small_config(args: BenchArguments, layers: int) -> MiniGPTConfig:
     return MiniGPTConfig(
         vocab_size=args.vocab,
         context_length=args.context,
@@ -134,7 +129,7 @@ def state_bytes_per_param(model: MiniGPTForCausalLM, optimizer: torch.optim.Opti
     return total / sum(p.numel() for p in params)
 
 
-def measure(args: argparse.Namespace) -> dict[str, float]:
+def measure(args: BenchArguments) -> dict[str, float]:
     torch.manual_seed(0)
     config = small_config(args, args.layers)
     model = MiniGPTForCausalLM(config)
@@ -156,17 +151,11 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         for _ in range(matmuls):
             torch.mm(a, b)
 
-    step(), reference()  # warm-up: allocator, kernels, AdamW state
-    step_seconds, reference_seconds = [], []
-    for _ in range(args.pairs):
-        start = time.perf_counter()
-        step()
-        middle = time.perf_counter()
-        reference()
-        step_seconds.append(middle - start)
-        reference_seconds.append(time.perf_counter() - middle)
+    # One warm-up pair: allocator, kernels, AdamW state.
+    seconds = interleaved({"step": step, "reference": reference}, args.pairs, warmup=1, show=False).wall
+    step_seconds, reference_seconds = seconds["step"], seconds["reference"]
     # About the same FLOP count on both sides of a pair, so their time ratio is the efficiency.
-    efficiency = statistics.median(r / s for r, s in zip(reference_seconds, step_seconds, strict=False))
+    efficiency = median_ratio(reference_seconds, step_seconds)
     bytes_per_param = state_bytes_per_param(model, optimizer)
 
     one, two = (MiniGPTForCausalLM(small_config(args, layers)) for layers in (1, 2))
@@ -210,10 +199,12 @@ def estimate(preset: str, ranks: int, micro_batch: int, measured: dict[str, floa
     }
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> int:
+    try:
+        (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:
+        return report_error(error)
+    set_threads(args.threads)
     measured = measure(args)
     print(
         f"measured, one process, {torch.get_num_threads()} threads, fp32: {args.layers} x {args.emb_dim} model "
@@ -255,7 +246,8 @@ def main() -> None:
                 per_rank = flops * measured["efficiency"] / row["flops_per_token"]
                 line += f" {f'{per_rank:,.0f} / {ranks * per_rank:,.0f}':>36}"
             print(line)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,14 +28,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import SHARED_DATA, check_at_least, check_data_dir, interleaved, load_average, timed
 from tokenizers import Tokenizer, models
 
 from tokenization import (
@@ -49,18 +48,14 @@ from tokenization import (
 )
 from tokenization.corpus import read_utf8_chunks
 from tokenization.fast_encode import tiktoken_twin
-from training.cli import parse_config_args
+from tokenization.train import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS
+from training.cli import USER_ERRORS, parse_config_args, report_error
 from training.data.windows import PIECE_CHARS
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
 class BenchArguments:
-    data_dir: str = field(
-        default=str(REPO_ROOT.parent / "shared" / "data"),
-        metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."},
-    )
+    data_dir: str = field(default=str(SHARED_DATA), metadata={"help": "Folder with tinyshakespeare.txt and gpt2/."})
     repeat_mb: float = field(
         default=20.0, metadata={"help": "Size of the large text in MB (tinyshakespeare repeated)."}
     )
@@ -81,17 +76,12 @@ class BenchArguments:
     )
     quick: bool = field(default=False, metadata={"help": "Smoke run: --repeat_mb 2 --rounds 2 --train_vocab_size 400."})
 
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
-    return usage.ru_utime + usage.ru_stime
-
-
-def timed(fn: Callable[[], int]) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds, result) of one call."""
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    result = fn()
-    return time.perf_counter() - wall, cpu_seconds() - cpu, result
+    def __post_init__(self) -> None:
+        if self.repeat_mb < 0:
+            raise ValueError(f"--repeat_mb must be >= 0 (0: tinyshakespeare once), got {self.repeat_mb}")
+        check_at_least(self, BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS), "vocab_size", "train_vocab_size")
+        check_at_least(self, 1, "rounds", "threads", "batch_size")
+        check_data_dir(self.data_dir, "tinyshakespeare.txt", "gpt2")
 
 
 def paragraphs_of(text: str) -> list[str]:
@@ -105,12 +95,8 @@ def batched(texts: list[str], size: int) -> list[list[str]]:
 
 
 def bench_training(name: str, text: str, vocab_size: int) -> None:
-    start = time.perf_counter()
-    library = train_bpe([text], vocab_size, show_progress=False)
-    t_library = time.perf_counter() - start
-    start = time.perf_counter()
-    reference = train_reference_bpe([text], vocab_size)
-    t_reference = time.perf_counter() - start
+    library, t_library, _ = timed(train_bpe, [text], vocab_size, show_progress=False)
+    reference, t_reference, _ = timed(train_reference_bpe, [text], vocab_size)
     same = learned_merges(library) == reference.merges
     print(
         f"  {name:<16} {len(text.encode()) / 1e6:6.1f} MB  tokenizers {t_library:7.2f} s   "
@@ -150,13 +136,10 @@ def bench_encoding(label: str, tokenizer, text: str, path: Path, args: BenchArgu
             map(len, ids_of["twin"](pieces, args.threads))
         ),
     }
-    walls = {name: float("inf") for name in paths}
-    cpus = dict(walls)
-    tokens = {}
-    for _ in range(args.rounds):
-        for name, fn in paths.items():
-            wall, cpu, tokens[name] = timed(fn)
-            walls[name], cpus[name] = min(walls[name], wall), min(cpus[name], cpu)
+    timings = interleaved(paths, args.rounds, warmup=0, show=False)
+    walls = {name: min(seconds) for name, seconds in timings.wall.items()}
+    cpus = {name: min(seconds) for name, seconds in timings.cpu.items()}
+    tokens = timings.results
     megabytes = len(text.encode()) / 1e6
     reference_name = "tiktoken, one string (reference)"
     engine = "tiktoken twin" if twin is not None else "tokenizers (no twin)"
@@ -195,7 +178,7 @@ def bench_limits(tokenizer, text: str, rounds: int) -> None:
         "full encode, BPE word cache 1,000,000": lambda: sum(len(big_cache.encode(p).ids) for p in paragraphs),
         "tiktoken, same texts": lambda: sum(len(twin.encode_ordinary(p)) for p in paragraphs),
     }
-    times = {name: min(timed(fn)[1] for _ in range(rounds)) for name, fn in paths.items()}
+    times = {name: min(timed(fn).cpu for _ in range(rounds)) for name, fn in paths.items()}
     full = times["full encode (offsets, Encoding objects)"]
     megabytes = len(text.encode()) / 1e6
     print(
@@ -207,7 +190,10 @@ def bench_limits(tokenizer, text: str, rounds: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    try:
+        (args,) = parse_config_args((BenchArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:
+        return report_error(error)
     if args.quick:
         args.repeat_mb, args.rounds, args.train_vocab_size = 2.0, 2, 400
     data_dir = Path(args.data_dir)
@@ -218,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "small.txt").write_text(shakespeare, encoding="utf-8")
     (work / "large.txt").write_text(large, encoding="utf-8")
     print(
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; tinyshakespeare x {copies} = "
+        f"load average {load_average()} (1, 5, 15 min) on {os.cpu_count()} CPUs; tinyshakespeare x {copies} = "
         f"{len(large.encode()) / 1e6:.1f} MB; best of {args.rounds} rounds"
     )
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 # oneDNN's kernel is used where the CPU reports AVX2 or AVX-512 (an x86-64 CPU, where MKL is the
-# alternative; only an AMD EPYC was measured) and PyTorch has that kernel. Set it to False for MKL everywhere, or
-# to let inductor's freezing pack the weights itself: with a dynamic batch it packs them for
-# oneDNN, faster at batch 8 than our op on plain weights (34 against 50 ms per gpt2-small
-# decoding step).
+# alternative; only an AMD EPYC was measured) and PyTorch has that kernel. Set it to False to run
+# MKL everywhere, or to leave the linear layers of a compiled, frozen model to inductor, which then
+# packs the weights itself: with a dynamic batch it packs them for oneDNN, faster at batch 8 than
+# our op on plain weights (34 against 50 ms per gpt2-small decoding step).
 USE_ONEDNN = (
     torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     and torch.backends.mkldnn.is_available()

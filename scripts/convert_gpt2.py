@@ -1,7 +1,7 @@
 """Convert a Hugging Face GPT-2 folder to MiniGPT, or export MiniGPT as a stock GPT-2.
 
-    python scripts/convert_gpt2.py --from-gpt2 path/to/gpt2 --out minigpt-124m
-    python scripts/convert_gpt2.py --to-gpt2 minigpt-124m --out gpt2-export
+    python scripts/convert_gpt2.py --from_gpt2 path/to/gpt2 --out minigpt-124m
+    python scripts/convert_gpt2.py --to_gpt2 minigpt-124m --out gpt2-export
 
 The MiniGPT folder loads with `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`
 (it carries its code); the exported GPT-2 folder loads with stock
@@ -50,9 +50,9 @@ class ConvertArguments:
 
     def __post_init__(self) -> None:
         if (self.from_gpt2 is None) == (self.to_gpt2 is None):
-            raise ValueError("give exactly one of --from-gpt2 FOLDER or --to-gpt2 FOLDER")
+            raise ValueError("give exactly one of --from_gpt2 FOLDER or --to_gpt2 FOLDER")
         check_weights(
-            check_model_folder(self.from_gpt2 or self.to_gpt2, "--from-gpt2" if self.from_gpt2 else "--to-gpt2")
+            check_model_folder(self.from_gpt2 or self.to_gpt2, "--from_gpt2" if self.from_gpt2 else "--to_gpt2")
         )
         check_outputs({"--out": self.out}, named_inputs(self), self.overwrite)
 
@@ -65,16 +65,14 @@ def convert(args: ConvertArguments) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Convert; bad input raises here (tests/modeling_minigpt/test_convert.py calls this in-process and expects the
-    ValueError), and becomes one error line and exit code 1 when run as a command."""
-    (args,) = parse_config_args((ConvertArguments,), argv, __doc__.split("\n\n")[0])
-    print(f"converting with {args}")
-    print(f"wrote {convert(args)}")
+    try:
+        (args,) = parse_config_args((ConvertArguments,), argv, __doc__.split("\n\n")[0])
+        print(f"converting with {args}")
+        print(f"wrote {convert(args)}")
+    except USER_ERRORS as error:
+        return report_error(error)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except USER_ERRORS as error:
-        sys.exit(report_error(error))
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Evaluate a saved causal LM on a text file or a dataset: loss, perplexity, bits per byte/char.
 
-    python scripts/evaluate.py --model runs/tiny/final --text-file ../shared/data/the-verdict.txt
-    python scripts/evaluate.py --model runs/tiny/final --dataset data/val.jsonl --text-column text
+    python scripts/evaluate.py --model runs/pretrain_verdict/model --text_file ../shared/data/the-verdict.txt
+    python scripts/evaluate.py --model runs/pretrain_verdict/model --dataset data/val.jsonl --text_column text
     python scripts/evaluate.py eval.yaml --stride 256        # a YAML/JSON config, then CLI overrides
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/evaluate.py ...
 

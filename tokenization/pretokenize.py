@@ -2,7 +2,7 @@
 
 The `tokenizers` library does the real work; this module is the readable twin the reference
 trainer, the merge trace and the tiktoken bridge share, so "the same pre-tokenization" means
-one piece of code. `tests/test_tokenization.py` checks it against the library on real text.
+one piece of code. `tests/tokenization/test_pretokenize.py` checks it against the library on real text.
 """
 
 from __future__ import annotations

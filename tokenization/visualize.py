@@ -2,7 +2,7 @@
 
 - `merge_trace(tokenizer, text)`: for each word, the merges (rank, pair, result) that turn its
   bytes into its final tokens, in the order the tokenizer applies them;
-  `format_merge_trace` prints it, `plot_merge_trace` draws it.
+  `format_merge_trace` prints it, `merge_trace_figure` draws it.
 - `merge_table(tokenizer, texts, n)`: the first n learned merges with each pair's frequency in
   the corpus when it was merged; `format_merge_table` prints it as Markdown.
 - `token_boundaries_html` / `token_boundaries_figure`: a text with alternating token colours.

@@ -14,6 +14,7 @@
     jobs/        one module per job: pretrain, sft, dpo, classify, evaluate
     cli.py       YAML/JSON + flags -> dataclasses; one `error: ...` line for bad input
 
-Dependencies run down this list's reverse: a job imports run, saved, evaluation and data; run imports
-saved, evaluation and data; nothing imports a job, and no job imports another.
+Dependencies run up this list: a job imports run, saved, evaluation and data; run imports saved and
+evaluation; evaluation imports data; saved and data import no other stage. Nothing imports a job,
+and no job imports another.
 """

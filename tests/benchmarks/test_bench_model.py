@@ -1,26 +1,15 @@
-"""benchmarks/bench_model.py refuses bad settings with one line before it builds or times anything."""
+"""benchmarks/bench_model.py refuses bad settings with one line before it builds or times anything; its
+smallest training run."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
-from helpers.runs import REPO_ROOT
-
-SCRIPT = REPO_ROOT / "benchmarks" / "bench_model.py"
+from helpers.runs import load_script
 
 
 @pytest.fixture(scope="module")
 def bench_model():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_model"] = module  # dataclasses look their module up while it is executing
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["bench_model"]
+    return load_script("bench_model", "benchmarks")
 
 
 @pytest.mark.parametrize(
@@ -38,3 +27,13 @@ def test_bad_settings_end_with_one_error_line(bench_model, capsys, args: list[st
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and message in captured.err
     assert "benchmark with" not in captured.out  # refused before anything ran
+
+
+def test_smallest_training_run_starts_every_model_from_the_same_weights(bench_model, capsys):
+    assert bench_model.main(["--shape", "quickstart", "--pairs", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "(ratios vs hf-gpt2-sdpa)" in out
+    # Same weights, data and optimizer: MiniGPT (sdpa, eager) and GPT2LMHeadModel start from the same loss.
+    losses = out.split("first-step loss: ")[1].splitlines()[0].split(", ")
+    assert [loss.split()[0] for loss in losses] == ["minigpt-sdpa", "minigpt-eager", "hf-gpt2-sdpa"]
+    assert len({round(float(loss.split()[1]), 4) for loss in losses}) == 1

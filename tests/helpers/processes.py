@@ -1,14 +1,12 @@
-"""Scripts in subprocesses: two real CPU processes, and a run killed mid-way (SIGKILL resume tests)."""
+"""Scripts in subprocesses: two real CPU processes, and a run SIGKILLed from inside at a chosen call."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 # One thread per process: bit-exact comparisons need the same reduction order in every run,
@@ -28,24 +26,46 @@ def launch(script: Path, flags: list[str], log: Path) -> subprocess.Popen:
         )
 
 
-def last_logged_step(output_dir: Path) -> int:
-    """The step of the last line of the run's metrics.jsonl (0 before the first)."""
-    try:
-        return json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    except (FileNotFoundError, IndexError, json.JSONDecodeError):
-        return 0
+# Runs a script as `python script flags...` would, with `module.function` replaced by a wrapper that
+# SIGKILLs the process when `condition` (a Python expression over the call's `args` and `kwargs`)
+# holds, and calls through otherwise. The kill comes at a chosen call, not after a poller noticed
+# something: the same point on a fast machine and a slow one.
+DRIVER = textwrap.dedent(
+    """
+    import importlib, os, runpy, signal, sys
+    module_name, function_name, condition, script, *flags = sys.argv[1:]
+    module = importlib.import_module(module_name)
+    original = getattr(module, function_name)
+
+    def wrapper(*args, **kwargs):
+        if eval(condition, {"args": args, "kwargs": kwargs, "os": os}):
+            print("driver: SIGKILL in", function_name, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(module, function_name, wrapper)
+    sys.argv = [script, *flags]
+    runpy.run_path(script, run_name="__main__")
+    """
+)
 
 
-def sigkill_after_step(process: subprocess.Popen, output_dir: Path, step: int, log: Path, timeout: float = 600) -> int:
-    """SIGKILL `process` once its run has logged `step`; returns the last step it logged."""
-    deadline = time.monotonic() + timeout
-    while last_logged_step(output_dir) < step and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run finished before it could be killed:\n" + log.read_text()[-2000:]
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (output_dir / "model").exists()
-    return last_logged_step(output_dir)
+def killed_in(script: Path, target: str, condition: str, flags: list[str], cwd: Path) -> str:
+    """Run `script` with `target` ("module:function", looked up there at each call) SIGKILLing its
+    process when `condition` holds; its output. Fails unless the process was killed so."""
+    module, function = target.split(":")
+    command = [sys.executable, "-c", DRIVER, module, function, condition, str(script), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=cwd, timeout=600)
+    assert result.returncode == -9, f"not killed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+    assert "driver: SIGKILL in" in result.stdout
+    return result.stdout
+
+
+def killed_before_logging(script: Path, flags: list[str], step: int, cwd: Path) -> str:
+    """Run `script` and SIGKILL it as its training loop is about to log `step`: the step before it
+    is logged (and evaluated, when due), this one computed but neither logged nor checkpointed."""
+    # train_loop calls log_metrics(accelerator, metrics, step, values) through the module's globals.
+    return killed_in(script, "training.run.loop:log_metrics", f"args[2] == {step}", flags, cwd)
 
 
 def free_port() -> int:

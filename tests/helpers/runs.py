@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import runpy
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -134,9 +138,40 @@ def card_results(model_dir: Path) -> dict[str, float]:
     return {r.metric_type: r.metric_value for r in ModelCard.load(model_dir / "README.md").data.eval_results}
 
 
-def load_script(name: str, folder: str = "scripts"):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / folder / f"{name}.py")
+@contextmanager
+def _as_python_runs(path: Path, argv: list[str] | None = None) -> Iterator[None]:
+    """What `python path argv...` sets up: the script's folder first on sys.path (a benchmark imports
+    `common` from beside it) and, with `argv`, sys.argv; both put back afterwards."""
+    old_argv = sys.argv
+    sys.path.insert(0, str(path.parent))
+    if argv is not None:
+        sys.argv = [str(path), *argv]
+    try:
+        yield
+    finally:
+        sys.argv = old_argv
+        sys.path.remove(str(path.parent))
+
+
+def load_script(name: str, folder: str = "scripts") -> ModuleType:
+    """`folder/name.py` of the repository (an entry point, or a benchmark) as a fresh module, loaded as
+    `python folder/name.py` would load it. Registered in sys.modules, where dataclasses look their
+    module up, under a name no package has (scripts/evaluate.py would otherwise hide `evaluate`)."""
+    path = REPO_ROOT / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{folder}_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the script runs
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    with _as_python_runs(path):
+        spec.loader.exec_module(module)
     return module
+
+
+def run_script(name: str, argv: list[str], folder: str = "scripts") -> int | str | None:
+    """Run `folder/name.py` as `python folder/name.py argv...` runs it (as __main__); its exit code."""
+    path = REPO_ROOT / folder / f"{name}.py"
+    try:
+        with _as_python_runs(path, argv):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code
+    return 0

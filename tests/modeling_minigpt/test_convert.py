@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import REPO_ROOT
+from helpers.runs import load_script
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from modeling_minigpt import PRESETS, MiniGPTConfig, MiniGPTForCausalLM
@@ -199,26 +198,31 @@ def test_differing_dropout_rates_warn_and_use_resid_pdrop() -> None:
     assert ours.config.drop_rate == 0.0
 
 
-def test_script_folders_load_in_fresh_processes(tmp_path: Path) -> None:
+def test_script_folders_load_in_fresh_processes(tmp_path: Path, capsys) -> None:
     """GPT-2 folder -> script -> MiniGPT folder -> script -> GPT-2 folder; the MiniGPT folder loads
     with trust_remote_code, the exported GPT-2 with stock transformers, in processes that never
     imported this repository."""
-    convert_main = runpy.run_path(str(REPO_ROOT / "scripts" / "convert_gpt2.py"))["main"]
+    convert_main = load_script("convert_gpt2").main
 
     gpt2 = random_gpt2(64, 4)
     gpt2.save_pretrained(tmp_path / "gpt2")
     (tmp_path / "gpt2" / "vocab.json").write_text('{"a": 0}')
-    convert_main(["--from-gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "minigpt")])
-    convert_main(["--to-gpt2", str(tmp_path / "minigpt"), "--out", str(tmp_path / "export")])
+    assert convert_main(["--from_gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "minigpt")]) == 0
+    assert convert_main(["--to_gpt2", str(tmp_path / "minigpt"), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "minigpt" / "vocab.json").read_text() == '{"a": 0}'
     assert not list(tmp_path.glob(".tmp-*"))
-    with pytest.raises(ValueError, match="not empty"):
-        convert_main(["--to-gpt2", str(tmp_path / "minigpt"), "--out", str(tmp_path / "export")])
+    capsys.readouterr()
+
+    def refused(*argv: str) -> str:
+        assert convert_main(list(argv)) == 1
+        return capsys.readouterr().err
+
+    assert "not empty" in refused("--to_gpt2", str(tmp_path / "minigpt"), "--out", str(tmp_path / "export"))
     # from_pretrained would only warn and fill the mismatched tensors with random values.
-    with pytest.raises(ValueError, match="model_type='gpt2' model, expected 'minigpt'"):
-        convert_main(["--to-gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "wrong")])
-    with pytest.raises(ValueError, match="model_type='minigpt' model, expected 'gpt2'"):
-        convert_main(["--from-gpt2", str(tmp_path / "minigpt"), "--out", str(tmp_path / "wrong")])
+    error = refused("--to_gpt2", str(tmp_path / "gpt2"), "--out", str(tmp_path / "wrong"))
+    assert "model_type='gpt2' model, expected 'minigpt'" in error
+    error = refused("--from_gpt2", str(tmp_path / "minigpt"), "--out", str(tmp_path / "wrong"))
+    assert "model_type='minigpt' model, expected 'gpt2'" in error
     assert not (tmp_path / "wrong").exists()
 
     ids = torch.randint(0, VOCAB, (1, 12))

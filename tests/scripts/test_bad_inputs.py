@@ -19,8 +19,6 @@ import pytest
 import yaml
 from helpers.runs import listing, load_script, save_tiny_base, script_flags
 
-from training.cli import USER_ERRORS, report_error
-
 SCRIPTS = (
     "pretrain",
     "sft",
@@ -619,34 +617,34 @@ CASES = [
     # --- convert_gpt2
     V(
         "neither-direction",
-        "give exactly one of --from-gpt2 FOLDER or --to-gpt2 FOLDER",
+        "give exactly one of --from_gpt2 FOLDER or --to_gpt2 FOLDER",
         lambda w, o: ["--out", str(o / "x")],
     ),
     V(
         "both-directions",
         "give exactly one of",
-        lambda w, o: ["--out", str(o / "x"), "--from-gpt2", str(w.base), "--to-gpt2", str(w.base)],
+        lambda w, o: ["--out", str(o / "x"), "--from_gpt2", str(w.base), "--to_gpt2", str(w.base)],
     ),
     V(
         "source-missing",
-        "--to-gpt2 /nonexistent does not exist",
-        lambda w, o: ["--out", str(o / "x"), "--to-gpt2", "/nonexistent"],
+        "--to_gpt2 /nonexistent does not exist",
+        lambda w, o: ["--out", str(o / "x"), "--to_gpt2", "/nonexistent"],
     ),
     V(
         "out-not-empty",
         "is not empty: pass --overwrite",
-        lambda w, o: ["--out", str(o), "--to-gpt2", str(w.base)],
+        lambda w, o: ["--out", str(o), "--to_gpt2", str(w.base)],
         setup=write("keep.txt", "mine"),
     ),
     V(
         "from-gpt2-given-minigpt",
         "model_type",
-        lambda w, o: ["--out", str(o / "x"), "--from-gpt2", str(w.base)],
+        lambda w, o: ["--out", str(o / "x"), "--from_gpt2", str(w.base)],
     ),
     V(
         "damaged-weights",
         "model.safetensors is damaged",
-        lambda w, o: ["--out", str(o / "x"), "--to-gpt2", str(o / "model")],
+        lambda w, o: ["--out", str(o / "x"), "--to_gpt2", str(o / "model")],
         setup=model_folder_with(truncate("model.safetensors", 0)),
     ),
     # --- push_to_hub
@@ -782,13 +780,13 @@ CASES = [
     V(
         "out-is-the-source-with-overwrite",
         "is --to_gpt2",
-        lambda w, o: ["--out", str(o / "model"), "--to-gpt2", str(o / "model"), "--overwrite"],
+        lambda w, o: ["--out", str(o / "model"), "--to_gpt2", str(o / "model"), "--overwrite"],
         setup=model_folder_with(unchanged),
     ),
     V(
         "out-inside-the-source",
         "lies inside --to_gpt2",
-        lambda w, o: ["--out", str(o / "model" / "gpt2"), "--to-gpt2", str(o / "model")],
+        lambda w, o: ["--out", str(o / "model" / "gpt2"), "--to_gpt2", str(o / "model")],
         setup=model_folder_with(unchanged),
     ),
     X(
@@ -857,7 +855,7 @@ CASES = [
     V(
         "to-gpt2-pickle-only",
         "only safetensors are loaded",
-        lambda w, o: ["--out", str(o / "x"), "--to-gpt2", str(o / "model")],
+        lambda w, o: ["--out", str(o / "x"), "--to_gpt2", str(o / "model")],
         setup=model_folder_with(pickled_weights_only),
     ),
     # ----- Class 4: every value checked where it is read, before the first byte is written
@@ -991,14 +989,11 @@ def _resolve(argv: list[str], world: World, out: Path) -> list[str]:
 
 
 def run_main(module, argv: list[str]) -> int:
-    """What `python scripts/<name>.py argv` exits with (convert_gpt2 reports errors in its __main__ block)."""
+    """What `python scripts/<name>.py argv` exits with."""
     try:
         return module.main(argv)
     except SystemExit as exit_:  # argparse
         return exit_.code
-    except USER_ERRORS as error:
-        assert module.__name__ == "convert_gpt2", f"{module.__name__}.main raised {error!r}"
-        return report_error(error)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.script}-{c.id}" for c in CASES])

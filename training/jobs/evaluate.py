@@ -43,7 +43,7 @@ class EvaluateArguments:
         default=None,
         metadata={
             "help": "A dataset: a .json/.jsonl/.csv/.parquet file, a save_to_disk folder, a folder datasets can "
-            "load, or a Hub name (needs network). Each row of --text-column is one document."
+            "load, or a Hub name (needs network). Each row of --text_column is one document."
         },
     )
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
@@ -93,7 +93,7 @@ class EvaluateArguments:
 
 
 def load_documents(args: EvaluateArguments) -> tuple[list[str], str]:
-    """(documents, where they came from) for --text-file or --dataset, read by `load_corpus`.
+    """(documents, where they came from) for --text_file or --dataset, read by `load_corpus`.
 
     Streaming, so evaluating writes no cache. Long documents arrive in pieces that share a
     `doc_id`; they are joined back into whole documents here.

@@ -95,7 +95,13 @@ class LoopArguments:
     resume: bool = field(
         default=False, metadata={"help": "Continue the run in output_dir from its latest complete checkpoint."}
     )
-    overwrite: bool = field(default=False, metadata={"help": "Delete the run already in output_dir and start again."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the run already in output_dir: it is set aside, deleted once the new run has its "
+            "first checkpoint, and put back if the new run fails before."
+        },
+    )
     report_to: Literal["tensorboard", "none"] = field(
         default="tensorboard", metadata={"help": "Accelerate tracker (logs go to output_dir/logs)."}
     )

@@ -1,6 +1,8 @@
 """A run folder has one writer at a time, and holds one run that is never lost by accident.
 
-`training.run.lifecycle.prepare` is the only caller; the rules, in the order they are applied:
+`training.run.lifecycle` is the only caller: `open_run` checks rules 1-3 before any data is loaded,
+writing nothing; `prepare` then applies 2-4 (takes the lock, checks the folder against the run's
+fingerprint, sets a replaced run aside). The rules, in the order they are applied:
 
 1. **Where** (`check_output_location`, reads only): the output path must be a folder, or be
    creatable (no parent is a file) on a writable file system.

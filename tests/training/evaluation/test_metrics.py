@@ -1,5 +1,5 @@
 """training/evaluation/metrics.py: metrics on cases with known answers, strided windows, bootstrap, a classifier's
-confusion matrix, and exact match (the script is in test_evaluate_folder.py)."""
+confusion matrix, and exact match (the job and its script: tests/training/jobs/test_evaluate.py)."""
 
 from __future__ import annotations
 

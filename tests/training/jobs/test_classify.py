@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.runs import FINETUNE_LOOP, REPO_ROOT, argument_groups, card_results, save_tiny_base
+from helpers.runs import FINETUNE_LOOP, argument_groups, card_results, load_script, save_tiny_base
 from transformers import AutoModelForSequenceClassification, pipeline
 
 from tokenization import train_bpe
@@ -236,11 +236,7 @@ def test_lora_with_balanced_sampling_saves_adapter_and_merged_classifier(base_di
 
 
 def test_script_reports_bad_data_as_an_error_line(base_dir, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("classify_script", REPO_ROOT / "scripts" / "classify.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("classify")
     validation = write_csv(tmp_path / "val.csv", [{"text": "a car", "label": "vehicles"}], columns=("text", "label"))
     code = script.main(
         ["--model_path", str(base_dir), "--output_dir", str(tmp_path / "out"), "--validation_file", str(validation)]

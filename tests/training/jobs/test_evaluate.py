@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
 import subprocess
-import sys
 
 import pytest
 from helpers.models import tiny_model
 from helpers.processes import two_cpu_processes
-from helpers.runs import REPO_ROOT
+from helpers.runs import load_script, run_script
 
 from modeling_minigpt import MiniGPTForCausalLM
 from training.evaluation.metrics import (
@@ -33,15 +31,8 @@ def saved_model(tiny_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluate_script():
-    """scripts/evaluate.py as a module (loaded by path: `evaluate` is also a PyPI package's name)."""
-    import importlib.util
-
-    path = REPO_ROOT / "scripts" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("minigpt_evaluate_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve field types through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """scripts/evaluate.py as a module."""
+    return load_script("evaluate")
 
 
 def test_script_writes_the_same_numbers_as_the_library(evaluate_script, saved_model, tiny_tokenizer, text, tmp_path):
@@ -104,11 +95,7 @@ def test_script_errors_name_the_problem(evaluate_script, saved_model, tiny_token
         run("--model", str(small), "--tokenizer", str(saved_model), "--text-file", str(text_file))
 
     # Run as a script, the same errors end the process with a message and exit code 1, not a traceback.
-    argv = ["evaluate.py", "--model", str(saved_model), "--text-file", str(empty)]
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_:
-        patch.setattr(sys, "argv", argv)
-        runpy.run_path(evaluate_script.__file__, run_name="__main__")
-    assert exit_.value.code == 1
+    assert run_script("evaluate", ["--model", str(saved_model), "--text_file", str(empty)]) == 1
     assert re.search("^error: .*empty or whitespace-only", capsys.readouterr().err, re.MULTILINE)
 
 

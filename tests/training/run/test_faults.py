@@ -9,14 +9,11 @@ on disk are skipped for the previous complete one, a stale lock is taken over.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.processes import SUBPROCESS_ENV
+from helpers.processes import killed_in
 from helpers.runs import PRETRAIN_SCRIPT, listing, logged_losses, read_metrics, script_flags, tiny_args
 from safetensors.torch import load_file
 
@@ -24,37 +21,6 @@ from training.jobs.pretrain import run_pretraining
 from training.run.checkpoint import list_checkpoints
 
 RUN = dict(max_steps=6, save_every=3, eval_every=6, report_to="none")
-
-# Runs scripts/pretrain.py with `module.function` replaced by a wrapper that SIGKILLs the process
-# when `should_kill(*args)` holds (a Python expression over `args`), and calls through otherwise.
-DRIVER = textwrap.dedent(
-    """
-    import importlib, os, runpy, signal, sys
-    module_name, function_name, condition, script, *flags = sys.argv[1:]
-    module = importlib.import_module(module_name)
-    original = getattr(module, function_name)
-
-    def wrapper(*args, **kwargs):
-        if eval(condition, {"args": args, "kwargs": kwargs, "os": os}):
-            print("driver: SIGKILL in", function_name, flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(*args, **kwargs)
-
-    setattr(module, function_name, wrapper)
-    sys.argv = [script, *flags]
-    runpy.run_path(script, run_name="__main__")
-    """
-)
-
-
-def killed_in(tmp_path: Path, target: str, condition: str, flags: list[str]) -> str:
-    """Run the script with `target` ("module:function") SIGKILLing when `condition` holds; its output."""
-    module, function = target.split(":")
-    command = [sys.executable, "-c", DRIVER, module, function, condition, str(PRETRAIN_SCRIPT), *flags]
-    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=tmp_path, timeout=600)
-    assert result.returncode == -9, f"not killed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
-    assert "driver: SIGKILL in" in result.stdout
-    return result.stdout
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +43,9 @@ def test_killed_during_the_final_save_resumes_to_the_same_model(corpus_file, tok
     out = tmp_path / "out"
     flags = script_flags(out, corpus_file, tokenizer_dir, tmp_path / "cache", **RUN)
     # The model folder is fully written into its temporary folder; killed just before the rename.
-    killed_in(tmp_path, "training.saved.save:replace_dir", "os.path.basename(str(args[1])) == 'model'", flags)
+    killed_in(
+        PRETRAIN_SCRIPT, "training.saved.save:replace_dir", "os.path.basename(str(args[1])) == 'model'", flags, tmp_path
+    )
     assert not (out / "model").exists() and [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 6]
     assert (out / "run.lock").is_file()  # left by the killed run
 
@@ -101,7 +69,7 @@ def test_killed_while_overwrite_moves_the_old_run_aside_restores_it(corpus_file,
     flags = script_flags(out, corpus_file, tokenizer_dir, tmp_path / "cache", **new, overwrite=True)
     # Killed while moving the old run's entries into .old-run.moving, two of them moved.
     condition = "'.old-run.moving' in str(args[1]) and len(os.listdir(os.path.dirname(str(args[1])))) >= 2"
-    killed_in(tmp_path, "os:replace", condition, flags)
+    killed_in(PRETRAIN_SCRIPT, "os:replace", condition, flags, tmp_path)
     assert len(list((out / ".old-run.moving").iterdir())) == 2
     # The next run on the folder (here: --resume of the old one) finds the half-done move and undoes it.
     run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", **RUN, resume=True))
@@ -121,7 +89,7 @@ def test_killed_after_the_new_runs_first_checkpoint_keeps_the_new_run(corpus_fil
     new = dict(RUN, learning_rate=1e-3)
     flags = script_flags(out, corpus_file, tokenizer_dir, tmp_path / "cache", **new, overwrite=True)
     # Killed when the new run, its first checkpoint written, is about to delete the old run.
-    killed_in(tmp_path, "training.run.folder:retire_replaced", "True", flags)
+    killed_in(PRETRAIN_SCRIPT, "training.run.folder:retire_replaced", "True", flags, tmp_path)
     assert (out / ".old-run").is_dir() and [s for s, _ in list_checkpoints(out / "checkpoints")] == [3]
 
     run_pretraining(*tiny_args(out, corpus_file, tokenizer_dir, tmp_path / "cache", **new, resume=True))
