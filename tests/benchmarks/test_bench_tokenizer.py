@@ -3,11 +3,9 @@ merges; the trainers agree on the merges and every encoding path gives the same 
 
 from __future__ import annotations
 
-import pytest
 from helpers.runs import load_script
 
 
-@pytest.mark.slow  # ~30 s on a loaded 2-core machine: GPT-2's 50k merges are loaded and bridged twice
 def test_smallest_run_agrees_with_the_references(shared_data, tmp_path, capsys):
     text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")
     (tmp_path / "tinyshakespeare.txt").write_text(text[:100_000], encoding="utf-8")
