@@ -53,8 +53,6 @@ precomputed reference.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -87,6 +85,7 @@ from training.data.tasks import TASK_KINDS, make_preference_splits
 from training.evaluation.generate import eval_mode, generate_answers
 from training.evaluation.metrics import exact_match, exact_match_summary, score_batch, score_generations
 from training.run import lifecycle
+from training.run import reference as reference_models
 from training.run.accelerator import choose_attention
 from training.run.arguments import LoopArguments
 from training.run.loop import Batch, make_train_dataloader
@@ -253,39 +252,14 @@ class DPOObjective:
 Reference = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
-class FrozenCopy:
-    """The reference of full fine-tuning: a copy of the base model, frozen, in eval mode."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    ):
-        self.model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
-        self.autocast = autocast  # the policy's (`Accelerator.autocast`)
-
-    @torch.no_grad()
-    def __call__(self, policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        # Under the policy's autocast: with bf16 a frozen copy run in fp32 would differ from an
-        # identical policy, and the loss at step 0 would not be ln 2.
-        with self.autocast():
-            return response_logps(self.model, batch)[0]
+def summed_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """What the reference contributes: the summed log-probabilities of the responses (2B,)."""
+    return response_logps(model, batch)[0]
 
 
-class DisabledAdapter:
-    """The reference of LoRA: the policy itself with its adapter disabled (PEFT's `disable_adapter`),
-    so no second copy of the model is held. Run on the unwrapped model: the DDP wrapper is for the
-    policy's forward, whose gradients it synchronises."""
-
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator = accelerator
-
-    @torch.no_grad()
-    def __call__(self, policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        peft_model = self.accelerator.unwrap_model(policy)
-        with peft_model.disable_adapter(), self.accelerator.autocast():
-            return response_logps(peft_model, batch)[0]
+# DPO's references (`training.run.reference`): the base model's summed response log-probabilities.
+FrozenCopy = partial(reference_models.FrozenCopy, score=summed_logps)
+DisabledAdapter = partial(reference_models.DisabledAdapter, score=summed_logps)
 
 
 def precomputed_reference(policy: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -307,26 +281,6 @@ class DPOLoss:
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return self.objective.batch_loss(self.pair_terms(model, batch))
-
-
-def disable_dropout(model: torch.nn.Module) -> Callable[[], None]:
-    """Switch every dropout off (the modules, and the config rate MiniGPT's sdpa path reads);
-    returns the function that restores them, so the saved config keeps the base's rate."""
-    modules = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    config = model.config
-    config_rate = getattr(config, "drop_rate", None)
-    for module, _ in modules:
-        module.p = 0.0
-    if config_rate is not None:
-        config.drop_rate = 0.0
-
-    def restore() -> None:
-        for module, p in modules:
-            module.p = p
-        if config_rate is not None:
-            config.drop_rate = config_rate
-
-    return restore
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -556,7 +510,7 @@ def _policy_and_loss(
     against its reference; the function that restores the dropout rates before saving)."""
     if dpo_args.finetune == "lora":
         model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
-    restore_dropout = disable_dropout(model)
+    restore_dropout = reference_models.disable_dropout(model)
     if cache is not None:
         reference: Reference = precomputed_reference
     elif dpo_args.finetune == "lora":

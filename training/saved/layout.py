@@ -25,6 +25,8 @@ GENERATIONS = "heldout_generations.json"
 GENERATIONS_BEFORE = "heldout_generations_before.json"
 REFERENCE_LOGPS = "reference_logps.safetensors"
 PREFERENCE_CURVES = "preference_curves.png"
+# GRPO: reward, KL, completion length and held-out exact match per step.
+GRPO_CURVES = "grpo_curves.png"
 
 # What the run prints when it starts, in this order: the files every job writes.
 DESCRIPTIONS = {
@@ -56,6 +58,7 @@ class RunLayout:
         self.generations_before = root / GENERATIONS_BEFORE
         self.reference_logps = root / REFERENCE_LOGPS
         self.preference_curves = root / PREFERENCE_CURVES
+        self.grpo_curves = root / GRPO_CURVES
 
 
 def describe_run_files() -> str:

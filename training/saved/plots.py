@@ -62,13 +62,49 @@ def preference_curves_figure(records: Iterable[Mapping[str, Any]], title: str | 
     """Preference tuning at a glance, against tokens seen: the DPO loss, the held-out rewards and
     their margin, the reward accuracy, and the policy's log-probabilities of both responses
     (the "both fall" failure shows there). Save with `save_figure(fig, path, dpi=LOSS_CURVE_DPI)`."""
+    return panels_figure(records, PREFERENCE_PANELS, "tokens", title or "Preference tuning (DPO)")
+
+
+# panel title -> (y-axis label, [(metrics.jsonl key, legend label)]) of the GRPO curves
+GRPO_PANELS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "Reward of the sampled completions": ("reward", [("reward", "mean"), ("reward_std", "std")]),
+    "Held-out exact match (greedy)": ("fraction of prompts", [("val_exact_match", "all kinds")]),
+    "KL to the reference, groups without signal": (
+        "nats / token; fraction",
+        [("kl", "KL (per token)"), ("frac_reward_zero_std", "groups with all-equal rewards")],
+    ),
+    "Completions": ("tokens; fraction", [("completion_length", "length (tokens)"), ("stopped", "ended with eos")]),
+}
+
+
+def grpo_curves_figure(records: Iterable[Mapping[str, Any]], title: str | None = None) -> Figure:
+    """GRPO at a glance, against optimizer steps: the sampled completions' reward (mean, std), the
+    held-out exact match (overall and per task kind), the KL to the reference and the share of
+    groups whose rewards are all equal (they give no gradient), and the completion length."""
+    records = list(records)
+    kinds = sorted({k for r in records for k in r if k.startswith("exact_match_")})
+    panels = dict(GRPO_PANELS)
+    label, keys = panels["Held-out exact match (greedy)"]
+    panels["Held-out exact match (greedy)"] = (label, keys + [(k, k.removeprefix("exact_match_")) for k in kinds])
+    return panels_figure(records, panels, "step", title or "GRPO")
+
+
+def panels_figure(
+    records: Iterable[Mapping[str, Any]],
+    panels: Mapping[str, tuple[str, list[tuple[str, str]]]],
+    x_key: str,
+    title: str,
+) -> Figure:
+    """Four panels of metrics.jsonl curves against `x_key` ("tokens" or "step"); records without a
+    key are skipped for its curve. Evaluations (val_*, exact_match_*) are drawn with markers."""
     records = list(records)
     fig, axes = pyplot().subplots(2, 2, figsize=(11, 7), sharex=True)
-    for ax, (panel, (ylabel, keys)) in zip(axes.flat, PREFERENCE_PANELS.items(), strict=True):
+    for ax, (panel, (ylabel, keys)) in zip(axes.flat, panels.items(), strict=True):
         for key, label in keys:
-            points = [(r["tokens"], r[key]) for r in records if key in r and "tokens" in r]
+            points = [(r[x_key], r[key]) for r in records if key in r and x_key in r]
             if points:
-                style = {"lw": 1.0, "alpha": 0.8} if key == "train_loss" else {"lw": 1.6, "marker": "o", "ms": 3}
+                evaluated = key.startswith(("val_", "exact_match_"))
+                style = {"lw": 1.6, "marker": "o", "ms": 3} if evaluated else {"lw": 1.0, "alpha": 0.8}
                 ax.plot(*zip(*points, strict=True), label=label, **style)
         ax.set_title(panel, fontsize=10)
         ax.set_ylabel(ylabel)
@@ -76,7 +112,7 @@ def preference_curves_figure(records: Iterable[Mapping[str, Any]], title: str | 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     for ax in axes[-1]:
-        ax.set_xlabel("tokens seen")
-    fig.suptitle(title or "Preference tuning (DPO)")
+        ax.set_xlabel("tokens seen" if x_key == "tokens" else "optimizer step")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
