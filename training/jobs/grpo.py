@@ -21,9 +21,10 @@ equals TRL's, tests/test_grpo.py):
   the mean over each completion's tokens, then over completions (a short wrong answer is pushed
   down harder per token than a long one); `dr_grpo` (Dr. GRPO, Liu et al. 2025,
   https://arxiv.org/abs/2503.20783): the sum divided by a constant (completions x
-  --max_completion_length), no length bias at all. On the embedded tasks' short answers (3-12
-  tokens) they learn alike; dapo is kept as the default because it is TRL's and its per-token
-  scale does not depend on --max_completion_length.
+  --max_completion_length), no length bias at all. dapo is the default (TRL's too): no length
+  bias per token, and its scale does not depend on --max_completion_length. On the embedded
+  tasks' short answers (3-12 tokens) the three weigh tokens nearly alike; they were not compared
+  for quality here.
 - `--scale_rewards group` divides by the group's standard deviation (the paper); `batch` by the
   whole batch's (Dr. GRPO's point: per-group scaling over-weights nearly-solved groups; TRL's
   `batch`), `none` not at all (Dr. GRPO).
@@ -148,7 +149,11 @@ class GRPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments
         default=None, metadata={"help": "One weight per reward function. Default: 1 each."}
     )
     num_generations: int = field(
-        default=8, metadata={"help": "G: completions sampled per prompt (the group), at least 2."}
+        default=8,
+        metadata={
+            "help": "G: completions sampled per prompt (the group), at least 2. A micro-batch is "
+            "--per_device_batch_size prompts, so it scores per_device_batch_size x G completions."
+        },
     )
     max_completion_length: int = field(
         default=32, metadata={"help": "Tokens sampled at most per completion (eos included)."}
