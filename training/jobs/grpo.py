@@ -879,8 +879,14 @@ def _model_card(
         f"{method}. Held-out exact match (greedy, {len(splits.heldout)} prompts): {was}{after['val_exact_match']:.1%}"
     )
     record = splits.heldout[0]
+    evaluation = {
+        "dataset_name": f"held-out prompts of {splits.description} (greedy answers)",
+        "dataset_split": "held-out",
+        "exact_match": after["val_exact_match"],
+    }
     return {
         "training_info": lifecycle.training_info(prepared, data),
+        "eval_results": evaluation,
         "base_model": args.model_path,
         "example_prompt": format_prompt(record["instruction"], record.get("input")),
         "tags": ["grpo", "reinforcement-learning"],

@@ -289,6 +289,7 @@ def test_saved_folder_has_the_card_curves_and_the_before_after_table(full_run, b
     assert {"README.md", "loss_curve.png", "grpo_curves.png"} <= {p.name for p in (out / "model").iterdir()}
     card = (out / "model" / "README.md").read_text()
     assert "GRPO, dapo loss" in card and "Held-out exact match" in card and "grpo" in card
+    assert "| Exact match (greedy answer = expected answer) |" in card
     rows = json.loads((out / "heldout_generations.json").read_text())
     _, heldout = make_task_splits(32, 8, 0, ["repeat", "longest"])
     assert [(r["instruction"], r["expected"], r["kind"]) for r in rows] == [
