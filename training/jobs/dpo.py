@@ -70,7 +70,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from modeling_minigpt.files import atomic_path, atomic_write_json, save_figure
+from modeling_minigpt.files import atomic_path, save_figure
 from tokenization.alpaca import format_prompt
 from tokenization.load import short_hash, tokenizer_fingerprint
 from training.data.instructions import file_splits
@@ -479,7 +479,9 @@ def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArg
     if cache is not None and not cache.loaded and run.is_main:
         write_reference_cache(cache.path, cache.tensors, cache.identity)
     scores = partial(heldout_scores, prepared, tokenizer, dpo_args, loss)
-    before, before_answers = _before_training(prepared, scores, splits.heldout, dpo_args.eval_before_training)
+    before, before_answers = lifecycle.evaluate_before_on_heldout(
+        prepared, scores, splits.heldout, dpo_args.eval_before_training
+    )
     after, answers = lifecycle.train_on_heldout(prepared, dpo_args, scores, splits.heldout, loss_fn=loss)
     restore_dropout()
     rows = generation_rows(splits.heldout, before_answers, answers)
@@ -523,22 +525,6 @@ def _policy_and_loss(
     return model, DPOLoss(objective, reference), restore_dropout
 
 
-def _before_training(
-    prepared: lifecycle.PreparedRun,
-    scores: Callable[[torch.nn.Module, Sequence[Mapping[str, str]]], tuple[dict[str, float], list[str]]],
-    records: Sequence[Mapping[str, str]],
-    enabled: bool,
-) -> tuple[dict[str, float] | None, list[str] | None]:
-    """(the untuned model's held-out numbers, its answers): measured on a fresh run (the answers kept
-    in heldout_generations_before.json), read back by a resumed one."""
-    run = prepared.run
-    first = lifecycle.LastEvaluation(partial(scores, records=records))
-    before = lifecycle.evaluate_before(prepared, lambda m: (first(m), first.detail), enabled)
-    if first.detail is not None and run.is_main:  # measured now, on a fresh run: kept for a resumed one
-        atomic_write_json(run.layout.generations_before, first.detail)
-    return before, first.detail if first.detail is not None else _read_json(run.layout.generations_before)
-
-
 @dataclass
 class ReferenceCache:
     path: Path
@@ -569,10 +555,6 @@ def _reference_cache(
         for name, data in (("train", train_set), ("heldout", heldout_set))
     }
     return ReferenceCache(path, identity, tensors, loaded=False)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _fingerprint(

@@ -61,11 +61,9 @@ heldout_generations_before.json.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -75,8 +73,8 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from modeling_minigpt.files import atomic_write_json, save_figure
-from tokenization.alpaca import ALPACA_CHAT_TEMPLATE, format_prompt
+from modeling_minigpt.files import save_figure
+from tokenization.alpaca import format_prompt
 from training.data.collate import pad_sequences
 from training.data.instructions import encode_prompt, file_splits, load_instruction_records
 from training.data.rewards import BUILT_IN, Rewards
@@ -212,17 +210,6 @@ class GRPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ValueError(f"--epsilon_high must be >= 0, got {self.epsilon_high}")
         self.check_evaluation()
-
-
-@dataclass
-class GRPOResult:
-    output_dir: Path
-    model_dir: Path
-    adapter_dir: Path | None
-    before: dict[str, float] | None
-    after: dict[str, float]
-    steps: int
-    train_seconds: float
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -666,16 +653,13 @@ def generation_rows(
 # ----------------------------------------------------------------------------- the job
 
 
-def run_grpo(grpo_args: GRPOArguments, lora_args: LoraArguments, loop_args: LoopArguments) -> GRPOResult:
+def run_grpo(
+    grpo_args: GRPOArguments, lora_args: LoraArguments, loop_args: LoopArguments
+) -> lifecycle.FineTuningResult:
     """Tune from verifiable rewards, evaluate and save (see the module docstring); resumes with `loop_args.resume`."""
-    run = lifecycle.open_run("grpo", "GRPO", loop_args)
-    accelerator = run.accelerator
     rewards = Rewards.load(grpo_args.reward_functions, grpo_args.reward_weights)
-    tokenizer = lifecycle.load_base_tokenizer(grpo_args)
-    if tokenizer.chat_template is None:  # e.g. a tokenizer from elsewhere: saved with the template we train on
-        tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
-    model = lifecycle.load_base_model(grpo_args, "causal-lm", tokenizer, loop_args.seed)
-    context_length = model.config.max_position_embeddings
+    run, tokenizer, model, context_length = lifecycle.open_fine_tuning("grpo", "GRPO", grpo_args, loop_args, None)
+    accelerator = run.accelerator
     if grpo_args.max_completion_length >= context_length:
         raise ValueError(
             f"--max_completion_length {grpo_args.max_completion_length} leaves no room for a prompt in the "
@@ -690,38 +674,13 @@ def run_grpo(grpo_args: GRPOArguments, lora_args: LoraArguments, loop_args: Loop
         tokenizer, splits.heldout, context_length - grpo_args.max_new_tokens, "held-out prompts"
     )
     probe_rewards(rewards, splits.train)
-
     # Before the reference exists: a reference on another attention path than the policy would
     # differ from it in the last bits under bf16.
     choose_attention(model, loop_args, accelerator)
-    if grpo_args.finetune == "lora":
-        model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
-    restore_dropout = disable_dropout(model)
-    score = partial(completion_logps, temperature=grpo_args.temperature)
-    reference: Reference | None = None
-    if grpo_args.beta != 0.0:
-        if grpo_args.finetune == "lora":
-            reference = DisabledAdapter(accelerator, score=score)
-        else:
-            reference = FrozenCopy(model, accelerator.device, accelerator.autocast, score=score)
-    objective = GRPOObjective(
-        grpo_args.loss_type,
-        grpo_args.scale_rewards,
-        grpo_args.beta,
-        grpo_args.epsilon,
-        grpo_args.epsilon if grpo_args.epsilon_high is None else grpo_args.epsilon_high,
-        grpo_args.max_completion_length,
+    model, loss, restore_dropout = _policy_and_loss(
+        model, grpo_args, lora_args, loop_args, rewards, splits, tokenizer, accelerator
     )
-    sampling = Sampling(
-        grpo_args.num_generations,
-        grpo_args.max_completion_length,
-        grpo_args.temperature,
-        grpo_args.top_k,
-        grpo_args.top_p,
-    )
-    loss = GRPOLoss(objective, sampling, rewards, splits.train, tokenizer, accelerator, loop_args.seed, reference)
     collate = partial(collate_prompts, pad_token_id=tokenizer.pad_token_id)
-
     prepared = lifecycle.prepare(
         run,
         model,
@@ -735,41 +694,68 @@ def run_grpo(grpo_args: GRPOArguments, lora_args: LoraArguments, loop_args: Loop
     loss.log = partial(log_metrics, accelerator, prepared.metrics)
 
     scores = partial(heldout_scores, accelerator, tokenizer, grpo_args, rewards)
-    first = lifecycle.LastEvaluation(partial(scores, records=splits.heldout))
-    before = lifecycle.evaluate_before(prepared, lambda m: (first(m), first.detail), grpo_args.eval_before_training)
-    if first.detail is not None and run.is_main:  # measured now, on a fresh run: kept for a resumed one
-        atomic_write_json(run.layout.generations_before, first.detail)
-    before_answers = first.detail if first.detail is not None else _read_json(run.layout.generations_before)
-
-    periodic = grpo_args.periodic(splits.heldout)
-    evaluation = lifecycle.LastEvaluation(partial(scores, records=periodic))
-    after = lifecycle.train(prepared, evaluation, loss_fn=loss)
-    if after is not None and len(periodic) == len(splits.heldout):
-        answers = evaluation.detail  # the loop's final evaluation already answered every prompt
-    else:
-        with eval_mode(prepared.model), torch.no_grad():
-            after, answers = scores(prepared.model, splits.heldout)
+    before, before_answers = lifecycle.evaluate_before_on_heldout(
+        prepared, scores, splits.heldout, grpo_args.eval_before_training
+    )
+    after, answers = lifecycle.train_on_heldout(prepared, grpo_args, scores, splits.heldout, loss_fn=loss)
     restore_dropout()
-
     rows = generation_rows(splits.heldout, before_answers, answers)
-    final = {"before": before, "after": after, **lifecycle.run_totals(prepared), "heldout_prompts": len(rows)}
-    curves = run.layout.grpo_curves
     if run.is_main:
         figure = grpo_curves_figure(prepared.metrics.records(), title=f"GRPO {run.layout.root.name}")
-        save_figure(figure, curves, dpi=LOSS_CURVE_DPI)
-    model_dir, adapter_dir = lifecycle.finish(
+        save_figure(figure, run.layout.grpo_curves, dpi=LOSS_CURVE_DPI)
+    return lifecycle.finish_fine_tuning(
         prepared,
         tokenizer,
+        before=before,
+        after=after,
+        totals={"heldout_prompts": len(rows), "train_prompts": len(train_rows)},
         card=_model_card(prepared, grpo_args, splits, before, after, len(train_rows)),
-        json_files={run.layout.generations: rows, run.layout.final_metrics: final},
+        json_files={run.layout.generations: rows},
         report=_report(prepared, grpo_args, before, after, rows),
-        extra_files=[curves],
+        extra_files=[run.layout.grpo_curves],
     )
-    return GRPOResult(run.layout.root, model_dir, adapter_dir, before, after, final["steps"], final["train_seconds"])
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def _policy_and_loss(
+    model: torch.nn.Module,
+    grpo_args: GRPOArguments,
+    lora_args: LoraArguments,
+    loop_args: LoopArguments,
+    rewards: Rewards,
+    splits: PromptSplits,
+    tokenizer: PreTrainedTokenizerBase,
+    accelerator: Accelerator,
+) -> tuple[torch.nn.Module, GRPOLoss, Callable[[], None]]:
+    """(the policy to train: the base, with a LoRA adapter for LoRA, dropout off; the loop's loss
+    with its reference when β > 0; the function that restores the dropout rates before saving)."""
+    if grpo_args.finetune == "lora":
+        model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
+    restore_dropout = disable_dropout(model)
+    score = partial(completion_logps, temperature=grpo_args.temperature)
+    reference: Reference | None = None
+    if grpo_args.beta != 0.0:
+        if grpo_args.finetune == "lora":
+            reference = DisabledAdapter(accelerator, score=score)
+        else:
+            reference = FrozenCopy(model, accelerator.device, accelerator.autocast, score=score)
+    high = grpo_args.epsilon if grpo_args.epsilon_high is None else grpo_args.epsilon_high
+    objective = GRPOObjective(
+        grpo_args.loss_type,
+        grpo_args.scale_rewards,
+        grpo_args.beta,
+        grpo_args.epsilon,
+        high,
+        grpo_args.max_completion_length,
+    )
+    sampling = Sampling(
+        grpo_args.num_generations,
+        grpo_args.max_completion_length,
+        grpo_args.temperature,
+        grpo_args.top_k,
+        grpo_args.top_p,
+    )
+    loss = GRPOLoss(objective, sampling, rewards, splits.train, tokenizer, accelerator, loop_args.seed, reference)
+    return model, loss, restore_dropout
 
 
 def _fingerprint(

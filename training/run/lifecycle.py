@@ -520,6 +520,26 @@ class LastEvaluation:
         return values
 
 
+def evaluate_before_on_heldout(
+    prepared: PreparedRun,
+    scores: Callable[[torch.nn.Module, Sequence[Any]], tuple[dict[str, float], Any]],
+    records: Sequence[Any],
+    enabled: bool,
+) -> tuple[dict[str, float] | None, Any]:
+    """`evaluate_before` for a job that answers held-out `records` (DPO, GRPO): (the untuned model's
+    numbers, its answers), measured on a fresh run (the answers kept in
+    heldout_generations_before.json for a resumed run), read back by a resumed one."""
+    run = prepared.run
+    first = LastEvaluation(lambda model: scores(model, records))
+    before = evaluate_before(prepared, lambda model: (first(model), first.detail), enabled)
+    if first.detail is not None:  # measured now, on a fresh run
+        if run.is_main:
+            atomic_write_json(run.layout.generations_before, first.detail)
+        return before, first.detail
+    saved = run.layout.generations_before
+    return before, json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+
+
 @_abandons_on_error
 def train(
     prepared: PreparedRun,
