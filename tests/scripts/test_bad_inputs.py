@@ -1,4 +1,4 @@
-"""Bad input to the ten scripts: one row per case, each a non-zero exit with one clear line
+"""Bad input to the eleven scripts: one row per case, each a non-zero exit with one clear line
 naming the file/flag/value, no traceback, and the output folder as it was (nothing written,
 nothing deleted). Every row stops before training, so each takes a fraction of a second
 in-process (the scripts' `main(argv)`, which is what `python scripts/x.py` runs).
@@ -23,6 +23,7 @@ SCRIPTS = (
     "pretrain",
     "sft",
     "dpo",
+    "grpo",
     "classify",
     "evaluate",
     "train_tokenizer",
@@ -92,6 +93,11 @@ def sft(world: World, out: Path, *extra: str) -> list[str]:
 
 def dpo(world: World, out: Path, *extra: str) -> list[str]:
     return [*fine_tune(world, out), "--num_train_pairs", "16", "--num_heldout_pairs", "4", *extra]
+
+
+def grpo(world: World, out: Path, *extra: str) -> list[str]:
+    short = ["--task_kinds", "repeat", "longest", "--max_completion_length", "6", "--max_new_tokens", "6"]
+    return [*fine_tune(world, out), "--num_train_tasks", "16", "--num_heldout_tasks", "4", *short, *extra]
 
 
 def classify(world: World, out: Path, *extra: str) -> list[str]:
@@ -326,6 +332,10 @@ def D(id, message, *extra, setup=None, model=None):
         return [*flags, "--model_path", str(o / "model")] if model else flags
 
     return Case(id, "dpo", argv, message, setup)
+
+
+def G(id, message, *extra, setup=None):
+    return Case(id, "grpo", lambda w, o: grpo(w, o, *extra), message, setup)
 
 
 def A(id, message, argv, setup=None):
@@ -898,6 +908,24 @@ CASES = [
     S("max-length-0", "--max_length must be >= 1", "--max_length", "0"),
     S("beta1-nan", "got nan", "--adam_beta1", "nan"),
     D("beta-inf", "--beta must be a finite number", "--beta", "inf"),
+    G("reward-module-missing", "no module named 'no_such_module'", "--reward_functions", "no_such_module:f"),
+    G("reward-unknown", "unknown reward function 'nonsense'", "--reward_functions", "nonsense"),
+    G("group-of-one", "--num_generations must be >= 2", "--num_generations", "1"),
+    G(
+        "completion-fills-the-context",
+        "--max_completion_length must be in [1, 191] for the model's 192-token context",
+        "--max_completion_length",
+        "192",
+    ),
+    G(
+        "prompts-longer-than-the-context",
+        "longer than the",
+        "--task_kinds",
+        "extract",
+        "--max_completion_length",
+        "150",
+    ),
+    G("temperature-0", "--temperature must be > 0", "--temperature", "0"),
     E("confidence-nan", "--confidence must be between 0 and 1", "--confidence", "nan"),
     T("vocab-size-10**12", "vocab_size=1,000,000,000,000 cannot be built here", "--vocab_size", str(10**12)),
     P("tokenizer-vocab-size-10**12", "cannot be built here", tokenizer_path=None, tokenizer_vocab_size=10**12),

@@ -79,7 +79,7 @@ from training.data.collate import pad_sequences
 from training.data.instructions import encode_prompt, file_splits, load_instruction_records
 from training.data.rewards import BUILT_IN, Rewards
 from training.data.tasks import TASK_KINDS, generate_tasks, make_task_splits
-from training.evaluation.generate import eval_mode, greedy_generate
+from training.evaluation.generate import check_generation_room, eval_mode, greedy_generate
 from training.evaluation.metrics import exact_match_summary, score_generations
 from training.run import lifecycle
 from training.run.accelerator import choose_attention
@@ -660,13 +660,8 @@ def run_grpo(
     rewards = Rewards.load(grpo_args.reward_functions, grpo_args.reward_weights)
     run, tokenizer, model, context_length = lifecycle.open_fine_tuning("grpo", "GRPO", grpo_args, loop_args, None)
     accelerator = run.accelerator
-    if grpo_args.max_completion_length >= context_length:
-        raise ValueError(
-            f"--max_completion_length {grpo_args.max_completion_length} leaves no room for a prompt in the "
-            f"model's {context_length}-token context"
-        )
-    if grpo_args.max_new_tokens >= context_length:
-        raise ValueError(f"--max_new_tokens must be below the model's context length {context_length}")
+    check_generation_room(grpo_args.max_completion_length, context_length, "--max_completion_length")
+    check_generation_room(grpo_args.max_new_tokens, context_length, "--max_new_tokens")
     splits = load_prompt_splits(grpo_args)
     room = context_length - grpo_args.max_completion_length
     train_rows = encode_prompts(tokenizer, splits.train, room, "training prompts")

@@ -341,7 +341,10 @@ def test_bad_inputs_give_one_clear_line_and_write_nothing(grpo_script, base_dir,
             ["--train_file", str(long)],
             r"longer than the \d+ tokens the context leaves after --max_completion_length",
         ),
-        "e": (["--max_completion_length", "128"], r"leaves no room for a prompt"),
+        "e": (
+            ["--max_completion_length", "128"],
+            r"--max_completion_length must be in \[1, 127\] for the model's 128-token context",
+        ),
         "f": (["--reward_weights", "1", "2"], r"2 --reward_weights for 1 --reward_functions"),
         "g": (["--temperature", "0"], r"--temperature must be > 0"),
     }
