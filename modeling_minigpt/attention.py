@@ -1,8 +1,12 @@
 """Causal multi-head self-attention, written out step by step.
 
 This is the book's `MultiHeadAttention` (chapter 3) plus what a Hugging Face model needs: a KV
-cache for generation, masks for padded or packed batches, and a second path through PyTorch's
-fused `scaled_dot_product_attention` (sdpa) that computes the same thing faster.
+cache for generation and masks for padded or packed batches. The score computation below
+(`_eager`) is the book's and is what `attn_implementation="eager"` runs; it is also the only path
+that returns the attention weights. Every other implementation (sdpa, flex attention, the flash
+kernels, and paged attention for continuous batching) computes the same thing with a kernel that
+transformers provides, picked from its attention interface (`ALL_ATTENTION_FUNCTIONS`) by name, so
+any kernel transformers supports works here without code of ours.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .linear import Linear
 
 
 class MultiHeadAttention(nn.Module):
+    # Read by the sdpa and flash kernels: a decoder's attention is causal unless a mask says otherwise.
+    is_causal = True
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         # The config is kept (not copied into fields) so `set_attn_implementation` on the model
@@ -39,14 +46,19 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask=None,
         cache=None,
         output_attentions: bool = False,
+        **kernel_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, T, C). attention_mask: None for plain causal attention, else (B or 1, 1, T, S)
-        over the S keys (cached + new): bool, True where a query may look, or float, added to the
-        scores (0 or a large negative number). The model builds it once per forward
-        (`transformers.masking_utils.create_causal_mask`). cache: a transformers `Cache` or None.
+        """x: (B, T, C). attention_mask: what `transformers.masking_utils.create_causal_mask` built
+        for this implementation, once per forward: None for plain causal attention; for eager and
+        sdpa a (B or 1, 1, T, S) tensor over the S keys (cached + new), bool (True where a query may
+        look) or float (added to the scores); a BlockMask for flex attention. cache: a transformers
+        `Cache` or None. kernel_kwargs: what kernels other than eager read (packed sequences'
+        `cu_seq_lens_*`, paged attention's `block_table` / `read_index` / `write_index`); they also
+        go to `cache.update`, where a paged cache finds its indices. output_attentions: run the
+        eager path for this call, the only one that has the weights.
         Returns the output (B, T, C) and, on the eager path, the weights (B, n_heads, T, S)."""
         B, T, C = x.shape
         queries = self.W_query(x)  # (B, T, C)
@@ -60,16 +72,29 @@ class MultiHeadAttention(nn.Module):
 
         if cache is not None:
             # A dynamic cache returns the S keys seen so far, a static one its whole preallocated
-            # buffer (S = max_cache_len; the mask hides the slots not yet written).
-            keys, values = cache.update(keys, values, self.layer_idx)  # (B, n_heads, S, head_dim)
+            # buffer (S = max_cache_len; the mask hides the slots not yet written), a paged one the
+            # keys its read index selects (the kwargs name them).
+            keys, values = cache.update(keys, values, self.layer_idx, kwargs=kernel_kwargs)  # (B, n_heads, S, head_dim)
 
-        if output_attentions or self.config._attn_implementation == "eager":
+        implementation = self.config._attn_implementation
+        if output_attentions or implementation == "eager":
             context, weights = self._eager(queries, keys, values, attention_mask)
+            context = context.transpose(1, 2)  # (B, n_heads, T, head_dim) -> (B, T, n_heads, head_dim)
         else:
-            context, weights = self._sdpa(queries, keys, values, attention_mask), None
+            kernel = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None)
+            context, weights = kernel(
+                self,
+                queries,
+                keys,
+                values,
+                attention_mask,
+                dropout=self.dropout.p if self.training else 0.0,
+                scaling=1 / math.sqrt(self.head_dim),
+                **kernel_kwargs,
+            )  # context: (B, T, n_heads, head_dim)
 
-        # Merge the heads back: (B, n_heads, T, head_dim) -> (B, T, n_heads, head_dim) -> (B, T, C)
-        context = context.transpose(1, 2).reshape(B, T, C)
+        # Merge the heads back: (B, T, n_heads, head_dim) -> (B, T, C)
+        context = context.reshape(B, T, C)
         return self.out_proj(context), weights
 
     def _eager(self, queries, keys, values, attention_mask):
@@ -88,17 +113,6 @@ class MultiHeadAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         weights = self.dropout(weights)
         return weights @ values, weights  # (B, n_heads, T, head_dim), (B, n_heads, T, S)
-
-    def _sdpa(self, queries, keys, values, attention_mask):
-        dropout_p = self.config.drop_rate if self.training else 0.0
-        # No mask means plain causal attention, which the fused kernel applies itself (cheapest);
-        # a single new query needs no mask at all. The same rule as the eager path above. The
-        # shape test comes first: with dynamic shapes under torch.compile it is symbolic, and
-        # `and` turns it into the plain bool sdpa requires.
-        is_causal = queries.shape[2] > 1 and attention_mask is None
-        return F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal
-        )
 
 
 def causal_mask(context_length: int) -> torch.Tensor:

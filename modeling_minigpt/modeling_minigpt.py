@@ -14,6 +14,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.continuous_batching.input_outputs import PagedAttentionArgs
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -22,11 +23,37 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import TransformersKwargs
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import MultiHeadAttention, causal_mask
 from .configuration_minigpt import MiniGPTConfig
 from .linear import Linear
+
+# Keyword arguments a forward takes besides its named ones, by who reads them. Any other name is
+# refused with a TypeError: a typo (`attention_maks=`) would otherwise be ignored without a word.
+# What the attention kernels and caches read (packed sequences' `cu_seq_lens_*`, paged attention's
+# `block_table` / `read_index` / `write_index` ...), plus `output_attentions` /
+# `output_hidden_states`: taken from transformers' own declarations, so a kernel's new argument
+# passes without an edit here. What the causal LM hands to `loss_function` (Trainer passes
+# num_items_in_batch) stays with the loss.
+LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index"})
+ATTENTION_KWARGS = (
+    frozenset(TransformersKwargs.__annotations__) | frozenset(PagedAttentionArgs.__annotations__)
+) - LOSS_KWARGS
+# generate() leaves some of its own arguments among the model kwargs it passes to every forward
+# (`tokenizer` for stop_strings, `assistant_tokenizer` for assisted decoding); nothing reads them.
+GENERATE_KWARGS = frozenset({"tokenizer", "assistant_tokenizer"})
+
+
+def check_kwargs(owner: str, kwargs: dict, allowed: frozenset[str]) -> None:
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(
+            f"{owner}.forward() got unexpected keyword arguments {unknown}; besides its named arguments it "
+            f"takes only {', '.join(sorted(allowed))}"
+        )
 
 
 class FeedForward(nn.Module):
@@ -57,20 +84,27 @@ class TransformerBlock(GradientCheckpointingLayer):
     def forward(
         self,
         x: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask=None,
         cache: Cache | None = None,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        **kernel_kwargs,
+    ) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C). The attention weights, when asked for, are recorded from the
+        attention module by the model (`_can_record_outputs`), not returned through here."""
         shortcut = x
-        x, weights = self.att(
-            self.norm1(x), attention_mask=attention_mask, cache=cache, output_attentions=output_attentions
+        x, _ = self.att(
+            self.norm1(x),
+            attention_mask=attention_mask,
+            cache=cache,
+            output_attentions=output_attentions,
+            **kernel_kwargs,
         )
         x = self.drop_shortcut(x) + shortcut
 
         shortcut = x
         x = self.ff(self.norm2(x))
         x = self.drop_shortcut(x) + shortcut
-        return x, weights
+        return x
 
 
 class MiniGPTPreTrainedModel(PreTrainedModel):
@@ -78,10 +112,22 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
+    # Every implementation but eager runs a kernel from transformers' attention interface (see
+    # attention.py): sdpa (the default), flex attention, flash attention where installed, paged
+    # attention for continuous batching, and any function registered with `AttentionInterface`.
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
     # No data-dependent Python branch in any forward: torch.compile(fullgraph=True) and
     # torch.export trace it whole, with a dynamic or a static cache.
     _can_compile_fullgraph = True
+    # output_hidden_states / output_attentions are recorded by forward hooks (`capture_outputs`):
+    # each block's output, and each attention module's weights (its output 1, eager path only).
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(TransformerBlock, index=0),
+        "attentions": OutputRecorder(MultiHeadAttention, index=1),
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         """Every parameter and buffer is initialised here, GPT-2's scheme:
@@ -135,6 +181,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.tok_emb = value
 
+    @capture_outputs
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -146,29 +193,38 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPast | tuple:
+        **kernel_kwargs,
+    ) -> BaseModelOutputWithPast:
         """input_ids: (B, T) token ids, or inputs_embeds: (B, T, C) vectors in their place.
         attention_mask: (B, past + T), 1 = token, 0 = padding; or a ready 4-D mask (see
         `MultiHeadAttention.forward`), used as given. position_ids: (B or 1, T); rows packed
         padding-free (`DataCollatorWithFlattening`) restart them at 0 for each sequence, which
-        keeps the sequences from seeing each other. cache: a transformers `Cache` (dynamic or
-        static) with the past keys/values; `past_key_values` is its pre-5.24 name."""
+        keeps the sequences from seeing each other. cache: a transformers `Cache` (dynamic,
+        static or paged) with the past keys/values; `past_key_values` is its pre-5.24 name.
+        output_hidden_states / output_attentions and `return_dict` are handled by
+        `capture_outputs`, which records them with hooks (`_can_record_outputs`).
+        kernel_kwargs: only ATTENTION_KWARGS, handed to every attention layer."""
+        check_kwargs(type(self).__name__, kernel_kwargs, ATTENTION_KWARGS)
         # The cache only serves generation; in training it would copy every layer's keys/values.
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_attentions and self.config._attn_implementation not in ("eager", "sdpa"):
+            # Only the eager path has the weights; it reads the masks eager and sdpa share, not a
+            # flex BlockMask or a flash or paged layout.
+            raise ValueError(
+                f"output_attentions=True needs attn_implementation 'eager' or 'sdpa' (which switches to eager for "
+                f"the call); this model runs {self.config._attn_implementation!r}: "
+                "call model.set_attn_implementation('eager') first"
+            )
         self._check_inputs(input_ids, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.tok_emb(input_ids)  # (B, T, C)
         self._check_mask_shape(attention_mask, inputs_embeds.shape[0], inputs_embeds.shape[1], cache is not None)
 
-        # The mask is built once here for every layer: causal, padding, packed sequences and the
-        # cache's length (a static cache is longer than what it holds). None when plain causal
-        # attention is all it takes. Only caller-given position ids can mark packed sequences.
+        # The mask is built once here for every layer, in the form the implementation's kernel
+        # reads: causal, padding, packed sequences and the cache's length (a static cache is
+        # longer than what it holds). None when plain causal attention is all it takes. Only
+        # caller-given position ids can mark packed sequences.
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -189,26 +245,11 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
 
         x = inputs_embeds + self.pos_emb(position_ids)  # (B, T, C)
         x = self.drop_emb(x)
-
-        all_hidden = (x,) if output_hidden_states else None
-        all_weights = () if output_attentions else None
         for block in self.trf_blocks:
-            x, weights = block(x, attention_mask=mask, cache=cache, output_attentions=output_attentions)
-            if output_hidden_states:
-                all_hidden += (x,)
-            if output_attentions:
-                all_weights += (weights,)
-        x = self.final_norm(x)
-        if output_hidden_states:
-            all_hidden = all_hidden[:-1] + (x,)
-
-        out = BaseModelOutputWithPast(
-            last_hidden_state=x,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden,
-            attentions=all_weights,
-        )
-        return out if return_dict else out.to_tuple()
+            # A paged cache rewrites the kwargs it is handed for its layer: each block gets its own dict.
+            x = block(x, attention_mask=mask, cache=cache, output_attentions=output_attentions, **kernel_kwargs)
+        x = self.final_norm(x)  # (B, T, C)
+        return BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None)
 
     def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
         """Fail with the numbers a user needs, instead of an index error deep inside torch."""
@@ -277,10 +318,6 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         return (torch.arange(T, device=inputs_embeds.device) + past)[None, :]
 
 
-# Keyword arguments the causal LM hands to `loss_function` (Trainer passes num_items_in_batch).
-LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
-
-
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     # v5 form {target: source}; only tied when config.tie_word_embeddings is True.
     _tied_weights_keys = {"lm_head.weight": "model.tok_emb.weight"}
@@ -308,23 +345,20 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
-        **loss_kwargs,
+        **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """labels: (B, T) unshifted, -100 = ignored; the shift happens in the loss.
         shift_labels: (B, T) already aligned (position t holds the target of token t), for
         windows of context_length + 1 tokens where no target should be wasted.
         logits_to_keep: compute logits only for the last N positions (generation needs 1).
-        loss_kwargs: only LOSS_KWARGS; anything else is a typo that would otherwise be ignored."""
-        unknown = sorted(set(loss_kwargs) - set(LOSS_KWARGS))
-        if unknown:
-            raise TypeError(
-                f"MiniGPTForCausalLM.forward() got unexpected keyword arguments {unknown}; "
-                f"besides its named arguments it takes only {', '.join(LOSS_KWARGS)}"
-            )
+        kwargs: LOSS_KWARGS for the loss; ATTENTION_KWARGS (output_attentions,
+        output_hidden_states, the attention kernels' arguments) for the base model, which resolves
+        unset output flags against the config; GENERATE_KWARGS, dropped. Nothing else."""
+        check_kwargs(type(self).__name__, kwargs, ATTENTION_KWARGS | LOSS_KWARGS | GENERATE_KWARGS)
+        loss_kwargs = {k: v for k, v in kwargs.items() if k in LOSS_KWARGS}
+        model_kwargs = {k: v for k, v in kwargs.items() if k in ATTENTION_KWARGS}
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(
             input_ids,
@@ -333,9 +367,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
+            **model_kwargs,
         )
         hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)  # (B, T, vocab_size)
@@ -378,10 +411,12 @@ class MiniGPTForSequenceClassification(MiniGPTPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
+        """kwargs: ATTENTION_KWARGS (output_attentions, output_hidden_states, the attention kernels'
+        arguments), for the base model. Nothing else."""
+        check_kwargs(type(self).__name__, kwargs, ATTENTION_KWARGS)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(
             input_ids,
@@ -389,9 +424,8 @@ class MiniGPTForSequenceClassification(MiniGPTPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
         # The book pools position -1, which is a pad token in a right-padded batch. Pool the
