@@ -84,6 +84,17 @@ class MiniGPTConfig(PretrainedConfig):
         if not float(self.initializer_range) > 0:
             raise ValueError(f"MiniGPTConfig.initializer_range must be > 0, got {self.initializer_range!r}")
 
+    def to_dict(self) -> dict:
+        """The fields, plus each standard name of `attribute_map` with its value. Tools that read
+        `to_dict()` or the saved config.json instead of the config object find the standard names
+        there: PEFT's prompt, prefix and P-tuning take `hidden_size` and `num_attention_heads`
+        from it (without them, `token_dim` and `num_attention_heads` must be passed by hand).
+        Loading maps each one back onto the field it names, with the same value."""
+        out = super().to_dict()
+        for standard, ours in self.attribute_map.items():
+            out[standard] = getattr(self, ours)
+        return out
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MiniGPTConfig:
         """A preset by name (see `PRESETS`), with any field overridden: `from_preset("tiny", n_layers=4)`."""

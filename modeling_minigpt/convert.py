@@ -58,6 +58,25 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
+def gpt2_module_names_to_minigpt(names: list[str]) -> list[str] | None:
+    """GPT-2 module names as PEFT writes them ("c_attn", "mlp.c_proj", "ln_f"; a bare "c_proj"
+    names both projections) -> MiniGPT's names for the same layers ("att.W_query", "ff.fc_out",
+    "final_norm"), from the renaming tables above. None if a name matches no module."""
+    modules: dict[str, list[str]] = {"attn.c_attn": [f"att.{name}" for name in _QKV]}
+    for theirs, ours, _ in _BLOCK_RENAMES:  # parameter names -> the names of their modules
+        modules[theirs.rsplit(".", 1)[0]] = [ours.rsplit(".", 1)[0]]
+    for theirs, ours in _TOP_RENAMES:
+        modules[theirs.removeprefix("transformer.").rsplit(".", 1)[0]] = [ours.removeprefix("model.").rsplit(".", 1)[0]]
+    out = []
+    for name in names:
+        # PEFT matches a name against the end of a module's dotted path.
+        matches = [m for theirs, ours in modules.items() if f".{theirs}".endswith(f".{name}") for m in ours]
+        if not matches:
+            return None
+        out += matches
+    return out
+
+
 # ----------------------------------------------------------------------------- configs
 
 
