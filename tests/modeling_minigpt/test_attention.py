@@ -41,7 +41,7 @@ AttentionMaskInterface.register("counting_sdpa", sdpa_mask)
 IMPLEMENTATIONS = [
     "sdpa",
     "counting_sdpa",
-    # Compiled on first use: ~30 s on a shared 2-core machine.
+    # Compiled on first use: ~100 s on a shared 2-core machine.
     pytest.param("flex_attention", marks=pytest.mark.slow),
     pytest.param(
         "flash_attention_2",
