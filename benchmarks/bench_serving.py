@@ -1,6 +1,6 @@
 """Serving many requests: continuous batching (`generate_batch`) against `generate` in a loop.
 
-    python benchmarks/bench_serving.py                                  # gpt2-small shape, 32 requests
+    python benchmarks/bench_serving.py --threads 1                      # gpt2-small shape, 32 requests (~15 min)
     python benchmarks/bench_serving.py --preset tiny --requests 64      # a quick look
     python benchmarks/bench_serving.py --attn_implementation eager      # paged|eager kernel instead of sdpa
 
@@ -9,9 +9,9 @@ three ways, in one process, interleaved (one run of each per repetition, so a bu
 alike): `generate` on one prompt at a time (what a naive server does), `generate` on all prompts at
 once, left-padded (static batching: every row waits for the longest), and `generate_batch`
 (continuous batching: requests share one flat batch and a paged KV cache, prefills chunked to
---max_batch_tokens). Tokens/s counts generated tokens only; ratios are the median over repetitions
-of each path's tokens/s over the loop's in the same repetition. Every path is checked to give each
-request the loop's ids.
+--max_batch_tokens). Tokens/s counts generated tokens only (median over repetitions); ratios are
+the median over repetitions of each path's tokens/s over the loop's in the same repetition. Every
+path is checked to give each request the loop's ids.
 
 The model has random weights (speed does not depend on them) at a MiniGPT preset's shape, fp32,
 dropout 0, end-of-text disabled so every request generates exactly --new_tokens.
@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, HfArgumentParser
+from common import check_at_least, interleaved, load_average, median_ratio, set_threads, threads_field
+from transformers import ContinuousBatchingConfig, GenerationConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_minigpt import PRESETS, MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
-from training.cli import report_error  # noqa: E402
+from modeling_minigpt import PRESETS, MiniGPTConfig, MiniGPTForCausalLM
+from training.cli import USER_ERRORS, parse_config_args, report_error
 
 PATHS = ("generate, one request at a time", "generate, padded batch", "generate_batch (continuous)")
 
@@ -47,19 +44,18 @@ class ServingArguments:
     max_batch_tokens: int = field(
         default=256, metadata={"help": "Continuous batching: most tokens (prefill + decode) in one forward."}
     )
-    pairs: int = field(default=3, metadata={"help": "Timed repetitions (each runs every path once)."})
+    repeats: int = field(default=3, metadata={"help": "Timed repetitions (each runs every path once)."})
+    warmup: int = field(default=1, metadata={"help": "Untimed repetitions first (also give the ids compared)."})
     seed: int = field(default=0, metadata={"help": "torch.manual_seed for weights and prompts."})
-    threads: int | None = field(
-        default=None, metadata={"help": "torch.set_num_threads (default: torch's); 1 is steadier on a busy machine."}
-    )
+    threads: int | None = threads_field()
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"--attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
-        if min(self.requests, self.min_prompt, self.new_tokens, self.pairs, self.max_batch_tokens) < 1:
-            raise ValueError("--requests, --min_prompt, --new_tokens, --pairs and --max_batch_tokens must be >= 1")
+        check_at_least(self, 1, "requests", "min_prompt", "new_tokens", "max_batch_tokens", "repeats", "threads")
+        check_at_least(self, 0, "warmup")
         if self.max_prompt < self.min_prompt:
             raise ValueError(f"--max_prompt ({self.max_prompt}) must be >= --min_prompt ({self.min_prompt})")
         context = PRESETS[self.preset]["context_length"]
@@ -68,8 +64,6 @@ class ServingArguments:
                 f"--max_prompt + --new_tokens = {self.max_prompt + self.new_tokens} is longer than "
                 f"{self.preset}'s context_length of {context}"
             )
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
 
 
 def build(args: ServingArguments) -> tuple[MiniGPTForCausalLM, list[list[int]]]:
@@ -110,12 +104,11 @@ def paging_for(args: ServingArguments, prompts: list[list[int]]) -> ContinuousBa
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        (args,) = HfArgumentParser(ServingArguments).parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
+        (args,) = parse_config_args((ServingArguments,), argv, __doc__.split("\n\n")[0])
+    except USER_ERRORS as error:
         return report_error(error)
     print(f"benchmark with {args}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, prompts = build(args)
     config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     paging = paging_for(args, prompts)
@@ -124,24 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         PATHS[1]: lambda: run_padded(model, prompts, config),
         PATHS[2]: lambda: run_continuous(model, prompts, config, paging),
     }
-    generated = args.requests * args.new_tokens
     with torch.inference_mode():
-        outputs = {name: run() for name, run in runs.items()}  # warm-up, and the ids to compare
-        rates: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.pairs):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                rates[name].append(generated / (time.perf_counter() - start))
+        expected = runs[PATHS[0]]()
+        timings = interleaved(runs, args.repeats, args.warmup)
+    generated = args.requests * args.new_tokens
     print(
         f"\n{args.requests} requests, prompts {args.min_prompt}-{args.max_prompt} tokens, {args.new_tokens} new "
         f"tokens each, {args.preset}, {args.attn_implementation}, {torch.get_num_threads()} threads"
     )
     print(f"  {'path':34s} {'tokens/s':>9s} {'vs loop':>8s}  same ids as the loop")
     for name in runs:
-        ratio = statistics.median(r / base for r, base in zip(rates[name], rates[PATHS[0]], strict=True))
-        same = sum(a == b for a, b in zip(outputs[name], outputs[PATHS[0]], strict=True))
-        print(f"  {name:34s} {statistics.median(rates[name]):9.1f} {ratio:7.2f}x  {same}/{args.requests}")
+        rate = generated / statistics.median(timings.wall[name])
+        ratio = median_ratio(timings.wall[PATHS[0]], timings.wall[name])
+        same = sum(a == b for a, b in zip(timings.results[name], expected, strict=True))
+        print(f"  {name:34s} {rate:9.1f} {ratio:7.2f}x  {same}/{args.requests}")
+    print(f"\nload average {load_average()} at end (1, 5, 15 min)")
     return 0
 
 

@@ -15,6 +15,7 @@ BAD_VALUES = {
     "bench_loop": (["--emb_dim", "30", "--n_heads", "4"], "--emb_dim must be a multiple of --n_heads"),
     "bench_model": (["--new_tokens", "0"], "--batches and --new_tokens must be >= 1, got [1, 8] and 0"),
     "bench_optimizer": (["--eval_every", "0"], "--eval_every must be >= 1, got 0"),
+    "bench_serving": (["--requests", "0"], "--requests must be >= 1, got 0"),
     "bench_sft": (["--base_model", "no/such/folder"], "is not a saved model folder"),
     "bench_sharding": (["--ranks", "1", "0"], "--ranks must be >= 1, got [1, 0]"),
     "bench_tokenizer": (["--vocab_size", "100"], "--vocab_size must be >= 258, got 100"),
