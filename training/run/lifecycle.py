@@ -124,6 +124,9 @@ def optimization_fingerprint(loop_args: LoopArguments) -> dict[str, Any]:
         "overwrite",
         "report_to",
         "divergence_loss",
+        # the same computation as eager up to float rounding: a run may be resumed with or without it,
+        # and runs recorded before the flag existed resume
+        "compile",
     }
     return {k: v for k, v in asdict(loop_args).items() if k not in not_binding}
 
