@@ -21,7 +21,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.evaluation.generate import greedy_generate
 
 FREE_TOKENS = 48  # the pretrained model's free-text sample
 REPETITION_PENALTY = 1.3
@@ -76,6 +75,9 @@ def report(args: ReportArguments) -> int:
     loaded_from = type(model).__module__
     if not loaded_from.startswith("transformers_modules."):
         raise RuntimeError(f"expected the folder's own code, got {loaded_from}")
+    # Only now: importing the package (as the generator does) registers its classes with the Auto
+    # classes, which would then load the folder with them instead of the folder's own code.
+    from training.evaluation.generate import greedy_generate
     heldout = json.loads((out / "sft" / "heldout_generations.json").read_text())[: args.generations]
     prompts = []
     for row in heldout:

@@ -20,6 +20,7 @@ JOBS = {
     "sft": ["quickstart_sft", "sft_tasks", "sft_lora"],
     "classify": ["classify_demo"],
     "dpo": ["dpo_tasks", "dpo_book"],
+    "grpo": ["grpo_tasks"],
 }
 
 
