@@ -21,7 +21,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.cli import USER_ERRORS, parse_config_args, report_error
-from training.evaluation.generate import greedy_generate
 
 FREE_TOKENS = 48  # the pretrained model's free-text sample
 REPETITION_PENALTY = 1.3
@@ -73,9 +72,15 @@ def report(args: ReportArguments) -> int:
     model = AutoModelForCausalLM.from_pretrained(final_dir, trust_remote_code=True).eval()
     # The folder's config names remote code; without the flag AutoTokenizer would stop and ask.
     tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=True)
-    loaded_from = type(model).__module__
-    if not loaded_from.startswith("transformers_modules."):
-        raise RuntimeError(f"expected the folder's own code, got {loaded_from}")
+    pretrained = AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", trust_remote_code=True).eval()
+    for loaded in (model, pretrained):
+        loaded_from = type(loaded).__module__
+        if not loaded_from.startswith("transformers_modules."):
+            raise RuntimeError(f"expected the folder's own code, got {loaded_from}")
+    # Imported only now: the package's generator imports the model package, which registers MiniGPT
+    # with the Auto classes, and the two folders above had to load from their own code first.
+    from training.evaluation.generate import greedy_generate
+
     heldout = json.loads((out / "sft" / "heldout_generations.json").read_text())[: args.generations]
     prompts = []
     for row in heldout:
@@ -90,7 +95,6 @@ def report(args: ReportArguments) -> int:
     generations = [
         (row, tokenizer.decode(new, skip_special_tokens=True)) for row, new in zip(heldout, answers, strict=True)
     ]
-    pretrained = AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", trust_remote_code=True).eval()
     # Greedy, so every run prints the same text, with a repetition penalty: plain greedy decoding
     # of a 1M-parameter model soon loops over one clause (distinct-2 ~0.5 after 300 steps).
     prompt = tokenizer("The for statement", return_tensors="pt")["input_ids"]
@@ -100,8 +104,6 @@ def report(args: ReportArguments) -> int:
     free_text = tokenizer.decode(prompt[0].tolist() + free, skip_special_tokens=True)
 
     # --- figures this step draws ----------------------------------------------------------
-    # Imported only now: importing the model package registers MiniGPT with the Auto classes, and
-    # the two folders above had to load from their own code first.
     from modeling_minigpt.files import save_figure
     from modeling_minigpt.visualize import plot_attention
     from training.data.instructions import loss_mask_figure, render_example
