@@ -1,8 +1,8 @@
 """Push a saved MiniGPT folder (weights, config, code, tokenizer, card, plots) to the Hugging Face Hub.
 
-    python scripts/push_to_hub.py --folder runs/verdict/model --repo-id me/minigpt-verdict
-    python scripts/push_to_hub.py --folder runs/verdict/model --repo-id me/minigpt-verdict \\
-        --private --branch experiment-1 --commit-message "Longer run"
+    python scripts/push_to_hub.py --folder runs/verdict/model --repo_id me/minigpt-verdict
+    python scripts/push_to_hub.py --folder runs/verdict/model --repo_id me/minigpt-verdict \\
+        --private --revision experiment-1 --commit_message "Longer run"
 
 The token is read the usual way: the HF_TOKEN environment variable, else the login saved by
 `hf auth login`. It is never printed or logged. Pushing a folder again uploads only the files
@@ -45,7 +45,7 @@ class PushArguments:
     )
     create: bool = field(
         default=True,
-        metadata={"help": "Create the repository and branch when missing; with --no-create a missing one is an error."},
+        metadata={"help": "Create the repository and branch when missing; with --no_create a missing one is an error."},
     )
     token: str | None = field(
         default=None,
@@ -73,11 +73,11 @@ def describe(args: PushArguments) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config_args((PushArguments,), argv, __doc__.split("\n\n")[0])
-    if args.verbose:
-        hub_logging.set_verbosity_debug()
-    print(f"Pushing with:\n{describe(args)}", flush=True)
     try:
+        (args,) = parse_config_args((PushArguments,), argv, __doc__.split("\n\n")[0])
+        if args.verbose:
+            hub_logging.set_verbosity_debug()
+        print(f"Pushing with:\n{describe(args)}", flush=True)
         result = push_folder(
             args.folder,
             args.repo_id,

@@ -72,12 +72,15 @@ def report(args: ReportArguments) -> int:
     model = AutoModelForCausalLM.from_pretrained(final_dir, trust_remote_code=True).eval()
     # The folder's config names remote code; without the flag AutoTokenizer would stop and ask.
     tokenizer = AutoTokenizer.from_pretrained(final_dir, trust_remote_code=True)
-    loaded_from = type(model).__module__
-    if not loaded_from.startswith("transformers_modules."):
-        raise RuntimeError(f"expected the folder's own code, got {loaded_from}")
-    # Only now: importing the package (as the generator does) registers its classes with the Auto
-    # classes, which would then load the folder with them instead of the folder's own code.
+    pretrained = AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", trust_remote_code=True).eval()
+    for loaded in (model, pretrained):
+        loaded_from = type(loaded).__module__
+        if not loaded_from.startswith("transformers_modules."):
+            raise RuntimeError(f"expected the folder's own code, got {loaded_from}")
+    # Imported only now: the package's generator imports the model package, which registers MiniGPT
+    # with the Auto classes, and the two folders above had to load from their own code first.
     from training.evaluation.generate import greedy_generate
+
     heldout = json.loads((out / "sft" / "heldout_generations.json").read_text())[: args.generations]
     prompts = []
     for row in heldout:
@@ -92,7 +95,6 @@ def report(args: ReportArguments) -> int:
     generations = [
         (row, tokenizer.decode(new, skip_special_tokens=True)) for row, new in zip(heldout, answers, strict=True)
     ]
-    pretrained = AutoModelForCausalLM.from_pretrained(out / "pretrain" / "model", trust_remote_code=True).eval()
     # Greedy, so every run prints the same text, with a repetition penalty: plain greedy decoding
     # of a 1M-parameter model soon loops over one clause (distinct-2 ~0.5 after 300 steps).
     prompt = tokenizer("The for statement", return_tensors="pt")["input_ids"]
@@ -102,8 +104,6 @@ def report(args: ReportArguments) -> int:
     free_text = tokenizer.decode(prompt[0].tolist() + free, skip_special_tokens=True)
 
     # --- figures this step draws ----------------------------------------------------------
-    # Imported only now: importing the model package registers MiniGPT with the Auto classes, and
-    # the two folders above had to load from their own code first.
     from modeling_minigpt.files import save_figure
     from modeling_minigpt.visualize import plot_attention
     from training.data.instructions import loss_mask_figure, render_example

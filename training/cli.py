@@ -37,7 +37,7 @@ def parse_config_args(
     would otherwise reach the run as a float); flags after it override it.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(argument_classes, description=description)
+    parser = _Parser(argument_classes, description=description)
     if argv and Path(argv[0]).suffix in {".yaml", ".yml", ".json"}:
         path = Path(argv[0])
         if not path.is_file():
@@ -54,10 +54,12 @@ def parse_config_args(
             raise ValueError(f"{path}: unknown keys {unknown}; run with --help for the accepted flags")
         parser.set_defaults(**{name: _typed(value, hints[name], f"{path}: {name}") for name, value in values.items()})
         argv = argv[1:]
-    parsed = tuple(parser.parse_args_into_dataclasses(args=argv))
-    for arguments in parsed:
+    *groups, unknown_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown_flags:
+        raise ValueError(f"unknown arguments {' '.join(unknown_flags)}; run with --help for the accepted flags")
+    for arguments in groups:
         check_finite(arguments)
-    return parsed
+    return tuple(groups)
 
 
 def check_finite(arguments: Any) -> None:
@@ -70,6 +72,15 @@ def check_finite(arguments: Any) -> None:
         value = getattr(arguments, item.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{item.name} must be a finite number, got {value}")
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose refusals (a missing required flag, a value of the wrong type, an
+    unknown choice) raise ValueError like every other bad input, so a script reports them as its one
+    `error: ...` line with exit code 1; argparse's own `error` prints its usage block and exits 2."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message}; run with --help for the accepted flags")
 
 
 def _typed(value: Any, hint: Any, where: str) -> Any:

@@ -1047,3 +1047,13 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, world, scripts, t
     assert len(errors) == 1 or case.code == 2, captured.err
     assert listing(tmp_path) == before, "a refused run must leave the folder as it was"
     assert not (out / "model" / "RAN").exists(), "code saved in a folder ran"
+
+
+@pytest.mark.parametrize("name", [*SCRIPTS, "quickstart_report"])
+@pytest.mark.parametrize("flags", [["--no_such_flag", "1"], ["--max_steps", "ten"]], ids=["unknown", "malformed"])
+def test_every_script_refuses_a_bad_flag_in_one_error_line(name, flags, capsys):
+    """An unknown flag or a value of the wrong type: argparse's refusal, as one line and exit code 1."""
+    assert run_main(load_script(name), flags) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(("error: ", "minigpt-app: error: ")), err
+    assert "usage:" not in err and "Traceback" not in err, err

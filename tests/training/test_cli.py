@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from training.cli import parse_config_args
@@ -67,3 +69,24 @@ def test_errors_of_the_file_system_are_one_line_with_what_to_do(error, line, cap
 
     assert report_error(eval(error)) == 1
     assert capsys.readouterr().err.strip() == line
+
+
+@dataclass
+class _Push:
+    folder: str
+    private: bool = False
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--folder", "x", "--bogus", "1"], "unknown arguments --bogus 1; run with --help"),
+        (["--folder", "x", "[--private]"], r"unknown arguments \[--private\]"),  # a usage line taken literally
+        (["--private"], "the following arguments are required: --folder"),
+        (["--folder", "x", "--private", "maybe"], "argument --private: Truthy value expected"),
+    ],
+)
+def test_a_flag_argparse_refuses_is_a_value_error_not_its_usage_block_and_exit_2(argv, message):
+    """So every script reports it like any bad input: one `error: ...` line and exit code 1."""
+    with pytest.raises(ValueError, match=message):
+        parse_config_args((_Push,), argv)
