@@ -11,6 +11,8 @@ fill them), and every invariant is checked in one hook, `validate_architecture`.
 
 from __future__ import annotations
 
+import json
+
 from transformers import PretrainedConfig
 
 # Presets are plain data. GPT-2's four sizes use its real settings (50257-token vocabulary,
@@ -86,14 +88,22 @@ class MiniGPTConfig(PretrainedConfig):
 
     def to_dict(self) -> dict:
         """The fields, plus each standard name of `attribute_map` with its value. Tools that read
-        `to_dict()` or the saved config.json instead of the config object find the standard names
-        there: PEFT's prompt, prefix and P-tuning take `hidden_size` and `num_attention_heads`
-        from it (without them, `token_dim` and `num_attention_heads` must be passed by hand).
-        Loading maps each one back onto the field it names, with the same value."""
+        `to_dict()` instead of the config object find the standard names there: PEFT's prompt,
+        prefix and P-tuning take `hidden_size` and `num_attention_heads` from it (without them,
+        `token_dim` and `num_attention_heads` must be passed by hand)."""
         out = super().to_dict()
         for standard, ours in self.attribute_map.items():
             out[standard] = getattr(self, ours)
         return out
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """config.json holds each value once, under our names: with a standard name beside it, an
+        edited file could say `n_layers: 3` and `num_hidden_layers: 2`, and loading would keep
+        whichever it read last, silently."""
+        config = json.loads(super().to_json_string(use_diff))
+        for standard in self.attribute_map:
+            config.pop(standard, None)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MiniGPTConfig:
