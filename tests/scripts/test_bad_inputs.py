@@ -1037,6 +1037,13 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, world, scripts, t
         argv[argv.index("--output_dir") + 1] = str(out / "x" / "run")
     for name, value in (case.env or {}).items():
         monkeypatch.setenv(name, value)
+    if case.script == "app":  # a check that fails to refuse would start the server and wait forever
+        import gradio
+
+        def started(*args, **kwargs):
+            raise AssertionError("the app started its server instead of refusing")
+
+        monkeypatch.setattr(gradio.Blocks, "launch", started)
     before = listing(tmp_path)
     code = run_main(scripts[case.script], argv)
     captured = capsys.readouterr()
