@@ -363,7 +363,6 @@ def test_model_and_tokenizer_push_to_hub(hub, tiny_tokenizer, api, tmp_path):
     code = textwrap.dedent(
         f"""
         from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from modeling_minigpt.files import WriteError
         from transformers import AutoTokenizer
         config = MiniGPTConfig.from_preset("tiny", vocab_size=512, n_layers=2, emb_dim=32, n_heads=2)
         MiniGPTForCausalLM(config).push_to_hub("test-user/from-python")
