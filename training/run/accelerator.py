@@ -134,8 +134,9 @@ def allow_tf32(device: torch.device) -> bool:
 def compile_for_training(model: torch.nn.Module, args: LoopArguments, accelerator: Accelerator) -> None:
     """With --compile, compile `model` in place (`nn.Module.compile`: the module, its parameters and
     its state dict keep their names, so checkpoints, `unwrap_model` and the saved folder are the
-    same as without it) and print it. Call after the attention path is chosen and after sharding or
-    `accelerator.prepare`: compiling the module inside DDP keeps DDP's gradient hooks outside the graph."""
+    same as without it) and print it. Called by `lifecycle.train`, after sharding or
+    `accelerator.prepare` (compiling the module inside DDP keeps DDP's gradient hooks outside the
+    graph) and after the evaluation before training."""
     if not args.compile:
         return
     accelerator.unwrap_model(model).compile()

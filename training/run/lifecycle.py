@@ -466,7 +466,6 @@ def prepare(
         optimizer = make_optimizer(model, args, accelerator.device)
         if not shard:  # a sharded model is not wrapped in DDP; the checkpoint gathers its state whole
             model, optimizer = accelerator.prepare(model, optimizer)
-        compile_for_training(model, args, accelerator)
         if run.is_main:
             print(f"optimizer: {describe_optimizer(args, accelerator.device)}")
         eval_loader = accelerator.prepare(eval_loader)
@@ -550,7 +549,13 @@ def train(
     loss_fn: LossFn = causal_lm_loss,
 ) -> dict[str, Any] | None:
     """`train_loop` on the prepared run, redrawing the loss curve after every evaluation; returns
-    the values of the final evaluation (None when the loop had nothing left to do)."""
+    the values of the final evaluation (None when the loop had nothing left to do).
+
+    With --compile the model is compiled here, after the evaluation before training: its first
+    compiled graph is then the training step's in a fresh and in a resumed run alike (evaluations
+    and samples, compiled later, vary shapes and would otherwise make the training graph dynamic
+    in one run and static in the other: same losses, different last bits)."""
+    compile_for_training(prepared.model, prepared.run.args, prepared.run.accelerator)
     return train_loop(
         prepared.run.accelerator,
         prepared.model,
