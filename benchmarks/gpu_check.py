@@ -44,6 +44,7 @@ import torch
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from modeling_minigpt.convert import minigpt_to_gpt2
+from modeling_minigpt.files import atomic_write_json
 from training.cli import parse_config_args, report_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,8 @@ class GPUCheckArguments:
         for name in ("train_batch_size", "train_steps", "new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.output_json and Path(self.output_json).exists():  # checked before minutes of GPU time
+            raise ValueError(f"--output_json {self.output_json} exists: name a new file (it is never replaced)")
 
 
 @dataclass
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(error)
     print(format_table(rows))
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
+        atomic_write_json(args.output_json, [vars(r) for r in rows])
     return 1 if any(r.result == "FAIL" for r in rows) else 0
 
 
