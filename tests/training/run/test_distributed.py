@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -120,13 +121,48 @@ def gloo_group(rank: int, rendezvous: str) -> Iterator[None]:
     )
     try:
         yield
+        # No rank leaves while the other may still be reading from it: a gloo peer that closes its
+        # pairs under a pending transfer can abort the other process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def spawn_workers(worker, out_dir: Path) -> None:
+    """Run `worker(rank, rendezvous, out_dir)` in WORLD spawned processes. A worker that dies says
+    how far each rank got (the stages `record_stage` wrote) instead of only its signal."""
+    try:
+        mp.spawn(_run_then_exit, args=(worker, str(out_dir / "rendezvous"), str(out_dir)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as error:
+        stages = {r: _stages(out_dir, r) for r in range(WORLD)}
+        raise AssertionError(f"{error}; stages reached per rank: {stages}") from error
+
+
+def record_stage(out_dir: str, rank: int, stage: str) -> None:
+    with open(Path(out_dir) / f"stages{rank}.txt", "a") as log:
+        log.write(stage + "\n")
+
+
+def _stages(out_dir: Path, rank: int) -> list[str]:
+    path = out_dir / f"stages{rank}.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def _run_then_exit(rank: int, worker, rendezvous: str, out_dir: str) -> None:
+    worker(rank, rendezvous, out_dir)
+    record_stage(out_dir, rank, "done")
+    # The worker's results are on disk and its group is destroyed: skip the interpreter's teardown,
+    # where a joinable C++ thread left by the distributed runtime has aborted the process at exit
+    # ("terminate called without an active exception", seen in 2 of 3 full-suite runs).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores; the reference uses 1 thread too
     with gloo_group(rank, rendezvous):
+        record_stage(out_dir, rank, "joined")
         model = shard_model(tiny_model())
         head, embedding = model.lm_head.weight, model.model.tok_emb.weight
         block = model.model.trf_blocks[0].ff.fc_in.weight
@@ -148,6 +184,7 @@ def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
             plain.save_pretrained(Path(out_dir) / "model")
         else:
             facts["gathered_is_none"] = plain is None
+        record_stage(out_dir, rank, "gathered")
 
         # Interrupted run: half the steps, gather model + optimizer state, then a new sharded model
         # (other initial weights) and a new optimizer take the state and finish the run.
@@ -162,6 +199,7 @@ def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
         load_full_training_state(second, optimizer, model_state, optimizer_state)
         facts["resumed_tied"] = second.lm_head.weight is second.model.tok_emb.weight
         facts["resumed_losses"] = losses + train(second, optimizer, rows, range(STEPS // 2, STEPS), distributed=True)
+        record_stage(out_dir, rank, "resumed")
 
         wrapped = accelerate_fsdp2(tiny_model())
         facts["accelerate_groups"] = [
@@ -170,6 +208,7 @@ def _sharded_worker(rank: int, rendezvous: str, out_dir: str) -> None:
         facts["accelerate_losses"] = train(wrapped, adamw(wrapped), rows, range(STEPS), distributed=True)
         facts["accelerate_tied"] = wrapped.lm_head.weight is wrapped.model.tok_emb.weight
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(facts))
+        record_stage(out_dir, rank, "accelerate_trained")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +221,7 @@ def runs(tmp_path_factory):
         reference_losses = train(reference, adamw(reference), slice(0, GLOBAL_BATCH), range(STEPS), distributed=False)
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_sharded_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    spawn_workers(_sharded_worker, out)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return reference.eval(), reference_losses, ranks, out / "model"
 
@@ -429,7 +468,7 @@ def _stream_worker(rank: int, rendezvous: str, out_dir: str) -> None:
 def stream_shares(tmp_path_factory):
     """What each of two gloo ranks saw, {n windows: [epoch][batch] -> offsets}."""
     out = tmp_path_factory.mktemp("stream")
-    mp.spawn(_stream_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    spawn_workers(_stream_worker, out)
     return [{int(n): epochs for n, epochs in json.loads((out / f"stream{r}.json").read_text()).items()} for r in (0, 1)]
 
 
