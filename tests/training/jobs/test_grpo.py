@@ -18,6 +18,7 @@ from helpers.runs import FINETUNE_LOOP, argument_groups, load_script, read_metri
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from apps.inspect_model import load_for_app
 from tokenization.alpaca import format_prompt
 from training.data.collate import pad_sequences
 from training.data.instructions import encode_prompt
@@ -299,6 +300,14 @@ def test_saved_folder_has_the_card_curves_and_the_before_after_table(full_run, b
     tuned = load_file(out / "model" / "model.safetensors")
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
     assert json.loads((out / "heldout_generations_before.json").read_text()) == [r["before"] for r in rows]
+
+
+def test_the_web_app_loads_the_grpo_model_like_any_other(full_run):
+    _, out = full_run
+    loaded = load_for_app(out / "model")
+    assert loaded.kind == "causal-lm" and loaded.tokenizer.chat_template  # the SFT folder's template travels
+    saved = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(tensor, loaded.model.state_dict()[name]) for name, tensor in saved.items())
 
 
 def test_lora_run_uses_the_base_with_the_adapter_disabled(base_dir, tmp_path):
