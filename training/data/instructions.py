@@ -114,22 +114,31 @@ def load_instruction_records(source: Any) -> list[dict[str, str]]:
     return records
 
 
+@dataclass
+class RecordSplits:
+    """A fine-tuning job's training and held-out records, and where they came from."""
+
+    train: list[dict[str, str]]
+    heldout: list[dict[str, str]]  # keeps extra keys (the task `kind`) for per-kind scores
+    description: str
+
+
 def file_splits(
     load: Callable[[Any], list[dict[str, str]]],
     train_file: str,
     validation_file: str | None,
     validation_fraction: float,
     seed: int,
-) -> tuple[list[dict[str, str]], list[dict[str, str]], str]:
-    """(training records, held-out records, their description) of a fine-tuning job's files:
-    `load(validation_file)` held out, or else a seeded `validation_fraction` of `load(train_file)`."""
+) -> RecordSplits:
+    """The records of a fine-tuning job's files: `load(validation_file)` held out, or else a
+    seeded `validation_fraction` of `load(train_file)`."""
     records = load(train_file)
     name = Path(train_file).name
     if validation_file is not None:
-        return records, load(validation_file), name
+        return RecordSplits(records, load(validation_file), name)
     kept, held = split_indices(len(records), validation_fraction, seed)
     description = f"{name} (seeded {validation_fraction:.0%} held out)"
-    return [records[i] for i in kept], [records[i] for i in held], description
+    return RecordSplits([records[i] for i in kept], [records[i] for i in held], description)
 
 
 def validate_preference_record(record: Any, where: str) -> dict[str, str]:

@@ -73,7 +73,7 @@ from transformers import PreTrainedTokenizerBase
 from modeling_minigpt.files import atomic_path, save_figure
 from tokenization.alpaca import format_prompt
 from tokenization.load import short_hash, tokenizer_fingerprint
-from training.data.instructions import file_splits
+from training.data.instructions import RecordSplits
 from training.data.preferences import (
     REFERENCE_COLUMN,
     build_preference_dataset,
@@ -81,7 +81,7 @@ from training.data.preferences import (
     load_preference_records,
     pairs_digest,
 )
-from training.data.tasks import TASK_KINDS, make_preference_splits
+from training.data.tasks import make_preference_splits
 from training.evaluation.generate import eval_mode, generate_answers
 from training.evaluation.metrics import exact_match, exact_match_summary, score_batch, score_generations
 from training.run import lifecycle
@@ -94,9 +94,10 @@ from training.saved.plots import LOSS_CURVE_DPI, preference_curves_figure
 
 
 @dataclass
-class DPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
+class DPOArguments(lifecycle.InstructionDataArguments, lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
     """The base model (usually an SFT model), the preference data, the DPO loss and how to evaluate."""
 
+    # Its records are preference pairs: InstructionDataArguments' fields, with help that says so.
     train_file: str | None = field(
         default=None,
         metadata={
@@ -107,17 +108,8 @@ class DPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments)
     validation_file: str | None = field(
         default=None, metadata={"help": "Held-out preference records. Default: hold out part of train_file."}
     )
-    validation_fraction: float = field(
-        default=0.1,
-        metadata={"help": "Share of train_file records held out (seeded) when there is no validation_file."},
-    )
     num_train_pairs: int = field(default=3000, metadata={"help": "Embedded tasks: training pairs."})
     num_heldout_pairs: int = field(default=120, metadata={"help": "Embedded tasks: held-out pairs (disjoint prompts)."})
-    task_kinds: list[str] = field(
-        default_factory=lambda: list(TASK_KINDS),
-        metadata={"help": f"Embedded tasks: kinds to draw from ({', '.join(TASK_KINDS)})."},
-    )
-    data_seed: int = field(default=0, metadata={"help": "Seed of the embedded tasks and of the held-out split."})
     max_length: int | None = field(
         default=None,
         metadata={
@@ -163,11 +155,7 @@ class DPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments)
     generations_shown: int = field(default=5, metadata={"help": "Rows of the printed before/after table."})
 
     def __post_init__(self) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("num_train_pairs", "num_heldout_pairs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        self.check_data("num_train_pairs", "num_heldout_pairs")
         self.check_evaluation()
         if not self.beta > 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
@@ -362,35 +350,6 @@ def generation_rows(
     return rows
 
 
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class PreferenceSplits:
-    train: list[dict[str, str]]
-    heldout: list[dict[str, str]]  # keeps extra keys (the task `kind`) for per-kind scores
-    description: str
-
-
-def load_preference_splits(args: DPOArguments) -> PreferenceSplits:
-    """Training and held-out preference records: from files, or the embedded preference tasks."""
-    if args.train_file is None:
-        if args.validation_file is not None:
-            raise ValueError(
-                "--validation_file needs a --train_file (the embedded tasks make their own held-out split)"
-            )
-        train, heldout = make_preference_splits(
-            args.num_train_pairs, args.num_heldout_pairs, args.data_seed, args.task_kinds
-        )
-        kinds = ", ".join(args.task_kinds)
-        return PreferenceSplits(train, heldout, f"embedded preference tasks ({kinds}), seed {args.data_seed}")
-    return PreferenceSplits(
-        *file_splits(
-            load_preference_records, args.train_file, args.validation_file, args.validation_fraction, args.data_seed
-        )
-    )
-
-
 # ----------------------------------------------------------------------------- the precomputed reference
 
 
@@ -453,7 +412,13 @@ def run_dpo(dpo_args: DPOArguments, lora_args: LoraArguments, loop_args: LoopArg
     run, tokenizer, model, max_length = lifecycle.open_fine_tuning(
         "dpo", "DPO", dpo_args, loop_args, dpo_args.max_length
     )
-    splits = load_preference_splits(dpo_args)
+    splits = dpo_args.load_splits(
+        load_preference_records,
+        make_preference_splits,
+        dpo_args.num_train_pairs,
+        dpo_args.num_heldout_pairs,
+        "embedded preference tasks",
+    )
     with run.accelerator.main_process_first():
         train_set, train_stats = build_preference_dataset(splits.train, tokenizer, max_length, "training records")
         heldout_set, heldout_stats = build_preference_dataset(splits.heldout, tokenizer, max_length, "held-out records")
@@ -565,12 +530,6 @@ def _fingerprint(
     max_length: int,
     cache: ReferenceCache | None,
 ) -> dict[str, Any]:
-    settings = ("validation_fraction", "num_train_pairs", "num_heldout_pairs", "task_kinds", "data_seed")
-    data = {
-        "train_file": lifecycle.file_identity(dpo_args.train_file),
-        "validation_file": lifecycle.file_identity(dpo_args.validation_file),
-        **{k: getattr(dpo_args, k) for k in settings},
-    }
     objective = ("beta", "loss_type", "label_smoothing", "sft_weight", "logprob_reduction", "reference")
     reference_cache = (
         {"path": str(cache.path.resolve()), "identity": short_hash(json.dumps(cache.identity, sort_keys=True))}
@@ -583,7 +542,7 @@ def _fingerprint(
         loop_args,
         lora_args,
         max_length,
-        data,
+        dpo_args.data_fingerprint("num_train_pairs", "num_heldout_pairs"),
         **{k: getattr(dpo_args, k) for k in objective},
         reference_cache=reference_cache,
     )
@@ -598,7 +557,7 @@ def _reference_words(dpo_args: DPOArguments) -> str:
 
 
 def _summary(
-    splits: PreferenceSplits,
+    splits: RecordSplits,
     train_stats: Any,
     heldout_stats: Any,
     model: torch.nn.Module,
@@ -674,7 +633,7 @@ def _report(
 def _model_card(
     prepared: lifecycle.PreparedRun,
     dpo_args: DPOArguments,
-    splits: PreferenceSplits,
+    splits: RecordSplits,
     before: Mapping[str, float] | None,
     after: Mapping[str, float],
     n_train: int,

@@ -99,9 +99,9 @@ def load_documents(args: EvaluateArguments) -> tuple[list[str], str]:
     `doc_id`; they are joined back into whole documents here.
     """
     if (args.text_file is None) == (args.dataset is None):
-        raise ValueError("give exactly one of --text-file and --dataset")
+        raise ValueError("give exactly one of --text_file and --dataset")
     if args.text_file is not None:
-        source, flag, where = Path(args.text_file), "--text-file", args.text_file
+        source, flag, where = Path(args.text_file), "--text_file", args.text_file
     else:
         source, flag, where = (
             args.dataset,

@@ -76,9 +76,9 @@ from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper
 from modeling_minigpt.files import save_figure
 from tokenization.alpaca import format_prompt
 from training.data.collate import pad_sequences
-from training.data.instructions import encode_prompt, file_splits, load_instruction_records
+from training.data.instructions import RecordSplits, encode_prompt, load_instruction_records
 from training.data.rewards import BUILT_IN, Rewards
-from training.data.tasks import TASK_KINDS, generate_tasks, make_task_splits
+from training.data.tasks import generate_tasks, make_task_splits
 from training.evaluation.generate import check_generation_room, eval_mode, greedy_generate
 from training.evaluation.metrics import exact_match_summary, score_generations
 from training.run import lifecycle
@@ -91,9 +91,10 @@ from training.saved.plots import LOSS_CURVE_DPI, grpo_curves_figure
 
 
 @dataclass
-class GRPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
+class GRPOArguments(lifecycle.InstructionDataArguments, lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
     """The base model (usually an SFT model), the prompts, the rewards, the sampling and the GRPO loss."""
 
+    # InstructionDataArguments' fields, with help that says what the rewards read and how the seed meets SFT's.
     train_file: str | None = field(
         default=None,
         metadata={
@@ -102,27 +103,16 @@ class GRPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments
             "seeded tasks (no download)."
         },
     )
-    validation_file: str | None = field(
-        default=None, metadata={"help": "Held-out Alpaca records. Default: hold out part of train_file."}
-    )
-    validation_fraction: float = field(
-        default=0.1,
-        metadata={"help": "Share of train_file records held out (seeded) when there is no validation_file."},
-    )
-    num_train_tasks: int = field(default=3000, metadata={"help": "Embedded tasks: training prompts."})
-    num_heldout_tasks: int = field(
-        default=120, metadata={"help": "Embedded tasks: held-out prompts (disjoint from the training ones)."}
-    )
-    task_kinds: list[str] = field(
-        default_factory=lambda: list(TASK_KINDS),
-        metadata={"help": f"Embedded tasks: kinds to draw from ({', '.join(TASK_KINDS)})."},
-    )
     data_seed: int = field(
         default=0,
         metadata={
             "help": "Seed of the embedded tasks (SFT's 0 gives SFT's held-out prompts) and of the held-out split "
             "of train_file."
         },
+    )
+    num_train_tasks: int = field(default=3000, metadata={"help": "Embedded tasks: training prompts."})
+    num_heldout_tasks: int = field(
+        default=120, metadata={"help": "Embedded tasks: held-out prompts (disjoint from the training ones)."}
     )
     prompt_seed: int | None = field(
         default=None,
@@ -187,11 +177,9 @@ class GRPOArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments
     generations_shown: int = field(default=5, metadata={"help": "Rows of the printed before/after table."})
 
     def __post_init__(self) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("num_train_tasks", "num_heldout_tasks", "max_completion_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        self.check_data("num_train_tasks", "num_heldout_tasks")
+        if self.max_completion_length < 1:
+            raise ValueError(f"--max_completion_length must be >= 1, got {self.max_completion_length}")
         if self.num_generations < 2:
             raise ValueError(
                 f"--num_generations must be >= 2, got {self.num_generations}: the advantages compare each "
@@ -520,36 +508,20 @@ class GRPOLoss:
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class PromptSplits:
-    train: list[dict[str, str]]
-    heldout: list[dict[str, str]]  # keeps extra keys (the task `kind`) for per-kind scores
-    description: str
-
-
-def load_prompt_splits(args: GRPOArguments) -> PromptSplits:
-    """Training and held-out records: from files, or the embedded tasks (SFT's split for the same seed)."""
-    if args.train_file is None:
-        if args.validation_file is not None:
-            raise ValueError(
-                "--validation_file needs a --train_file (the embedded tasks make their own held-out split)"
-            )
-        train, heldout = make_task_splits(args.num_train_tasks, args.num_heldout_tasks, args.data_seed, args.task_kinds)
-        kinds = ", ".join(args.task_kinds)
-        if args.prompt_seed is None or args.prompt_seed == args.data_seed:
-            return PromptSplits(train, heldout, f"embedded tasks ({kinds}), seed {args.data_seed}")
-        held = {(r["instruction"], r["input"]) for r in heldout}
-        fresh = generate_tasks(args.num_train_tasks + args.num_heldout_tasks, args.prompt_seed, args.task_kinds)
-        train = [r for r in fresh if (r["instruction"], r["input"]) not in held][: args.num_train_tasks]
-        description = (
-            f"embedded tasks ({kinds}), training prompts seed {args.prompt_seed}, held-out seed {args.data_seed}"
-        )
-        return PromptSplits(train, heldout, description)
-    return PromptSplits(
-        *file_splits(
-            load_instruction_records, args.train_file, args.validation_file, args.validation_fraction, args.data_seed
-        )
+def load_prompt_splits(args: GRPOArguments) -> RecordSplits:
+    """Training and held-out records: from files, or the embedded tasks (SFT's split for the same seed;
+    with another --prompt_seed, training prompts drawn afresh, the held-out ones left out)."""
+    splits = args.load_splits(
+        load_instruction_records, make_task_splits, args.num_train_tasks, args.num_heldout_tasks, "embedded tasks"
     )
+    if args.train_file is not None or args.prompt_seed is None or args.prompt_seed == args.data_seed:
+        return splits
+    held = {(r["instruction"], r["input"]) for r in splits.heldout}
+    fresh = generate_tasks(args.num_train_tasks + args.num_heldout_tasks, args.prompt_seed, args.task_kinds)
+    train = [r for r in fresh if (r["instruction"], r["input"]) not in held][: args.num_train_tasks]
+    kinds = ", ".join(args.task_kinds)
+    description = f"embedded tasks ({kinds}), training prompts seed {args.prompt_seed}, held-out seed {args.data_seed}"
+    return RecordSplits(train, splits.heldout, description)
 
 
 def encode_prompts(
@@ -717,7 +689,7 @@ def _policy_and_loss(
     lora_args: LoraArguments,
     loop_args: LoopArguments,
     rewards: Rewards,
-    splits: PromptSplits,
+    splits: RecordSplits,
     tokenizer: PreTrainedTokenizerBase,
     accelerator: Accelerator,
 ) -> tuple[torch.nn.Module, GRPOLoss, Callable[[], None]]:
@@ -760,12 +732,6 @@ def _fingerprint(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
 ) -> dict[str, Any]:
-    settings = ("validation_fraction", "num_train_tasks", "num_heldout_tasks", "task_kinds", "data_seed", "prompt_seed")
-    data = {
-        "train_file": lifecycle.file_identity(grpo_args.train_file),
-        "validation_file": lifecycle.file_identity(grpo_args.validation_file),
-        **{k: getattr(grpo_args, k) for k in settings},
-    }
     objective = (
         "reward_functions",
         "reward_weights",
@@ -780,13 +746,14 @@ def _fingerprint(
         "epsilon",
         "epsilon_high",
     )
+    data = grpo_args.data_fingerprint("num_train_tasks", "num_heldout_tasks", "prompt_seed")
     return lifecycle.fine_tuning_fingerprint(
         grpo_args, tokenizer, loop_args, lora_args, max_length, data, **{k: getattr(grpo_args, k) for k in objective}
     )
 
 
 def _summary(
-    splits: PromptSplits, n_train: int, n_heldout: int, model: torch.nn.Module, num_processes: int, args: GRPOArguments
+    splits: RecordSplits, n_train: int, n_heldout: int, model: torch.nn.Module, num_processes: int, args: GRPOArguments
 ) -> str:
     trainable, total = trainable_parameter_counts(model)
     return (
@@ -848,7 +815,7 @@ def _report(
 def _model_card(
     prepared: lifecycle.PreparedRun,
     args: GRPOArguments,
-    splits: PromptSplits,
+    splits: RecordSplits,
     before: Mapping[str, float] | None,
     after: Mapping[str, float],
     n_train: int,

@@ -35,12 +35,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tokenization.alpaca import format_prompt
 from training.data.collate import collate_instruction_batch, collate_packed_instruction_batch
-from training.data.instructions import (
-    build_instruction_dataset,
-    file_splits,
-    load_instruction_records,
-)
-from training.data.tasks import TASK_KINDS, make_task_splits
+from training.data.instructions import RecordSplits, build_instruction_dataset, load_instruction_records
+from training.data.tasks import make_task_splits
 from training.evaluation.generate import generate_answers
 from training.evaluation.metrics import evaluate_loss, exact_match_summary, score_generations
 from training.run import lifecycle
@@ -50,33 +46,12 @@ from training.run.lora import LoraArguments, apply_lora, trainable_parameter_cou
 
 
 @dataclass
-class SFTArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
+class SFTArguments(lifecycle.InstructionDataArguments, lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments):
     """The base model, the instruction data and how to evaluate."""
 
-    train_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Alpaca records (instruction, input, output): a .json array, .jsonl, .csv or .parquet file, a "
-            "save_to_disk folder or a dataset name. Default: the embedded seeded instruction tasks (no download)."
-        },
-    )
-    validation_file: str | None = field(
-        default=None, metadata={"help": "Held-out Alpaca records. Default: hold out part of train_file."}
-    )
-    validation_fraction: float = field(
-        default=0.1,
-        metadata={"help": "Share of train_file records held out (seeded) when there is no validation_file."},
-    )
     num_train_tasks: int = field(default=3000, metadata={"help": "Embedded tasks: training records."})
     num_heldout_tasks: int = field(
         default=120, metadata={"help": "Embedded tasks: held-out records (disjoint prompts)."}
-    )
-    task_kinds: list[str] = field(
-        default_factory=lambda: list(TASK_KINDS),
-        metadata={"help": f"Embedded tasks: kinds to draw from ({', '.join(TASK_KINDS)})."},
-    )
-    data_seed: int = field(
-        default=0, metadata={"help": "Seed of the embedded tasks and of the held-out split of train_file."}
     )
     max_length: int | None = field(
         default=None,
@@ -104,39 +79,8 @@ class SFTArguments(lifecycle.HeldoutEvalArguments, lifecycle.BaseModelArguments)
     )
 
     def __post_init__(self) -> None:
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        for name in ("num_train_tasks", "num_heldout_tasks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        self.check_data("num_train_tasks", "num_heldout_tasks")
         self.check_evaluation()
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class InstructionSplits:
-    train: list[dict[str, str]]
-    heldout: list[dict[str, str]]  # keep extra keys (the task `kind`) for per-kind scores
-    description: str
-
-
-def load_instruction_splits(args: SFTArguments) -> InstructionSplits:
-    """Training and held-out Alpaca records: from files, or the embedded tasks."""
-    if args.train_file is None:
-        if args.validation_file is not None:
-            raise ValueError(
-                "--validation_file needs a --train_file (the embedded tasks make their own held-out split)"
-            )
-        train, heldout = make_task_splits(args.num_train_tasks, args.num_heldout_tasks, args.data_seed, args.task_kinds)
-        kinds = ", ".join(args.task_kinds)
-        return InstructionSplits(train, heldout, f"embedded instruction tasks ({kinds}), seed {args.data_seed}")
-    return InstructionSplits(
-        *file_splits(
-            load_instruction_records, args.train_file, args.validation_file, args.validation_fraction, args.data_seed
-        )
-    )
 
 
 # ----------------------------------------------------------------------------- generation and scoring
@@ -169,7 +113,13 @@ def run_sft(sft_args: SFTArguments, lora_args: LoraArguments, loop_args: LoopArg
     run, tokenizer, model, max_length = lifecycle.open_fine_tuning(
         "sft", "SFT", sft_args, loop_args, sft_args.max_length
     )
-    splits = load_instruction_splits(sft_args)
+    splits = sft_args.load_splits(
+        load_instruction_records,
+        make_task_splits,
+        sft_args.num_train_tasks,
+        sft_args.num_heldout_tasks,
+        "embedded instruction tasks",
+    )
     with run.accelerator.main_process_first():
         train_set, train_stats = build_instruction_dataset(splits.train, tokenizer, max_length, sft_args.mask_prompt)
         # Held-out loss is always on the response only, so masked and unmasked runs compare.
@@ -213,26 +163,20 @@ def _fingerprint(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
 ) -> dict[str, Any]:
-    settings = ("validation_fraction", "num_train_tasks", "num_heldout_tasks", "task_kinds", "data_seed")
-    data = {
-        "train_file": lifecycle.file_identity(sft_args.train_file),
-        "validation_file": lifecycle.file_identity(sft_args.validation_file),
-        **{k: getattr(sft_args, k) for k in settings},
-    }
     return lifecycle.fine_tuning_fingerprint(
         sft_args,
         tokenizer,
         loop_args,
         lora_args,
         max_length,
-        data,
+        sft_args.data_fingerprint("num_train_tasks", "num_heldout_tasks"),
         mask_prompt=sft_args.mask_prompt,
         packing=sft_args.packing,
     )
 
 
 def _summary(
-    splits: InstructionSplits, train_stats: Any, heldout_stats: Any, model: torch.nn.Module, num_processes: int
+    splits: RecordSplits, train_stats: Any, heldout_stats: Any, model: torch.nn.Module, num_processes: int
 ) -> str:
     trainable, total = trainable_parameter_counts(model)
     return (
@@ -243,7 +187,7 @@ def _summary(
 
 def _report(
     prepared: lifecycle.PreparedRun,
-    splits: InstructionSplits,
+    splits: RecordSplits,
     before: Mapping[str, float] | None,
     after: Mapping[str, float],
 ) -> str:
@@ -258,7 +202,7 @@ def _report(
 def _model_card(
     prepared: lifecycle.PreparedRun,
     sft_args: SFTArguments,
-    splits: InstructionSplits,
+    splits: RecordSplits,
     after: Mapping[str, float],
     n_train: int,
 ) -> dict[str, Any]:
@@ -281,6 +225,6 @@ def _model_card(
     }
 
 
-def _example_prompt(splits: InstructionSplits) -> str:
+def _example_prompt(splits: RecordSplits) -> str:
     record = splits.heldout[0]
     return format_prompt(record["instruction"], record.get("input"))

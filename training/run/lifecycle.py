@@ -19,7 +19,8 @@ results, the report and a clean shutdown of every process.
 
 Fine-tuning jobs start from a saved folder (`BaseModelArguments`, `load_base_tokenizer`,
 `load_base_model`, `max_length_for`, `fine_tuning_fingerprint`), and those tuned on prompts and
-answers (SFT, DPO) share their opening and ending too:
+answers (SFT, DPO, GRPO) share where their records come from (`InstructionDataArguments`), their
+opening and their ending too:
 
     run, tokenizer, model, max_length = lifecycle.open_fine_tuning("sft", "SFT", args, loop_args, args.max_length)
     ... prepare as above ...
@@ -49,6 +50,8 @@ from modeling_minigpt.files import atomic_write_json, save_figure
 from tokenization.alpaca import ALPACA_CHAT_TEMPLATE
 from tokenization.corpus import DataError
 from tokenization.load import check_tokenizer, load_tokenizer, tokenizer_fingerprint
+from training.data.instructions import RecordSplits, file_splits
+from training.data.tasks import TASK_KINDS
 from training.data.windows import source_identity
 from training.evaluation.generate import check_generation_room, eval_mode
 from training.run.accelerator import choose_attention, compile_for_training, make_accelerator
@@ -185,6 +188,79 @@ class HeldoutEvalArguments:
     def periodic(self, records: Sequence[Any]) -> Sequence[Any]:
         """The held-out records answered at each periodic evaluation."""
         return records[: self.eval_generations] if self.eval_generations is not None else records
+
+
+# The embedded seeded tasks of a job: (num_train, num_heldout, seed, kinds) -> (train, held-out) records.
+MakeTasks = Callable[[int, int, int, list[str]], tuple[list[dict[str, str]], list[dict[str, str]]]]
+
+
+@dataclass
+class InstructionDataArguments:
+    """Where a job tuned on prompts and answers (SFT, DPO, GRPO) gets its records: files, or else the
+    embedded seeded tasks (`training.data.tasks`). Each job adds its task counts under its own names
+    (the flags differ: DPO's are pairs), and restates the help of a field it has more to say about
+    (DPO's records are pairs, GRPO's rewards read the expected answers)."""
+
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Alpaca records (instruction, input, output): a .json array, .jsonl, .csv or .parquet file, a "
+            "save_to_disk folder or a dataset name. Default: the embedded seeded instruction tasks (no download)."
+        },
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Held-out Alpaca records. Default: hold out part of train_file."}
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of train_file records held out (seeded) when there is no validation_file."},
+    )
+    task_kinds: list[str] = field(
+        default_factory=lambda: list(TASK_KINDS),
+        metadata={"help": f"Embedded tasks: kinds to draw from ({', '.join(TASK_KINDS)})."},
+    )
+    data_seed: int = field(
+        default=0, metadata={"help": "Seed of the embedded tasks and of the held-out split of train_file."}
+    )
+
+    def check_data(self, *counts: str) -> None:
+        """ValueError naming the flag of a bad data setting, `counts` (the job's task count fields)
+        included (called by the job's `__post_init__`)."""
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_file is None and self.validation_file is not None:
+            raise ValueError(
+                "--validation_file needs a --train_file (the embedded tasks make their own held-out split)"
+            )
+
+    def load_splits(
+        self,
+        read_file: Callable[[str], list[dict[str, str]]],
+        make_tasks: MakeTasks,
+        num_train: int,
+        num_heldout: int,
+        what: str,
+    ) -> RecordSplits:
+        """The training and held-out records: train_file's, read by `read_file` (validation_file's
+        held out, or a seeded share of train_file's), or else `num_train` and `num_heldout` of the
+        embedded `what` made by `make_tasks`."""
+        if self.train_file is None:
+            train, heldout = make_tasks(num_train, num_heldout, self.data_seed, self.task_kinds)
+            return RecordSplits(train, heldout, f"{what} ({', '.join(self.task_kinds)}), seed {self.data_seed}")
+        return file_splits(read_file, self.train_file, self.validation_file, self.validation_fraction, self.data_seed)
+
+    def data_fingerprint(self, *settings: str) -> dict[str, Any]:
+        """The data part of a run fingerprint: the files by content, and how the records are drawn
+        (the job's own `settings` too: its task counts, ...)."""
+        drawn = ("validation_fraction", "task_kinds", "data_seed", *settings)
+        return {
+            "train_file": file_identity(self.train_file),
+            "validation_file": file_identity(self.validation_file),
+            **{name: getattr(self, name) for name in drawn},
+        }
 
 
 def load_base_tokenizer(args: BaseModelArguments) -> PreTrainedTokenizerBase:
