@@ -9,7 +9,7 @@
     python benchmarks/bench_model.py --shape quickstart --bf16    # adds MiniGPT under bf16 autocast, ratio vs fp32
     python benchmarks/bench_model.py --attention                  # attention alone: bf16 and fp32, 128-1024 tokens
     python benchmarks/bench_model.py --linear                     # one linear layer without gradients: MKL vs oneDNN
-    python benchmarks/bench_model.py --int8 --threads 1           # batch-1 decoding: int8 MiniGPT vs fp32 and HF
+    python benchmarks/bench_model.py --int8 --threads 1           # batch-1 decoding: int8 vs fp32, HF, llama.cpp
 
 Training: tokens/s of one step (forward + loss + backward + AdamW) for MiniGPT with sdpa, MiniGPT
 with the hand-written eager attention, and `GPT2LMHeadModel` (sdpa), run interleaved (one step
@@ -40,7 +40,10 @@ layers (`modeling_minigpt.quantize.quantize_int8`), interleaved; ms per token ag
 memory floor (the bytes of weights one step reads over the copy bandwidth). With random weights
 the logits are nearly flat, so int8 rounding picks other tokens: the "same ids" column is only
 meaningful for the fp32 paths; the int8 accuracy is its perplexity delta on real text
-(`scripts/evaluate.py --int8`).
+(`scripts/evaluate.py --int8`). Where llama-cpp-python is installed, llama.cpp decodes the same
+weights too, from GGUF files in f32 and q8_0 (`training.saved.runtimes.gguf.write_gguf`, with
+GPT-2's tokenizer from --gpt2_dir), on as many threads as PyTorch, greedy on its KV cache; its
+bytes per step are the GGUF's tensors less `token_embd` (a step reads one row of it).
 
 All models run in fp32 (unless named bf16) with dropout 0.0 (the comparison is about the same
 computation; dropout would add random masks to both), from the same `torch.manual_seed`, and the
@@ -51,13 +54,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch._dynamo.config
 import torch._inductor.config
@@ -112,6 +119,10 @@ class BenchArguments:
         default_factory=lambda: [1, 8], metadata={"help": "Generation batch sizes (--batches 1 8)."}
     )
     new_tokens: int = field(default=128, metadata={"help": "Generation: new tokens per row."})
+    gpt2_dir: str = field(
+        default="../shared/data/gpt2",
+        metadata={"help": "--int8: GPT-2's encoder.json and vocab.bpe, the tokenizer the llama.cpp GGUF files carry."},
+    )
     bf16: bool = field(
         default=False,
         metadata={
@@ -447,6 +458,50 @@ def bench_generation(args: BenchArguments) -> None:
     print(f"\nload average {load_average()} at end (1, 5, 15 min)")
 
 
+def llama_cpp_decoders(
+    model: MiniGPTForCausalLM, args: BenchArguments, folder: Path
+) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]]:
+    """name -> (batch-1 greedy decoding by llama.cpp, bytes one step reads) for GGUF f32 and q8_0
+    files of `model` written into `folder`; empty (with a note) without llama-cpp-python or --gpt2_dir."""
+    gpt2 = Path(args.gpt2_dir)
+    if importlib.util.find_spec("llama_cpp") is None or not (gpt2 / "vocab.bpe").is_file():
+        print(f"  (no llama.cpp rows: llama-cpp-python not installed, or no GPT-2 tokenizer in {gpt2})")
+        return {}
+    import gguf
+    from llama_cpp import Llama
+
+    from tokenization import load_gpt2_tokenizer
+    from training.saved.runtimes.gguf import write_gguf
+
+    tokenizer = load_gpt2_tokenizer(gpt2 / "encoder.json", gpt2 / "vocab.bpe")
+    decoders = {}
+    for gguf_type in ("f32", "q8_0"):
+        path = write_gguf(model, tokenizer, folder / f"{gguf_type}.gguf", gguf_type, "bench")
+        step_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name != "token_embd.weight")
+        threads = torch.get_num_threads()
+        llm = Llama(
+            str(path),
+            n_ctx=GENERATION_PROMPT + args.new_tokens,
+            logits_all=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+
+        def decode(ids: torch.Tensor, llm: Llama = llm) -> torch.Tensor:
+            out = ids[0].tolist()
+            llm.reset()
+            llm.eval(out)
+            for step in range(args.new_tokens):
+                out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                if step < args.new_tokens - 1:  # as generate(): the last token is not run through the model
+                    llm.eval(out[-1:])
+            return torch.tensor([out])
+
+        decoders[f"llama.cpp {gguf_type}"] = (decode, step_bytes)
+    return decoders
+
+
 def bench_int8(args: BenchArguments) -> None:
     """Batch-1 cached greedy decoding of gpt2-small: HF default, MiniGPT fp32, MiniGPT int8, interleaved."""
     if not int8_available():
@@ -480,7 +535,12 @@ def bench_int8(args: BenchArguments) -> None:
         with torch.inference_mode():
             outputs[name] = paths[name].generate(ids, attention_mask=mask, **greedy)
 
-    timings = interleaved({name: functools.partial(generate, name) for name in paths}, args.pairs, args.warmup)
+    runs = {name: functools.partial(generate, name) for name in paths}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (decode, nbytes) in llama_cpp_decoders(ours, args, Path(folder)).items():
+            runs[name] = functools.partial(lambda name, decode: outputs.__setitem__(name, decode(ids)), name, decode)
+            step_bytes[name] = nbytes
+        timings = interleaved(runs, args.pairs, args.warmup)
     bandwidth = max(bandwidth, copy_bandwidth())
     report(f"int8 decoding, batch 1 ({args.pairs} repetitions)", timings, args.new_tokens, reference)
     print(f"  copy bandwidth {bandwidth:.1f} GB/s (best seen in this run)")

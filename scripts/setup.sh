@@ -13,12 +13,27 @@
 #        must not replace it), skipped while .venv/.minigpt-setup holds the hash of pyproject.toml
 #        and the checkout's path, so a second call installs nothing.
 #   With `tests`: Debian's chromium + chromium-driver for the browser test, when running as root
-#   with apt-get and they are missing (tests/apps/test_web.py skips without them).
+#   with apt-get and they are missing (tests/apps/test_web.py skips without them); and, into .venv,
+#   llama.cpp for the GGUF tests (tests/training/saved/test_runtimes.py skips without it), per
+#   MINIGPT_LLAMA_CPP: 1 builds it when missing (minutes, once), 0 never installs it, unset installs
+#   it only when pip's cache already holds the wheel built before (seconds).
 # shellcheck shell=bash
 
 # The extras the quickstart and the whole test suite need (executorch is left out: it pulls torchao,
 # which transformers then imports at every start; its tests skip without it).
 _SETUP_EXTRAS="test,app,export"
+
+# llama-cpp-python builds llama.cpp from source: PyPI has no wheel that runs on Debian 12's glibc and
+# libstdc++. Built minimal: the library and one CPU backend only (no tools, tests, examples, server,
+# nor the multimodal library the bindings load only for image chat), for any x86-64 CPU with AVX2
+# rather than -march=native, because the wheel is cached and reused on other machines. Measured: 14
+# min at nice 19 on 2 cores shared with other jobs (load average 6). pip caches the built wheel by the
+# sdist's URL (not by these arguments), so a second install of this version takes 4 s.
+_SETUP_LLAMA_CPP_NAME="llama_cpp_python"
+_SETUP_LLAMA_CPP_VERSION="0.3.36"
+_SETUP_LLAMA_CPP_CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF \
+-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 
 _setup_say() { printf 'setup: %s\n' "$*"; }
 
@@ -79,6 +94,23 @@ _setup_browser() {
         || _setup_say "apt-get could not install chromium: the browser test will skip"
 }
 
+_setup_llama_cpp() {
+    local want="${MINIGPT_LLAMA_CPP:-}"
+    if [[ "$want" == 0 ]] || python -c "import importlib.util as u; assert u.find_spec('llama_cpp')" 2>/dev/null; then
+        return 0
+    fi
+    if [[ "$want" != 1 ]] \
+        && [[ -z "$(python -m pip cache list "$_SETUP_LLAMA_CPP_NAME-$_SETUP_LLAMA_CPP_VERSION" 2>/dev/null \
+            | grep -F "$_SETUP_LLAMA_CPP_NAME")" ]]; then
+        _setup_say "no llama.cpp: its GGUF tests will skip (MINIGPT_LLAMA_CPP=1 builds it, minutes, once)"
+        return 0
+    fi
+    _setup_say "installing llama-cpp-python==$_SETUP_LLAMA_CPP_VERSION into .venv (a build from source unless cached)"
+    CMAKE_ARGS="$_SETUP_LLAMA_CPP_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        python -m pip install --quiet "$_SETUP_LLAMA_CPP_NAME==$_SETUP_LLAMA_CPP_VERSION" \
+        || _setup_say "llama-cpp-python did not install: the llama.cpp tests will skip"
+}
+
 _setup_main() {
     local active="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
     if [[ -n "$active" && "$(realpath "$active")" != "$(realpath -m "$PWD/.venv")" ]]; then
@@ -90,6 +122,9 @@ _setup_main() {
         _setup_say "using the active environment $active as it is"
     else
         _setup_venv || return 1
+        if [[ "${1:-}" == tests ]]; then
+            _setup_llama_cpp
+        fi
     fi
     if [[ "${1:-}" == tests ]]; then
         _setup_browser

@@ -57,7 +57,7 @@ SKIPPED = [
     ("minigpt-app", "the same app"),
     ("minigpt-serve", "serves until stopped; tests/apps/test_serve.py runs the server and the openai client"),
     ("localhost:8000", "a request to that server (curl, the openai client)"),
-    ("llama-cli", "llama.cpp is not installed here; tests/training/saved/test_runtimes.py reads the GGUF back"),
+    ("llama-cli", "llama.cpp's CLI is not built here; tests/training/saved/test_runtimes.py runs its library"),
     ("ollama", "Ollama is not installed here (as above)"),
     ("--format executorch", "needs the executorch extra, which setup.sh leaves out; test_runtimes.py skips without it"),
     ("--config_file scripts/configs/accelerate/", "GPUs; tests/scripts/test_accelerate_configs.py checks the configs"),
