@@ -41,7 +41,7 @@ from training.data.windows import (
 )
 from training.evaluation.generate import greedy_generate
 from training.evaluation.metrics import MetricsReport, evaluate_loss, evaluate_texts, token_byte_table
-from training.run import lifecycle
+from training.run import lifecycle, zero
 from training.run.arguments import LoopArguments
 from training.run.distributed import RankBatches, is_sharded
 from training.run.loop import make_train_dataloader
@@ -361,7 +361,8 @@ def periodic_evaluation(
     accelerator = prepared.run.accelerator
     result = evaluate_loss(model, prepared.eval_loader, accelerator, max_batches=data_args.eval_batches)
     values: dict[str, float | str] = {"val_loss": result.loss, "val_perplexity": result.perplexity}
-    if accelerator.is_main_process or is_sharded(model):  # a sharded forward needs every rank (same greedy ids)
+    # A sharded forward (FSDP2, DeepSpeed ZeRO-3) needs every rank (same greedy ids).
+    if accelerator.is_main_process or is_sharded(model) or zero.is_deepspeed(accelerator):
         unwrapped = accelerator.unwrap_model(model)
         sample = generate_sample(unwrapped, tokenizer, data_args.sample_prompt, data_args.sample_tokens)
         if accelerator.is_main_process:

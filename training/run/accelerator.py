@@ -100,7 +100,7 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
     """
     # The device this process will run on, made as Accelerator would make it (the launcher's --cpu
     # arrives as ACCELERATE_USE_CPU); a PartialState without it sets up a different distributed backend.
-    process = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    process = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **_deepspeed_cpu_backend())
     mixed_precision, why = resolve_mixed_precision(args.mixed_precision, process.device)
     tf32 = allow_tf32(process.device)
     if process.is_main_process:
@@ -118,6 +118,18 @@ def make_accelerator(args: LoopArguments) -> Accelerator:
             project_dir=args.output_dir, logging_dir=os.fspath(RunLayout(Path(args.output_dir)).logs)
         ),
     )
+
+
+def _deepspeed_cpu_backend() -> dict[str, str]:
+    """{"backend": "gloo"} for a DeepSpeed launch on a machine without a GPU, else {}.
+
+    Accelerate 1.16 derives the process group's backend from the GPU it finds; with none it sets no
+    backend and then reports ONE process on every rank, while DeepSpeed (its CPU accelerator, gloo
+    without oneCCL) runs them all: each rank would see rank 0, read every batch and write the run
+    folder. Naming gloo makes Accelerate count the ranks DeepSpeed started."""
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or torch.cuda.is_available():
+        return {}
+    return {"backend": "gloo"}
 
 
 def allow_tf32(device: torch.device) -> bool:

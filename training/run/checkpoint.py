@@ -27,8 +27,10 @@ A model sharded with FSDP2 — by `pretrain --fsdp` (`training.run.distributed.s
 by Accelerate's own FSDP2 plugin (`--config_file scripts/configs/accelerate/fsdp2.yaml`, whose
 `prepare` calls the same `fully_shard`) — is gathered whole to the main process for the same files
 and scattered back on resume, so a checkpoint does not depend on how many ranks wrote it.
-Accelerate's FSDP1 and DeepSpeed plugins keep state this format does not gather yet:
-`check_supported` refuses those before a run writes anything.
+Accelerate's DeepSpeed ZeRO-2/ZeRO-3 (`deepspeed_zero{2,3}.yaml`) keeps the fp32 weights and AdamW
+moments in flat per-rank slices: `training.run.zero` gathers them by parameter name into the same
+files and scatters them back. Accelerate's FSDP1, and DeepSpeed's other stages and offloading, keep
+state this format does not gather: `check_supported` refuses those before a run writes anything.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from modeling_minigpt.files import atomic_path, atomic_write_json, file_sha256, replace_dir, staging_dir, writing
 from tokenization.corpus import DataError
+from training.run import zero
+from training.run.arguments import LoopArguments
 from training.run.distributed import full_training_state, is_sharded, load_full_training_state
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
@@ -157,19 +161,17 @@ def verify_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- saving
 
 
-def check_supported(accelerator: Accelerator) -> None:
+def check_supported(accelerator: Accelerator, args: LoopArguments) -> None:
     """Refuse a setup whose training state this format cannot hold, before anything is written:
-    FSDP2 (gathered by parameter name, see the module docstring) is held; FSDP1 and DeepSpeed are not."""
+    FSDP2 and DeepSpeed ZeRO-2/3 (gathered by parameter name, see the module docstring) are held;
+    FSDP1 is not, nor what `training.run.zero.check_deepspeed` refuses."""
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
             "checkpoints of FSDP1 runs are not supported: set fsdp_version: 2 in the Accelerate config "
             "(scripts/configs/accelerate/fsdp2.yaml)"
         )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError(
-            "checkpoints of DeepSpeed runs (optimizer state sharded over the ranks) are not supported yet: "
-            "launch with scripts/configs/accelerate/fsdp2.yaml (the same memory per GPU as ZeRO-3) or ddp.yaml"
-        )
+    if zero.is_deepspeed(accelerator):
+        zero.check_deepspeed(accelerator, args)
 
 
 def save_checkpoint(
@@ -186,8 +188,12 @@ def save_checkpoint(
     tmp = staging_dir(final, clean=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(parts.model)
-    sharded = is_sharded(model)
-    if sharded:  # a collective: every rank sends its shards, the main process gets whole tensors
+    deepspeed = zero.is_deepspeed(accelerator)
+    sharded = deepspeed or is_sharded(model)
+    # Collectives: every rank sends its shards, the main process gets whole tensors.
+    if deepspeed:
+        model_state, optimizer_state = zero.full_training_state(model, parts.optimizer, accelerator.is_main_process)
+    elif sharded:
         model_state, optimizer_state = full_training_state(model, _unwrap_optimizer(parts.optimizer))
     if accelerator.is_main_process:
         with writing(tmp):
@@ -329,7 +335,11 @@ def load_checkpoint(accelerator: Accelerator, folder: str | os.PathLike[str], pa
     device = accelerator.device
     model, optimizer = accelerator.unwrap_model(parts.model), _unwrap_optimizer(parts.optimizer)
     try:
-        if is_sharded(model):  # a collective: the main process reads the whole states, every rank keeps its shards
+        if zero.is_deepspeed(accelerator):  # every rank reads the whole states and keeps its slices
+            model_state = load_file(str(folder / MODEL_FILE))
+            optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
+            zero.load_full_training_state(model, parts.optimizer, model_state, optimizer_state)
+        elif is_sharded(model):  # a collective: the main process reads the whole states, every rank keeps its shards
             main = accelerator.is_main_process
             model_state = load_file(str(folder / MODEL_FILE)) if main else {}
             optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True) if main else {}

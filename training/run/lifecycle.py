@@ -54,6 +54,7 @@ from training.data.instructions import RecordSplits, file_splits
 from training.data.tasks import TASK_KINDS
 from training.data.windows import source_identity
 from training.evaluation.generate import check_generation_room, eval_mode
+from training.run import zero
 from training.run.accelerator import choose_attention, compile_for_training, make_accelerator
 from training.run.arguments import LoopArguments
 from training.run.checkpoint import Resumable, check_supported
@@ -388,7 +389,7 @@ def open_run(project: str, title: str, loop_args: LoopArguments, *inputs: Any) -
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one runs alone, so each would "
             "write the same folder: on a machine without GPUs launch with ACCELERATE_USE_CPU=1 (see README)"
         )
-    check_supported(accelerator)
+    check_supported(accelerator, loop_args)
     return Run(project, title, loop_args, accelerator, layout)
 
 
@@ -540,6 +541,10 @@ def prepare(
         if shard:  # before the optimizer, which must hold the sharded parameters
             model = shard_for_training(accelerator, model)
         optimizer = make_optimizer(model, args, accelerator.device)
+        if zero.is_deepspeed(accelerator):
+            described = zero.configure_deepspeed(accelerator, args)
+            if run.is_main:
+                print(described)
         if not shard:  # a sharded model is not wrapped in DDP; the checkpoint gathers its state whole
             model, optimizer = accelerator.prepare(model, optimizer)
         if run.is_main:
@@ -716,7 +721,13 @@ def finish(
     `json_files`, and `report` then where the model went. Every process calls it, waits for the
     others and gets (model folder, adapter folder or None)."""
     run = prepared.run
-    model = unsharded(run.accelerator.unwrap_model(prepared.model))  # a sharded one gathered to the main process
+    # A sharded one gathered to the main process.
+    if zero.is_deepspeed(run.accelerator):
+        unwrapped = run.accelerator.unwrap_model(prepared.model)
+        model = zero.gather_full_model(unwrapped, prepared.optimizer, run.is_main)
+        zero.stop_building_partitioned()
+    else:
+        model = unsharded(run.accelerator.unwrap_model(prepared.model))
     adapter = run.layout.adapter if is_peft_model(model) else None
     if run.is_main:
         _draw_loss_curve(prepared)

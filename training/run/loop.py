@@ -313,7 +313,9 @@ def train_loop(
             state.tokens_seen += batch["input_ids"].numel() * accelerator.num_processes
         assert accelerator.sync_gradients, "the last micro-batch of a step must synchronise gradients"
 
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        # DeepSpeed has already clipped and stepped inside backward (its engine.step), and hands back
+        # the norm it measured as a float.
+        grad_norm = torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
         step_loss = accelerator.reduce(step_loss, reduction="mean")  # the same value on every process
         finite = bool(torch.isfinite(step_loss) and torch.isfinite(grad_norm))
         if not finite or step_loss.item() > args.divergence_loss:

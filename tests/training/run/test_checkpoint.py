@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+from accelerate.utils import DistributedType
 
 from training.run.checkpoint import (
     CHECKPOINT_MARKER,
@@ -27,25 +29,42 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert latest_checkpoint(tmp_path / "none") is None
 
 
+_ADAMW = SimpleNamespace(optimizer="adamw")
+
+
+def _deepspeed(stage: int, offload: str = "none", optimizer: str = "adamw"):
+    """What `check_supported` reads of an Accelerator under a DeepSpeed config, and the loop's arguments."""
+    zero = {"stage": stage, "offload_optimizer": {"device": offload}, "offload_param": {"device": "none"}}
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": zero})
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, is_fsdp2=False, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+    return accelerator, SimpleNamespace(optimizer=optimizer)
+
+
 @pytest.mark.parametrize(
-    ("distributed_type", "fsdp2", "refusal"),
+    ("setup", "refusal"),
     [
-        ("MULTI_GPU", False, None),
-        ("FSDP", True, None),  # Accelerate's FSDP2: fully_shard, gathered by parameter name like --fsdp
-        ("FSDP", False, "FSDP1 runs are not supported: set fsdp_version: 2"),
-        ("DEEPSPEED", False, r"DeepSpeed runs \(optimizer state sharded over the ranks\) are not supported yet"),
+        ((SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False), _ADAMW), None),
+        # Accelerate's FSDP2: fully_shard, gathered by parameter name like --fsdp
+        ((SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True), _ADAMW), None),
+        (
+            (SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False), _ADAMW),
+            "FSDP1 runs are not supported: set fsdp_version: 2",
+        ),
+        # ZeRO-2/3: gathered by parameter name (training.run.zero, tests/training/run/test_deepspeed.py)
+        (_deepspeed(2), None),
+        (_deepspeed(3), None),
+        (_deepspeed(1), "DeepSpeed ZeRO stage 1 is not supported by the checkpoints: use deepspeed_zero2.yaml"),
+        (_deepspeed(2, offload="cpu"), "offload of the optimizer to CPU/NVMe is not supported"),
+        (_deepspeed(3, optimizer="muon"), "--optimizer muon does not run under DeepSpeed"),
     ],
 )
-def test_only_setups_the_format_can_hold_are_accepted(distributed_type, fsdp2, refusal):
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
+def test_only_setups_the_format_can_hold_are_accepted(setup, refusal):
     from training.run.checkpoint import check_supported
 
-    accelerator = SimpleNamespace(distributed_type=DistributedType[distributed_type], is_fsdp2=fsdp2)
     if refusal is None:
-        check_supported(accelerator)
+        check_supported(*setup)
     else:
         with pytest.raises(ValueError, match=refusal):
-            check_supported(accelerator)
+            check_supported(*setup)
