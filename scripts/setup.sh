@@ -9,7 +9,7 @@
 #      - torch first, unless it imports already (a GPU machine keeps its CUDA build): torch==2.13.0
 #        (set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for PyTorch's CPU wheels where no
 #        local one is found: a plain `pip install torch` on Linux is the multi-GB CUDA build);
-#      - then `pip install -e ".[test,app,export,deepspeed]"` with torch pinned to the installed one (an extra
+#      - then `pip install -e ".[test,app,export]"` with torch pinned to the installed one (an extra
 #        must not replace it), skipped while .venv/.minigpt-setup holds the hash of pyproject.toml
 #        and the checkout's path, so a second call installs nothing.
 #   With `tests`: Debian's chromium + chromium-driver for the browser test, when running as root
@@ -19,10 +19,9 @@
 #   it only when pip's cache already holds the wheel built before (seconds).
 # shellcheck shell=bash
 
-# The extras the quickstart and the whole test suite need (deepspeed is a 2 MB pure-Python wheel, 20 s;
-# executorch is left out: it pulls torchao, which transformers then imports at every start; its tests
-# skip without it).
-_SETUP_EXTRAS="test,app,export,deepspeed"
+# The extras the quickstart and the whole test suite need (executorch is left out: it pulls torchao,
+# which transformers then imports at every start; its tests skip without it).
+_SETUP_EXTRAS="test,app,export"
 
 # llama-cpp-python builds llama.cpp from source: PyPI has no wheel that runs on Debian 12's glibc and
 # libstdc++. Built minimal: the library and one CPU backend only (no tools, tests, examples, server,
