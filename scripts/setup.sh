@@ -16,7 +16,8 @@
 #   with apt-get and they are missing (tests/apps/test_web.py skips without them); and, into .venv,
 #   llama.cpp for the GGUF tests (tests/training/saved/test_runtimes.py skips without it), per
 #   MINIGPT_LLAMA_CPP: 1 builds it when missing (minutes, once), 0 never installs it, unset installs
-#   it only when pip's cache already holds the wheel built before (seconds).
+#   it only when pip's cache already holds the wheel built before (seconds). Also for `tests` only, into .venv:
+#   deepspeed (the ZeRO-2/3 tests) and ExecuTorch's runtime (the portable .pte test), see below.
 # shellcheck shell=bash
 
 # The extras the quickstart and the whole test suite need (executorch is left out: it pulls torchao,
@@ -34,6 +35,15 @@ _SETUP_LLAMA_CPP_VERSION="0.3.36"
 _SETUP_LLAMA_CPP_CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
 -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF \
 -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+
+# Packages only the suite needs, installed by `tests` into .venv and not by the quickstart:
+# - deepspeed: once installed, accelerate imports it at every save_pretrained, and its import prints a
+#   "Setting accelerator to CPU" warning on a machine without a GPU: not in a newcomer's first run.
+# - executorch without its declared dependencies, which pull torchao (transformers then imports it at
+#   every start, ~1.4 s), coremltools, scikit-learn and pandas: the portable export and its runtime
+#   need only ruamel.yaml and tabulate besides (the XNNPACK test, which needs torchao, skips).
+_SETUP_TEST_PACKAGES=("deepspeed==0.19.8")
+_SETUP_EXECUTORCH=("executorch==1.5.1" "ruamel.yaml" "tabulate")
 
 _setup_say() { printf 'setup: %s\n' "$*"; }
 
@@ -111,6 +121,19 @@ _setup_llama_cpp() {
         || _setup_say "llama-cpp-python did not install: the llama.cpp tests will skip"
 }
 
+_setup_test_packages() {
+    if ! python -c "import deepspeed" >/dev/null 2>&1; then
+        _setup_say "installing ${_SETUP_TEST_PACKAGES[*]} into .venv for the suite"
+        python -m pip install --quiet "${_SETUP_TEST_PACKAGES[@]}" \
+            || _setup_say "deepspeed did not install: the ZeRO-2/3 tests will skip"
+    fi
+    if ! python -c "from executorch.runtime import Runtime" >/dev/null 2>&1; then
+        _setup_say "installing ${_SETUP_EXECUTORCH[*]} into .venv for the suite (executorch without its dependencies)"
+        python -m pip install --quiet --no-deps "${_SETUP_EXECUTORCH[@]}" \
+            || _setup_say "executorch did not install: the ExecuTorch tests will skip"
+    fi
+}
+
 _setup_main() {
     local active="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
     if [[ -n "$active" && "$(realpath "$active")" != "$(realpath -m "$PWD/.venv")" ]]; then
@@ -123,6 +146,7 @@ _setup_main() {
     else
         _setup_venv || return 1
         if [[ "${1:-}" == tests ]]; then
+            _setup_test_packages
             _setup_llama_cpp
         fi
     fi
