@@ -122,6 +122,13 @@ class GRPOArguments(lifecycle.InstructionDataArguments, lifecycle.HeldoutEvalArg
             "left out."
         },
     )
+    train_task_kinds: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Embedded tasks with --prompt_seed: the kinds the training prompts are drawn from (e.g. the ones "
+            "SFT gets wrong most). Default: --task_kinds. The held-out prompts stay those of --task_kinds."
+        },
+    )
     finetune: Literal["full", "lora"] = field(
         default="full", metadata={"help": "Train every weight (full) or LoRA adapters only (see the --lora_* options)."}
     )
@@ -197,6 +204,15 @@ class GRPOArguments(lifecycle.InstructionDataArguments, lifecycle.HeldoutEvalArg
             raise ValueError(f"--epsilon must be in [0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ValueError(f"--epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.train_task_kinds is not None:
+            if self.train_file is not None or self.prompt_seed in (None, self.data_seed):
+                raise ValueError(
+                    "--train_task_kinds needs the embedded tasks and a --prompt_seed other than --data_seed"
+                )
+            unknown = sorted(set(self.train_task_kinds) - set(self.task_kinds))
+            if not self.train_task_kinds or unknown:
+                got = unknown or "[]"
+                raise ValueError(f"--train_task_kinds must be a non-empty subset of --task_kinds, got {got}")
         self.check_evaluation()
 
 
@@ -517,10 +533,13 @@ def load_prompt_splits(args: GRPOArguments) -> RecordSplits:
     if args.train_file is not None or args.prompt_seed is None or args.prompt_seed == args.data_seed:
         return splits
     held = {(r["instruction"], r["input"]) for r in splits.heldout}
-    fresh = generate_tasks(args.num_train_tasks + args.num_heldout_tasks, args.prompt_seed, args.task_kinds)
+    train_kinds = args.train_task_kinds or args.task_kinds
+    fresh = generate_tasks(args.num_train_tasks + args.num_heldout_tasks, args.prompt_seed, train_kinds)
     train = [r for r in fresh if (r["instruction"], r["input"]) not in held][: args.num_train_tasks]
     kinds = ", ".join(args.task_kinds)
     description = f"embedded tasks ({kinds}), training prompts seed {args.prompt_seed}, held-out seed {args.data_seed}"
+    if args.train_task_kinds is not None:
+        description += f"; training prompts of {', '.join(train_kinds)} only"
     return RecordSplits(train, splits.heldout, description)
 
 
@@ -746,7 +765,7 @@ def _fingerprint(
         "epsilon",
         "epsilon_high",
     )
-    data = grpo_args.data_fingerprint("num_train_tasks", "num_heldout_tasks", "prompt_seed")
+    data = grpo_args.data_fingerprint("num_train_tasks", "num_heldout_tasks", "prompt_seed", "train_task_kinds")
     return lifecycle.fine_tuning_fingerprint(
         grpo_args, tokenizer, loop_args, lora_args, max_length, data, **{k: getattr(grpo_args, k) for k in objective}
     )

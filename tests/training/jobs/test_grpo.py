@@ -31,6 +31,7 @@ from training.jobs.grpo import (
     Sampling,
     completion_logps,
     group_signal,
+    load_prompt_splits,
     row_seeds,
     run_grpo,
     sample_completions,
@@ -356,6 +357,11 @@ def test_bad_inputs_give_one_clear_line_and_write_nothing(grpo_script, base_dir,
         ),
         "f": (["--reward_weights", "1", "2"], r"2 --reward_weights for 1 --reward_functions"),
         "g": (["--temperature", "0"], r"--temperature must be > 0"),
+        "h": (["--train_task_kinds", "repeat"], r"--train_task_kinds needs the embedded tasks and a --prompt_seed"),
+        "i": (
+            ["--prompt_seed", "1", "--train_task_kinds", "reverse"],
+            r"--train_task_kinds must be a non-empty subset of --task_kinds, got \['reverse'\]",
+        ),
     }
     for name, (flags, message) in cases.items():
         argv = [*common, "--output_dir", str(tmp_path / name), *flags]
@@ -363,6 +369,17 @@ def test_bad_inputs_give_one_clear_line_and_write_nothing(grpo_script, base_dir,
         err = error_line(capsys.readouterr().err)
         assert re.search(message, err), (name, err)
         assert not (tmp_path / name).exists(), name
+
+
+def test_train_task_kinds_narrow_the_training_prompts_not_the_heldout_ones(grpo_script):
+    common = ["--model_path", "m", "--output_dir", "o", "--task_kinds", "repeat", "longest", "--prompt_seed", "1",
+              "--num_train_tasks", "40", "--num_heldout_tasks", "8"]  # fmt: skip
+    everything = load_prompt_splits(grpo_script.parse_args(common)[0])
+    narrowed = load_prompt_splits(grpo_script.parse_args([*common, "--train_task_kinds", "longest"])[0])
+    assert narrowed.heldout == everything.heldout
+    assert len(narrowed.train) == 40 and {r["kind"] for r in narrowed.train} == {"longest"}
+    held = {(r["instruction"], r["input"]) for r in narrowed.heldout}
+    assert not held & {(r["instruction"], r["input"]) for r in narrowed.train}
 
 
 def test_help_shows_every_option_with_its_default(grpo_script, capsys):
