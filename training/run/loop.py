@@ -37,6 +37,7 @@ from training.evaluation.generate import eval_mode
 from training.run.arguments import LoopArguments
 from training.run.checkpoint import Resumable, latest_checkpoint, resume, save_checkpoint
 from training.run.schedule import lr_factor
+from training.run.zero import is_deepspeed
 from training.saved.layout import RunLayout
 
 Batch = Mapping[str, torch.Tensor]
@@ -271,7 +272,8 @@ def train_loop(
     `clock` reads the time in seconds, for `max_time_seconds` and the logged throughput.
     Each parameter group's learning rate is its `initial_lr` (its peak; the current lr when a
     group has none) times the schedule's factor (`training.run.schedule.lr_factor`).
-    Raises NonFiniteLossError, before updating the weights, if a step's loss or gradient is not finite.
+    Raises NonFiniteLossError, before updating the weights (under DeepSpeed, which steps inside
+    backward, after), if a step's loss or gradient is not finite or above --divergence_loss.
     """
     if hasattr(train_dataloader, "__len__") and len(train_dataloader) == 0:
         raise ValueError("the training dataloader yields no batch: fewer examples than one batch (drop_last)")
@@ -325,9 +327,14 @@ def train_loop(
                 if not finite
                 else f"training loss above --divergence_loss {args.divergence_loss}"
             )
+            stopped = (
+                "DeepSpeed had already applied this step inside backward"
+                if is_deepspeed(accelerator)
+                else "Stopped before updating the weights"
+            )
             raise NonFiniteLossError(
                 f"the run diverged: {what} at step {state.step + 1}: "
-                f"loss={step_loss.item()}, grad_norm={grad_norm.item()}. Stopped before updating the weights; "
+                f"loss={step_loss.item()}, grad_norm={grad_norm.item()}. {stopped}; "
                 f"last good checkpoint: {last or 'none yet'}. Lower --learning_rate (or raise --warmup_steps)"
             )
         optimizer.step()
