@@ -124,10 +124,12 @@ def test_compiled_training_follows_eager_losses(compiled_and_eager, capsys):
 @pytest.mark.slow
 def test_compiled_run_resumes_to_the_same_losses(compiled_and_eager, corpus_file, tokenizer_dir, tmp_path, capsys):
     """Cut the compiled run back to its step-3 checkpoint and resume it compiled: the same losses,
-    bit for bit, and the same final weights to the last bits. Not bit-identical weights (as eager
-    resume is): after the merge of the attention interface the resumed run's weights differ from
-    the uninterrupted run's by up to ~4e-9 (a resume in the same process reuses the compiled
-    graphs of the first run); found, not yet explained."""
+    bit for bit, and the same final weights to the last few float32 ulps. Not bit-identical weights
+    (as eager resume is): after the merge of the attention interface the resumed run's weights
+    differ from the uninterrupted run's by 4e-9 in two fresh-clone runs and 1.5e-7 in a third (a
+    resume in the same process reuses the compiled graphs of the first run); found, not yet
+    explained. 1e-6 is ~8 ulps at weight 1, while a resume that got the state wrong moves weights by
+    about a step (learning rate 3e-3)."""
     full = compiled_and_eager[True]
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
@@ -140,4 +142,4 @@ def test_compiled_run_resumes_to_the_same_losses(compiled_and_eager, corpus_file
     assert logged_losses(cut) == logged_losses(full)
     resumed, uninterrupted = (load_file(f / "model" / "model.safetensors") for f in (cut, full))
     worst = max((resumed[n] - uninterrupted[n]).abs().max().item() for n in uninterrupted)
-    assert worst < 1e-7, worst
+    assert worst < 1e-6, worst
