@@ -123,8 +123,8 @@ def test_compiled_training_follows_eager_losses(compiled_and_eager, capsys):
 
 @pytest.mark.slow
 def test_compiled_run_resumes_to_the_same_losses(compiled_and_eager, corpus_file, tokenizer_dir, tmp_path, capsys):
-    """Cut the compiled run back to its step-3 checkpoint and resume it compiled: the same losses,
-    bit for bit, and the same final weights to the last few float32 ulps. Not bit-identical weights
+    """Cut the compiled run back to its step-3 checkpoint and resume it compiled: the same losses
+    to float32 rounding, and the same final weights to the last few float32 ulps. Not bit-identical weights
     (as eager resume is): after the merge of the attention interface the resumed run's weights
     differ from the uninterrupted run's by 4e-9 in two fresh-clone runs and 1.5e-7 in a third (a
     resume in the same process reuses the compiled graphs of the first run); found, not yet
@@ -139,7 +139,10 @@ def test_compiled_run_resumes_to_the_same_losses(compiled_and_eager, corpus_file
     shutil.rmtree(cut / "model")
     run_pretraining(*tiny_args(cut, corpus_file, tokenizer_dir, tmp_path / "cache", compile=True, resume=True, **STEPS))
     assert "compile: torch.compile" in capsys.readouterr().out
-    assert logged_losses(cut) == logged_losses(full)
+    # Not bit for bit either: one clean-clone run differed at step 6 by one float32 ulp (4.8e-7 at 6.01).
+    resumed_log, full_log = logged_losses(cut), logged_losses(full)
+    assert [(step, lr) for step, _, lr in resumed_log] == [(step, lr) for step, _, lr in full_log]
+    assert [loss for _, loss, _ in resumed_log] == pytest.approx([loss for _, loss, _ in full_log], rel=1e-6, abs=0)
     resumed, uninterrupted = (load_file(f / "model" / "model.safetensors") for f in (cut, full))
     worst = max((resumed[n] - uninterrupted[n]).abs().max().item() for n in uninterrupted)
     assert worst < 1e-6, worst
