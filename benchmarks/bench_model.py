@@ -36,7 +36,8 @@ floor: the fp32 weight bytes a step must read, over the copy bandwidth measured 
 
 Int8 (--int8): batch-1 cached greedy `generate()` of gpt2-small (random weights: the speed does not
 depend on them) by HF's default path, MiniGPT's default fp32 path and MiniGPT with int8 linear
-layers (`modeling_minigpt.quantize.quantize_int8`), interleaved; ms per token against each one's
+layers (`modeling_minigpt.quantize.quantize_int8`), eager and with `compile_decoding=True` (static
+cache, compiled one-token step; compiled during the warm-up), interleaved; ms per token against each one's
 memory floor (the bytes of weights one step reads over the copy bandwidth). With random weights
 the logits are nearly flat, so int8 rounding picks other tokens: the "same ids" column is only
 meaningful for the fp32 paths; the int8 accuracy is its perplexity delta on real text
@@ -511,9 +512,14 @@ def bench_int8(args: BenchArguments) -> None:
     models = build_models("gpt2-small", with_compile=False)
     ours, hf = models["minigpt-sdpa"].eval(), models["hf-gpt2-sdpa"].eval()
     int8 = quantize_int8(copy.deepcopy(ours))
-    paths = {"hf-gpt2 default": hf, "minigpt default (fp32)": ours, "minigpt int8": int8}
+    paths = {
+        "hf-gpt2 default": hf,
+        "minigpt default (fp32)": ours,
+        "minigpt int8": int8,
+        "minigpt int8, compiled decoding": quantize_int8(copy.deepcopy(ours), compile_decoding=True),
+    }
     step_bytes = {name: weight_bytes(model) for name, model in paths.items()}
-    step_bytes["minigpt int8"] = quantized_weight_bytes(int8)
+    step_bytes["minigpt int8"] = step_bytes["minigpt int8, compiled decoding"] = quantized_weight_bytes(int8)
     reference = "hf-gpt2 default"
     greedy = dict(
         max_new_tokens=args.new_tokens,

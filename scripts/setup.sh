@@ -39,11 +39,14 @@ _SETUP_LLAMA_CPP_CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_B
 # Packages only the suite needs, installed by `tests` into .venv and not by the quickstart:
 # - deepspeed: once installed, accelerate imports it at every save_pretrained, and its import prints a
 #   "Setting accelerator to CPU" warning on a machine without a GPU: not in a newcomer's first run.
-# - executorch without its declared dependencies, which pull torchao (transformers then imports it at
-#   every start, ~1.4 s), coremltools, scikit-learn and pandas: the portable export and its runtime
-#   need only ruamel.yaml and tabulate besides (the XNNPACK test, which needs torchao, skips).
+# - executorch without its declared dependencies, which pull torchao, coremltools, scikit-learn and
+#   pandas: the portable export and its runtime need only ruamel.yaml and tabulate besides.
+# - torchao, which XNNPACK's partitioner imports, beside .venv's packages (in .venv/xnnpack-torchao):
+#   once importable, transformers imports it at every model load (+0.4 s) and its import prints
+#   "Failed to load" for its CUDA libraries, so only the XNNPACK export test puts it on PYTHONPATH.
 _SETUP_TEST_PACKAGES=("deepspeed==0.19.8")
 _SETUP_EXECUTORCH=("executorch==1.5.1" "ruamel.yaml" "tabulate")
+_SETUP_TORCHAO="torchao==0.18.0"
 
 _setup_say() { printf 'setup: %s\n' "$*"; }
 
@@ -131,6 +134,11 @@ _setup_test_packages() {
         _setup_say "installing ${_SETUP_EXECUTORCH[*]} into .venv for the suite (executorch without its dependencies)"
         python -m pip install --quiet --no-deps "${_SETUP_EXECUTORCH[@]}" \
             || _setup_say "executorch did not install: the ExecuTorch tests will skip"
+    fi
+    if [[ ! -d .venv/xnnpack-torchao/torchao ]]; then
+        _setup_say "installing $_SETUP_TORCHAO into .venv/xnnpack-torchao for the ExecuTorch XNNPACK test"
+        python -m pip install --quiet --no-deps --target .venv/xnnpack-torchao "$_SETUP_TORCHAO" \
+            || _setup_say "torchao did not install: the ExecuTorch XNNPACK test will skip"
     fi
 }
 
