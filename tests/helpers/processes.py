@@ -14,6 +14,17 @@ from pathlib import Path
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
+def run_checked(command: list[str], log: Path | None = None, env: dict[str, str] = SUBPROCESS_ENV) -> str:
+    """Run `command` to its end and return its output (also written to `log` if given); fails,
+    showing the output's tail, unless it exits 0."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    output = result.stdout + result.stderr
+    if log is not None:
+        log.write_text(output)
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
 def launch(script: Path, flags: list[str], log: Path) -> subprocess.Popen:
     """Start `python script flags...`, its output going to `log`."""
     with open(log, "w") as f:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import runpy
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from helpers.processes import SUBPROCESS_ENV, run_checked
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from training.jobs.pretrain import DataArguments, ModelArguments
 from training.run.arguments import LoopArguments
@@ -92,6 +94,21 @@ def script_flags(output_dir: Path, corpus: Path, tokenizer: Path, cache: Path, *
             if value is not None and value is not False:
                 flags += [f"--{name}", str(value)]
     return flags
+
+
+def run_and_resume(
+    launch: Callable[..., list[str]], root: Path, last_step: int, env: dict[str, str] = SUBPROCESS_ENV, **flags
+) -> tuple[Path, Path, str, str]:
+    """Run `launch(*script flags)` into root/whole; then a copy, root/resumed, cut back to the
+    checkpoint before step `last_step` (as if killed after it), resumes. `flags` go to
+    `script_flags`. Returns both folders and both outputs."""
+    whole, resumed = root / "whole", root / "resumed"
+    output = run_checked(launch(*script_flags(whole, **flags)), root / "whole.log", env)
+    shutil.copytree(whole, resumed)
+    for later in (resumed / "checkpoints" / f"step_{last_step}", resumed / "model"):
+        shutil.rmtree(later)
+    resumed_output = run_checked(launch(*script_flags(resumed, **flags, resume=True)), root / "resumed.log", env)
+    return whole, resumed, output, resumed_output
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -6,17 +6,16 @@ ACCELERATE_USE_CPU=1 with --multi_gpu, and checks that two ranks really ran.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.processes import SUBPROCESS_ENV, two_cpu_processes
-from helpers.runs import PRETRAIN_SCRIPT, read_metrics, script_flags
+from helpers.processes import SUBPROCESS_ENV, run_checked, two_cpu_processes
+from helpers.runs import PRETRAIN_SCRIPT, read_metrics, run_and_resume, script_flags
 from safetensors.torch import load_file
 
 from modeling_minigpt import MiniGPTForCausalLM
@@ -33,13 +32,12 @@ LOGIT_TOLERANCE = 1e-4
 COMMON = dict(max_steps=STEPS, drop_rate=0.0, eval_every=10, save_every=10, keep_last=2, eval_batches=100)
 
 
+# Accelerate's CPU "multi-GPU" launch needs this in the environment of every process.
+CPU_ENV = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}
+
+
 def _run(command: list[str], log: Path) -> str:
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "1"}, timeout=900
-    )
-    log.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
+    return run_checked(command, log, CPU_ENV)
 
 
 def _files(output_dir: Path) -> list[str]:
@@ -165,17 +163,9 @@ def sharded_runs(runs, corpus_file, tokenizer_dir, tmp_path_factory):
     it cut back to its step-10 checkpoint (as if killed after it) and resumed."""
     one, _, _ = runs
     root = tmp_path_factory.mktemp("fsdp")
-    sharded, resumed = root / "sharded", root / "resumed"
     flags = dict(corpus=corpus_file, tokenizer=tokenizer_dir, cache=root / "cache", **COMMON, fsdp=True)
-    output = _run(
-        two_cpu_processes(PRETRAIN_SCRIPT, *script_flags(sharded, per_device_batch_size=4, **flags)), root / "one.log"
-    )
-    shutil.copytree(sharded, resumed)
-    for later in (resumed / "checkpoints" / f"step_{STEPS}", resumed / "model"):
-        shutil.rmtree(later)
-    resumed_output = _run(
-        two_cpu_processes(PRETRAIN_SCRIPT, *script_flags(resumed, per_device_batch_size=4, **flags, resume=True)),
-        root / "resumed.log",
+    sharded, resumed, output, resumed_output = run_and_resume(
+        functools.partial(two_cpu_processes, PRETRAIN_SCRIPT), root, STEPS, CPU_ENV, per_device_batch_size=4, **flags
     )
     return one, sharded, resumed, output, resumed_output
 

@@ -8,16 +8,15 @@ step-10 checkpoint resumes. Needs `pip install deepspeed` (the `deepspeed` extra
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.processes import SUBPROCESS_ENV, free_port
-from helpers.runs import PRETRAIN_SCRIPT, read_metrics, script_flags
+from helpers.processes import free_port, run_checked
+from helpers.runs import PRETRAIN_SCRIPT, read_metrics, run_and_resume, script_flags
 from safetensors.torch import load_file
 
 from modeling_minigpt import MiniGPTForCausalLM
@@ -41,13 +40,6 @@ MOMENT_TOLERANCE = 1e-6
 WEIGHT_TOLERANCE = 1e-4
 
 
-def _run(command: list[str], log: Path) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=900)
-    log.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
-
-
 def _deepspeed_launch(stage: int, *flags: str) -> list[str]:
     """Two CPU processes under the README's DeepSpeed config (its 8 GPUs and bf16 overridden)."""
     launch = [
@@ -61,7 +53,7 @@ def _deepspeed_launch(stage: int, *flags: str) -> list[str]:
 def one_process(corpus_file, tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("one")
     flags = dict(corpus=corpus_file, tokenizer=tokenizer_dir, cache=root / "cache", **COMMON)
-    _run(
+    run_checked(
         [sys.executable, str(PRETRAIN_SCRIPT), *script_flags(root / "run", per_device_batch_size=8, **flags)],
         root / "run.log",
     )
@@ -72,15 +64,9 @@ def one_process(corpus_file, tokenizer_dir, tmp_path_factory):
 def deepspeed_runs(request, corpus_file, tokenizer_dir, tmp_path_factory):
     stage = request.param
     root = tmp_path_factory.mktemp(f"zero{stage}")
-    whole, resumed = root / "whole", root / "resumed"
     flags = dict(corpus=corpus_file, tokenizer=tokenizer_dir, cache=root / "cache", **COMMON)
-    output = _run(_deepspeed_launch(stage, *script_flags(whole, per_device_batch_size=4, **flags)), root / "whole.log")
-    shutil.copytree(whole, resumed)
-    for later in (resumed / "checkpoints" / f"step_{STEPS}", resumed / "model"):
-        shutil.rmtree(later)
-    resumed_output = _run(
-        _deepspeed_launch(stage, *script_flags(resumed, per_device_batch_size=4, **flags, resume=True)),
-        root / "resumed.log",
+    whole, resumed, output, resumed_output = run_and_resume(
+        functools.partial(_deepspeed_launch, stage), root, STEPS, per_device_batch_size=4, **flags
     )
     return stage, whole, resumed, output, resumed_output
 

@@ -15,14 +15,13 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers.processes import SUBPROCESS_ENV
+from helpers.processes import SUBPROCESS_ENV, run_checked
 from helpers.runs import REPO_ROOT, listing, load_script
 from helpers.texts import STRESS_TEXT
 
@@ -360,8 +359,7 @@ def export_in_subprocess(tmp_path, lm_dir, *flags: str, pythonpath: Path) -> Pat
         *flags,
     ]
     env = {**SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_checked(command, env=env)
     return out
 
 
