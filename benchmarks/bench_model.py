@@ -97,6 +97,9 @@ LINEAR_SHAPES = [(768, 768), (3072, 768), (768, 3072), (50257, 768)]
 LINEAR_ROWS = [1, 8, 128]
 
 
+DEFAULT_GPT2_DIR = "../shared/data/gpt2"
+
+
 @dataclass
 class BenchArguments:
     shape: str = field(default="tiny", metadata={"help": "Training shape: tiny, quickstart, gpt2-small or all."})
@@ -124,8 +127,11 @@ class BenchArguments:
     )
     new_tokens: int = field(default=128, metadata={"help": "Generation: new tokens per row."})
     gpt2_dir: str = field(
-        default="../shared/data/gpt2",
-        metadata={"help": "--int8: GPT-2's encoder.json and vocab.bpe, the tokenizer the llama.cpp GGUF files carry."},
+        default=DEFAULT_GPT2_DIR,
+        metadata={
+            "help": "--int8: GPT-2's encoder.json and vocab.bpe, the tokenizer the llama.cpp GGUF files carry "
+            "(without them at the default place, the llama.cpp rows are left out)."
+        },
     )
     bf16: bool = field(
         default=False,
@@ -148,6 +154,10 @@ class BenchArguments:
             raise ValueError("--generate, --attention, --linear and --int8 are separate benchmarks: give one of them")
         if not self.batches or min(self.batches) < 1 or self.new_tokens < 1:
             raise ValueError(f"--batches and --new_tokens must be >= 1, got {self.batches} and {self.new_tokens}")
+        # The default folder is absent from a clone without ../shared (the rows are then left out);
+        # one given by hand must be there.
+        if self.gpt2_dir != DEFAULT_GPT2_DIR and not (Path(self.gpt2_dir) / "vocab.bpe").is_file():
+            raise ValueError(f"--gpt2_dir {self.gpt2_dir}: no vocab.bpe there (GPT-2's encoder.json and vocab.bpe)")
 
 
 def build_models(shape: str, with_compile: bool) -> dict[str, torch.nn.Module]:

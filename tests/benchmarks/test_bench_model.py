@@ -20,6 +20,7 @@ def bench_model():
         (["--shape", "huge"], "--shape must be one of tiny, quickstart, gpt2-small or all, got 'huge'"),
         (["--generate", "--linear"], "separate benchmarks: give one of them"),
         (["--int8", "--generate"], "separate benchmarks: give one of them"),
+        (["--int8", "--gpt2_dir", "no/such/folder"], "--gpt2_dir no/such/folder: no vocab.bpe there"),
     ],
 )
 def test_bad_settings_end_with_one_error_line(bench_model, capsys, args: list[str], message: str) -> None:
